@@ -1,0 +1,168 @@
+//! The validated configuration: the only shape of the config the rest of socketd sees.
+//!
+//! `validate()` (in `config::parse`) is the single place that turns text into these types, so
+//! every other module can trust them: addresses parse, names are unique, limits are positive.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Defaults live here, in one place, and are documented in `config/socketd.toml`.
+pub mod defaults {
+    use std::time::Duration;
+    /// How long in-flight connections may run on after a stop begins.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Threads or children one listener may use at once.
+    pub const MAX_WORKERS: usize = 64;
+    /// Kernel accept queue length for stream listeners.
+    pub const BACKLOG: i32 = 1024;
+}
+
+/// Everything socketd was told to run, after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the text came from; reloads re-read this path.
+    pub origin: PathBuf,
+    pub daemon: DaemonConfig,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[daemon]`: process-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub shutdown_timeout: Duration,
+    pub pidfile: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub log: LogTarget,
+    pub log_level: log::LevelFilter,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            pidfile: None,
+            user: None,
+            group: None,
+            log: LogTarget::Stderr,
+            log_level: log::LevelFilter::Info,
+        }
+    }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    Stderr,
+    Syslog,
+}
+
+/// The four socket kinds socketd serves, as named in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Unix,
+    UnixDgram,
+}
+
+impl Protocol {
+    /// Every valid config spelling, for error messages.
+    pub const NAMES: &'static [&'static str] = &["tcp", "udp", "unix", "unix-dgram"];
+
+    pub fn from_name(s: &str) -> Option<Protocol> {
+        match s {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "unix" => Some(Protocol::Unix),
+            "unix-dgram" => Some(Protocol::UnixDgram),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Unix => "unix",
+            Protocol::UnixDgram => "unix-dgram",
+        }
+    }
+
+    /// Datagram listeners hand one datagram to a handler instead of a connection.
+    pub fn is_datagram(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::UnixDgram)
+    }
+
+    /// Unix kinds take a filesystem path instead of ip:port.
+    pub fn is_unix(self) -> bool {
+        matches!(self, Protocol::Unix | Protocol::UnixDgram)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a listener binds: an IP socket address or a filesystem path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Inet(SocketAddr),
+    Path(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Inet(a) => write!(f, "{a}"),
+            ListenAddr::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// How a listener runs its handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerModel {
+    /// A bounded pool of threads (socketserver's ThreadingMixIn).
+    Threaded,
+    /// One child process per connection or datagram (ForkingMixIn).
+    Forked,
+}
+
+impl WorkerModel {
+    pub const NAMES: &'static [&'static str] = &["threaded", "forked"];
+
+    pub fn from_name(s: &str) -> Option<WorkerModel> {
+        match s {
+            "threaded" => Some(WorkerModel::Threaded),
+            "forked" => Some(WorkerModel::Forked),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerModel::Threaded => "threaded",
+            WorkerModel::Forked => "forked",
+        }
+    }
+}
+
+/// One `[[listener]]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Unique; the listener's identity across reloads.
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: ListenAddr,
+    /// A built-in or registered handler name (checked against the registry).
+    pub handler: String,
+    pub workers: WorkerModel,
+    pub max_workers: usize,
+    /// The table named after the handler (`exec = {...}`), if the listener has one.
+    pub handler_settings: Option<toml::Table>,
+}

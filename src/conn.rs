@@ -1,0 +1,157 @@
+//! Accepted connections and peer addresses, unified over TCP and Unix sockets.
+//!
+//! Handlers see one `Conn` type whatever the listener's protocol, the way socketserver hands a
+//! request socket to `BaseRequestHandler`; `#[cfg]`-free because socketd is Unix-only.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A connected, blocking stream socket handed to a handler.
+#[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// A second handle on the same socket, so reading and writing can be buffered separately.
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Half-close or close; `Write` after `Shutdown::Write` tells the peer we are done.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(how),
+            Conn::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(d),
+            Conn::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_write_timeout(d),
+            Conn::Unix(s) => s.set_write_timeout(d),
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_nonblocking(on),
+            Conn::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// Credentials of a Unix peer from SO_PEERCRED, taken at accept time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Who is on the other end: logged, matched and passed on as an address, never a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAddr {
+    Inet(SocketAddr),
+    /// A Unix peer: its bound path if it has one (datagram senders may), and its credentials
+    /// when the kernel gives them (stream sockets).
+    Unix {
+        path: Option<PathBuf>,
+        cred: Option<PeerCred>,
+    },
+}
+
+impl PeerAddr {
+    /// The IP address, with IPv4-mapped IPv6 shown as plain IPv4 so logs and rules agree.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            PeerAddr::Inet(a) => Some(canonical_ip(a.ip())),
+            PeerAddr::Unix { .. } => None,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` is the IPv4 host a.b.c.d; treat it as such everywhere.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Inet(a) => {
+                let ip = canonical_ip(a.ip());
+                write!(f, "{}", SocketAddr::new(ip, a.port()))
+            }
+            PeerAddr::Unix { path, cred } => {
+                match path {
+                    Some(p) => write!(f, "unix:{}", p.display())?,
+                    None => write!(f, "unix")?,
+                }
+                if let Some(c) = cred {
+                    write!(f, "(pid={},uid={},gid={})", c.pid, c.uid, c.gid)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The handler API: socketserver's `BaseRequestHandler` (`setup`, `handle`, `finish`) for Rust.
+//!
+//! A handler is created fresh for every connection or datagram, so it may keep per-request state
+//! in `self`. A `Registry` maps the config's `handler = "name"` to a builder that receives the
+//! listener's handler table (`[listener.myproto]` / `myproto = {...}`) and returns a factory;
+//! built-ins are registered the same way a programmer registers their own, so the daemon binary
+//! is nothing but `Registry::with_builtins()` plus the CLI.
+
+pub mod chargen;
+pub mod daytime;
+pub mod discard;
+pub mod echo;
+pub mod time;
+
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, BufWriter};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::config::{ListenerConfig, Protocol};
+use crate::conn::{Conn, PeerAddr};
+
+/// One request's life, in socketserver's order: `setup`, then `handle`, then `finish` (which
+/// runs whenever `setup` succeeded, even if `handle` failed).
+pub trait Handler: Send {
+    /// Prepare per-request state; an error here skips `handle` and `finish`.
+    fn setup(&mut self, _req: &mut Request, _ctx: &Context) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Serve the request. Return when the conversation is over; the connection is closed after.
+    fn handle(&mut self, req: &mut Request, ctx: &Context) -> io::Result<()>;
+
+    /// Clean up; runs after `handle` whether it succeeded or not.
+    fn finish(&mut self, _req: &mut Request, _ctx: &Context) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Makes one fresh handler per request; cheap to clone and share across workers.
+pub type Factory = Arc<dyn Fn() -> Box<dyn Handler> + Send + Sync>;
+
+/// What a builder is told about the listener it is building for, so it can refuse settings or a
+/// protocol it does not support with a message that `check` shows the operator.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext<'a> {
+    pub listener: &'a str,
+    pub protocol: Protocol,
+    /// The table named after the handler, if the listener has one.
+    pub settings: Option<&'a toml::Table>,
+}
+
+/// Turns a listener's settings into a factory, or says what is wrong with them. Builders are
+/// called at `check` time and again at (re)start, so they must not have side effects.
+pub type Builder = Arc<dyn Fn(&BuildContext) -> Result<Factory, String> + Send + Sync>;
+
+/// Config handler names to builders; what makes a custom daemon binary a one-liner.
+#[derive(Clone, Default)]
+pub struct Registry {
+    builders: BTreeMap<String, Builder>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.builders.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry; most programs want `with_builtins`.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The RFC services every inetd has.
+    pub fn with_builtins() -> Registry {
+        let mut r = Registry::new();
+        r.register_default::<echo::Echo>("echo");
+        r.register_default::<discard::Discard>("discard");
+        r.register_default::<chargen::Chargen>("chargen");
+        r.register_default::<daytime::Daytime>("daytime");
+        r.register_default::<time::Time>("time");
+        r
+    }
+
+    /// Register a builder under `name`, replacing any earlier one of that name.
+    pub fn register<B>(&mut self, name: &str, builder: B)
+    where
+        B: Fn(&BuildContext) -> Result<Factory, String> + Send + Sync + 'static,
+    {
+        self.builders.insert(name.to_string(), Arc::new(builder));
+    }
+
+    /// Register a handler that needs no settings: a listener table for it is refused.
+    pub fn register_default<H: Handler + Default + 'static>(&mut self, name: &str) {
+        let owned = name.to_string();
+        self.register(name, move |ctx: &BuildContext| {
+            if let Some(t) = ctx.settings {
+                if !t.is_empty() {
+                    return Err(format!("handler `{owned}` takes no settings; remove the `{owned}` table"));
+                }
+            }
+            Ok(Arc::new(|| Box::new(H::default()) as Box<dyn Handler>) as Factory)
+        });
+    }
+
+    /// Whether `name` is known, for config validation.
+    pub fn contains(&self, name: &str) -> bool {
+        self.builders.contains_key(name)
+    }
+
+    /// Every registered name, for "valid values" in error messages.
+    pub fn names(&self) -> Vec<&str> {
+        self.builders.keys().map(String::as_str).collect()
+    }
+
+    /// Build the factory for a handler name.
+    pub fn build(&self, name: &str, ctx: &BuildContext) -> Result<Factory, String> {
+        match self.builders.get(name) {
+            Some(b) => b(ctx),
+            None => Err(format!(
+                "unknown handler `{name}`; valid values: {}",
+                self.names().join(", ")
+            )),
+        }
+    }
+
+    /// Build the factory for a validated listener.
+    pub fn build_for(&self, l: &ListenerConfig) -> Result<Factory, String> {
+        self.build(
+            &l.handler,
+            &BuildContext {
+                listener: &l.name,
+                protocol: l.protocol,
+                settings: l.handler_settings.as_ref(),
+            },
+        )
+    }
+}
+
+/// What a handler knows about the server it runs in (socketserver's `self.server`).
+#[derive(Debug, Clone)]
+pub struct Context {
+    listener: Arc<ListenerConfig>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Context {
+    pub fn new(listener: Arc<ListenerConfig>, stopping: Arc<AtomicBool>) -> Context {
+        Context { listener, stopping }
+    }
+
+    /// The listener's name from the config.
+    pub fn listener_name(&self) -> &str {
+        &self.listener.name
+    }
+
+    /// The listener's whole validated config, including the handler's own table.
+    pub fn config(&self) -> &ListenerConfig {
+        &self.listener
+    }
+
+    /// True once a stop has begun: long-running handlers should poll this and wind down,
+    /// like the `threading.Event` a socketserver handler checks.
+    pub fn shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// A request: a connection on stream listeners, a datagram on datagram listeners.
+#[derive(Debug)]
+pub enum Request {
+    Stream(StreamRequest),
+    Datagram(DatagramRequest),
+}
+
+impl Request {
+    /// The client's address (socketserver's `client_address`).
+    pub fn peer(&self) -> &PeerAddr {
+        match self {
+            Request::Stream(s) => &s.peer,
+            Request::Datagram(d) => &d.peer,
+        }
+    }
+}
+
+/// A connected stream with buffered reading and writing, like `StreamRequestHandler`'s
+/// `rfile` and `wfile` (`makefile`).
+#[derive(Debug)]
+pub struct StreamRequest {
+    /// Buffered reads: `read_line`, `fill_buf` and friends.
+    pub rfile: BufReader<Conn>,
+    /// Buffered writes; flushed by socketd after `finish`, flush earlier to send sooner.
+    pub wfile: BufWriter<Conn>,
+    peer: PeerAddr,
+    local: Option<SocketAddr>,
+}
+
+impl StreamRequest {
+    /// Wrap an accepted connection; `local` is the listening address for IP sockets.
+    pub fn new(conn: Conn, peer: PeerAddr, local: Option<SocketAddr>) -> io::Result<StreamRequest> {
+        let write_half = conn.try_clone()?;
+        Ok(StreamRequest {
+            rfile: BufReader::new(conn),
+            wfile: BufWriter::new(write_half),
+            peer,
+            local,
+        })
+    }
+
+    pub fn peer(&self) -> &PeerAddr {
+        &self.peer
+    }
+
+    /// The local end of the connection, for IP sockets.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+    }
+
+    /// The raw socket, for timeouts, shutdown or direct unbuffered I/O.
+    pub fn conn(&self) -> &Conn {
+        self.wfile.get_ref()
+    }
+}
+
+/// Where datagram replies go: a handle on the listening socket.
+#[derive(Debug, Clone)]
+pub enum DatagramSocket {
+    Udp(Arc<std::net::UdpSocket>),
+    Unix(Arc<UnixDatagram>),
+}
+
+/// One received datagram and the means to answer it (socketserver's `(data, socket)` pair).
+#[derive(Debug)]
+pub struct DatagramRequest {
+    data: Vec<u8>,
+    peer: PeerAddr,
+    socket: DatagramSocket,
+}
+
+impl DatagramRequest {
+    pub fn new(data: Vec<u8>, peer: PeerAddr, socket: DatagramSocket) -> DatagramRequest {
+        DatagramRequest { data, peer, socket }
+    }
+
+    /// The datagram's payload.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn peer(&self) -> &PeerAddr {
+        &self.peer
+    }
+
+    /// Send one datagram back to the sender. A Unix sender that did not bind an address
+    /// cannot be answered; that is an error the handler may ignore.
+    pub fn reply(&self, buf: &[u8]) -> io::Result<usize> {
+        match (&self.socket, &self.peer) {
+            (DatagramSocket::Udp(s), PeerAddr::Inet(a)) => s.send_to(buf, a),
+            (DatagramSocket::Unix(s), PeerAddr::Unix { path: Some(p), .. }) => {
+                s.send_to(buf, Path::new(p))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "the sender has no address to reply to",
+            )),
+        }
+    }
+}
+
+/// Run one request through a handler, in socketserver's order. Returns the first error.
+pub fn serve(handler: &mut dyn Handler, req: &mut Request, ctx: &Context) -> io::Result<()> {
+    handler.setup(req, ctx)?;
+    let handled = handler.handle(req, ctx);
+    let finished = handler.finish(req, ctx);
+    let flushed = match req {
+        Request::Stream(s) => std::io::Write::flush(&mut s.wfile),
+        Request::Datagram(_) => Ok(()),
+    };
+    handled.and(finished).and(flushed)
+}

@@ -1,0 +1,9 @@
+//! socketd: a configurable socket daemon — Python's `socketserver` grown into a production inetd.
+//!
+//! One TOML file declares TCP, UDP, Unix-stream and Unix-datagram listeners, each with a handler
+//! and a worker model; a mio loop accepts and dispatches; signals drive stop and reload. A
+//! program that wants its own handlers builds a `Registry` and calls `cli::main_with`.
+
+pub mod config;
+pub mod conn;
+pub mod handler;
