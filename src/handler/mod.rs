@@ -7,6 +7,7 @@
 //! is nothing but `Registry::with_builtins()` plus the CLI.
 
 pub mod chargen;
+mod clock;
 pub mod daytime;
 pub mod discard;
 pub mod echo;
