@@ -4,6 +4,13 @@
 //! and a worker model; a mio loop accepts and dispatches; signals drive stop and reload. A
 //! program that wants its own handlers builds a `Registry` and calls `cli::main_with`.
 
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod handler;
+pub mod listener;
+pub mod logging;
+mod reload;
+pub mod server;
+mod slot;
+pub mod worker;

@@ -204,12 +204,22 @@ impl StreamRequest {
     /// Wrap an accepted connection; `local` is the listening address for IP sockets.
     pub fn new(conn: Conn, peer: PeerAddr, local: Option<SocketAddr>) -> io::Result<StreamRequest> {
         let write_half = conn.try_clone()?;
-        Ok(StreamRequest {
-            rfile: BufReader::new(conn),
-            wfile: BufWriter::new(write_half),
+        Ok(StreamRequest::from_parts(conn, write_half, peer, local))
+    }
+
+    /// Wrap two handles on one connection: `read` for `rfile`, `write` for `wfile`.
+    pub fn from_parts(
+        read: Conn,
+        write: Conn,
+        peer: PeerAddr,
+        local: Option<SocketAddr>,
+    ) -> StreamRequest {
+        StreamRequest {
+            rfile: BufReader::new(read),
+            wfile: BufWriter::new(write),
             peer,
             local,
-        })
+        }
     }
 
     pub fn peer(&self) -> &PeerAddr {

@@ -1,0 +1,119 @@
+//! The command line, shared by the `socketd` binary and any daemon a programmer builds with
+//! their own handlers: `main_with(registry)` is the whole of such a program's `main`.
+//!
+//! Exit codes (documented in README.md): 0 clean stop or valid config, 1 invalid config,
+//! 2 usage error, 3 could not start (bind, permissions), 4 failed while running.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::handler::Registry;
+use crate::server::{ServeError, Server};
+
+/// Default config path for a system install.
+pub const DEFAULT_CONFIG: &str = "/etc/socketd/socketd.toml";
+
+/// Exit code: the config file is invalid.
+pub const EXIT_CONFIG: u8 = 1;
+/// Exit code: bad command line (clap's own).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: could not start (bind, permissions, resources).
+pub const EXIT_START: u8 = 3;
+/// Exit code: failed while running.
+pub const EXIT_RUNTIME: u8 = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "socketd", version, about = "A configurable socket daemon: TCP, UDP and Unix listeners from one TOML file")]
+struct Cli {
+    /// The config file to run (or check).
+    #[arg(long, short = 'c', global = true, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the config file without binding anything; prints `ok` and exits 0, or lists
+    /// every problem and exits 1 (for systemd's ExecStartPre).
+    Check,
+}
+
+/// Parse the command line and run: the whole `main` of socketd and of custom daemons.
+pub fn main_with(registry: Registry) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => check(&cli.config, &registry),
+        None => run(&cli.config, registry),
+    }
+}
+
+fn check(path: &std::path::Path, registry: &Registry) -> ExitCode {
+    match Config::load(path, registry) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            let n = e.diagnostics.len();
+            eprintln!("{}: {n} error{} found", path.display(), if n == 1 { "" } else { "s" });
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(path: &std::path::Path, registry: Registry) -> ExitCode {
+    crate::logging::init_stderr(log::LevelFilter::Info);
+    std::panic::set_hook(Box::new(|info| log::error!("{info}")));
+    let config = match Config::load(path, &registry) {
+        Ok(c) => c,
+        Err(e) => {
+            for d in &e.diagnostics {
+                log::error!("{d}");
+            }
+            log::error!("not starting: the config file {} is invalid", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    log::set_max_level(config.daemon.log_level);
+    let server = match Server::bind(config, registry) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("not starting: {}", chain(&e));
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    match server.serve() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{}", chain(&e));
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// The error and its causes on one line, each said once.
+fn chain(e: &ServeError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}

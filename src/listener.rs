@@ -1,0 +1,274 @@
+//! Listening sockets of the four kinds, bound from config and registered on the mio poll.
+//!
+//! Sockets are kept as std types set non-blocking and registered through `SourceFd`, so an
+//! accepted connection comes out of `accept4` blocking and close-on-exec, ready for a worker
+//! thread with no extra syscall; event-mode code sets its own connections non-blocking. A unix
+//! socket file the daemon created is unlinked when its `Listener` is dropped.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry as PollRegistry, Token};
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{defaults, ListenAddr, ListenerConfig, Protocol};
+use crate::conn::{Conn, PeerAddr, PeerCred};
+use crate::handler::DatagramSocket;
+
+/// Why a listener could not be bound, with the listener named so the operator knows which.
+#[derive(Debug)]
+pub struct BindError {
+    pub listener: String,
+    pub address: String,
+    pub source: io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listener `{}`: cannot listen on {}: {}",
+            self.listener, self.address, self.source
+        )
+    }
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The socket itself, by kind.
+#[derive(Debug)]
+pub enum Socket4 {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+    Unix(UnixListener),
+    UnixDgram(UnixDatagram),
+}
+
+/// A bound listening socket plus what is needed to clean it up.
+#[derive(Debug)]
+pub struct Listener {
+    socket: Socket4,
+    /// The address actually bound (port 0 resolved).
+    local: ListenAddr,
+    /// A unix socket file we created and must remove on close.
+    unlink: Option<PathBuf>,
+}
+
+/// One accepted stream connection or received datagram.
+#[derive(Debug)]
+pub enum Incoming {
+    Stream(Conn, PeerAddr),
+    Datagram(usize, PeerAddr),
+}
+
+impl Listener {
+    /// Bind the socket a listener config asks for.
+    pub fn bind(cfg: &ListenerConfig) -> Result<Listener, BindError> {
+        let err = |source: io::Error| BindError {
+            listener: cfg.name.clone(),
+            address: format!("{} {}", cfg.protocol, cfg.address),
+            source,
+        };
+        let listener = match (&cfg.address, cfg.protocol) {
+            (ListenAddr::Inet(addr), Protocol::Tcp) => {
+                let s = inet_socket(*addr, Type::STREAM).map_err(err)?;
+                s.listen(defaults::BACKLOG).map_err(err)?;
+                let l: TcpListener = s.into();
+                let local = ListenAddr::Inet(l.local_addr().map_err(err)?);
+                Listener { socket: Socket4::Tcp(l), local, unlink: None }
+            }
+            (ListenAddr::Inet(addr), Protocol::Udp) => {
+                let s = inet_socket(*addr, Type::DGRAM).map_err(err)?;
+                let u: UdpSocket = s.into();
+                let local = ListenAddr::Inet(u.local_addr().map_err(err)?);
+                Listener { socket: Socket4::Udp(u), local, unlink: None }
+            }
+            (ListenAddr::Path(path), Protocol::Unix) => {
+                clear_stale_socket(path).map_err(err)?;
+                let l = UnixListener::bind(path).map_err(err)?;
+                l.set_nonblocking(true).map_err(err)?;
+                Listener {
+                    socket: Socket4::Unix(l),
+                    local: ListenAddr::Path(path.clone()),
+                    unlink: Some(path.clone()),
+                }
+            }
+            (ListenAddr::Path(path), Protocol::UnixDgram) => {
+                clear_stale_socket(path).map_err(err)?;
+                let d = UnixDatagram::bind(path).map_err(err)?;
+                d.set_nonblocking(true).map_err(err)?;
+                Listener {
+                    socket: Socket4::UnixDgram(d),
+                    local: ListenAddr::Path(path.clone()),
+                    unlink: Some(path.clone()),
+                }
+            }
+            (addr, proto) => {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("address {addr} does not suit protocol {proto}"),
+                )))
+            }
+        };
+        Ok(listener)
+    }
+
+    /// The address actually bound, with port 0 resolved to the real port.
+    pub fn local_addr(&self) -> &ListenAddr {
+        &self.local
+    }
+
+    /// The local IP address, for handlers and exec environments.
+    pub fn local_inet(&self) -> Option<SocketAddr> {
+        match self.local {
+            ListenAddr::Inet(a) => Some(a),
+            ListenAddr::Path(_) => None,
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        match self.socket {
+            Socket4::Tcp(_) => Protocol::Tcp,
+            Socket4::Udp(_) => Protocol::Udp,
+            Socket4::Unix(_) => Protocol::Unix,
+            Socket4::UnixDgram(_) => Protocol::UnixDgram,
+        }
+    }
+
+    pub fn socket(&self) -> &Socket4 {
+        &self.socket
+    }
+
+    /// A second handle on a datagram socket, for workers to send replies from.
+    pub fn reply_socket(&self) -> io::Result<Option<DatagramSocket>> {
+        Ok(match &self.socket {
+            Socket4::Udp(u) => Some(DatagramSocket::Udp(Arc::new(u.try_clone()?))),
+            Socket4::UnixDgram(d) => Some(DatagramSocket::Unix(Arc::new(d.try_clone()?))),
+            _ => None,
+        })
+    }
+
+    /// Accept one connection or receive one datagram into `buf`.
+    /// `WouldBlock` means drained; callers treat `Interrupted` as "again".
+    pub fn next(&self, buf: &mut [u8]) -> io::Result<Incoming> {
+        match &self.socket {
+            Socket4::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                Ok(Incoming::Stream(Conn::Tcp(s), PeerAddr::Inet(a)))
+            }
+            Socket4::Unix(l) => {
+                let (s, a) = l.accept()?;
+                let peer = unix_peer(&s, a.as_pathname());
+                Ok(Incoming::Stream(Conn::Unix(s), peer))
+            }
+            Socket4::Udp(u) => {
+                let (n, a) = u.recv_from(buf)?;
+                Ok(Incoming::Datagram(n, PeerAddr::Inet(a)))
+            }
+            Socket4::UnixDgram(d) => {
+                let (n, a) = d.recv_from(buf)?;
+                let path = a.as_pathname().map(Path::to_path_buf);
+                Ok(Incoming::Datagram(n, PeerAddr::Unix { path, cred: None }))
+            }
+        }
+    }
+
+    /// Watch for connections or datagrams.
+    pub fn register(&self, poll: &PollRegistry, token: Token) -> io::Result<()> {
+        poll.register(&mut SourceFd(&self.as_raw_fd()), token, Interest::READABLE)
+    }
+
+    /// Stop watching (back-pressure, or before closing).
+    pub fn deregister(&self, poll: &PollRegistry) -> io::Result<()> {
+        poll.deregister(&mut SourceFd(&self.as_raw_fd()))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.socket {
+            Socket4::Tcp(s) => s.as_fd(),
+            Socket4::Udp(s) => s.as_fd(),
+            Socket4::Unix(s) => s.as_fd(),
+            Socket4::UnixDgram(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = self.unlink.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("cannot remove socket file {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+/// A non-blocking, close-on-exec IP socket with SO_REUSEADDR, bound to `addr`.
+fn inet_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, None)?;
+    if ty == Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// A socket file left by a dead process is removed; a live one, or anything that is not a
+/// socket, is left alone and refused, so socketd never steals or destroys someone's path.
+fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+        ));
+    }
+    let live = match UnixStream::connect(path) {
+        Ok(_) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => {
+            UnixDatagram::unbound().and_then(|d| d.connect(path)).is_ok()
+        }
+        Err(_) => false,
+    };
+    if live {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// The Unix peer with SO_PEERCRED credentials taken at accept time.
+fn unix_peer(s: &UnixStream, path: Option<&Path>) -> PeerAddr {
+    let cred = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() });
+    PeerAddr::Unix { path: path.map(Path::to_path_buf), cred }
+}

@@ -1,0 +1,360 @@
+//! The event loop and the daemon's lifecycle: Running -> (Reloading ->) Running -> Draining ->
+//! Stopped (socketserver's `serve_forever`, `shutdown` and `server_close`).
+//!
+//! One mio `Poll` in the main thread owns every listening socket, the signal source and the
+//! `Waker` that workers use to report finished jobs. Nothing here blocks on a peer: sockets are
+//! drained to `WouldBlock`, handlers run on workers, and a stop is a state of the loop that
+//! waits for in-flight work up to `shutdown_timeout` and then closes what is left.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::Config;
+use crate::handler::Registry;
+use crate::listener::{BindError, Listener};
+use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
+use crate::worker::{Done, Notifier, Tracker};
+
+const SIGNALS: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Slot ids (and so tokens) start here and only grow.
+const FIRST_SLOT: usize = 2;
+
+/// After `shutdown_timeout` the loop shuts open connections down; handlers that still have not
+/// returned this much later are abandoned and the process exits anyway.
+const FORCE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the daemon could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Bind(#[from] BindError),
+    #[error("listener `{listener}`: {message}")]
+    Handler { listener: String, message: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ServeError {
+    move |source| ServeError::Io { context, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Draining { deadline: Instant, forced: Option<Instant> },
+    Stopped,
+}
+
+/// A bound, not yet serving daemon. Binding is separate from serving so that everything that
+/// can fail at start (addresses, permissions) fails before the process detaches or says READY.
+pub struct Server {
+    poll: Poll,
+    signals: Signals,
+    done_rx: Receiver<Done>,
+    shared: Shared,
+    registry: Registry,
+    config: Config,
+    slots: BTreeMap<usize, Slot>,
+    next_id: usize,
+    state: State,
+    /// Listeners whose fair batch ran out with more maybe waiting.
+    again: Vec<usize>,
+    /// Listeners paused for lack of file descriptors, with when to try again.
+    retry: Vec<(Instant, usize)>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("slots", &self.slots).field("state", &self.state).finish()
+    }
+}
+
+impl Server {
+    /// Bind every listener and set up the loop; nothing is accepted until `serve`.
+    pub fn bind(config: Config, registry: Registry) -> Result<Server, ServeError> {
+        let poll = Poll::new().map_err(io_err("cannot create the event loop"))?;
+        // Signals first: no thread exists yet, so every thread started later inherits the mask.
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])
+            .map_err(io_err("cannot set up signal handling"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, mio::Interest::READABLE)
+            .map_err(io_err("cannot watch signals"))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("cannot create the waker"))?);
+        let (tx, done_rx) = channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            poll,
+            signals,
+            done_rx,
+            shared: Shared {
+                notifier: Notifier::new(tx, waker),
+                tracker: Arc::new(Tracker::default()),
+                stopping,
+                next_conn: 0,
+            },
+            registry,
+            config: Config { origin: config.origin.clone(), daemon: config.daemon.clone(), listeners: vec![] },
+            slots: BTreeMap::new(),
+            next_id: FIRST_SLOT,
+            state: State::Running,
+            again: Vec::new(),
+            retry: Vec::new(),
+            buf: vec![0; MAX_DATAGRAM],
+        };
+        for cfg in &config.listeners {
+            let listener = Listener::bind(cfg)?;
+            server.add_slot(cfg.clone(), listener)?;
+        }
+        server.config = config;
+        Ok(server)
+    }
+
+    /// The addresses actually bound, by listener name (port 0 resolved).
+    pub fn bound(&self) -> Vec<(String, String)> {
+        self.slots
+            .values()
+            .filter_map(|s| s.listener.as_ref().map(|l| (s.cfg.name.clone(), l.local_addr().to_string())))
+            .collect()
+    }
+
+    fn add_slot(&mut self, cfg: crate::config::ListenerConfig, listener: Listener) -> Result<usize, ServeError> {
+        let factory = self
+            .registry
+            .build_for(&cfg)
+            .map_err(|message| ServeError::Handler { listener: cfg.name.clone(), message })?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let slot = Slot::new(id, cfg, listener, factory, Arc::clone(&self.shared.stopping))
+            .map_err(io_err("cannot set up a datagram reply socket"))?;
+        self.slots.insert(id, slot);
+        Ok(id)
+    }
+
+    /// Run until stopped (socketserver's `serve_forever`). Returns once every listener is
+    /// closed and in-flight work has finished or been cut off.
+    pub fn serve(mut self) -> Result<(), ServeError> {
+        for slot in self.slots.values_mut() {
+            slot.watch(self.poll.registry());
+            if let Some(l) = &slot.listener {
+                log::info!("listener `{}` listening on {} {}", slot.cfg.name, slot.cfg.protocol, l.local_addr());
+            }
+        }
+        log::info!("socketd ready: {} listeners", self.slots.len());
+        let mut events = Events::with_capacity(256);
+        while self.state != State::Stopped {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServeError::Io { context: "event loop failed", source: e });
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => self.on_signals(),
+                    WAKER => {}
+                    Token(id) => self.drain(id),
+                }
+            }
+            self.collect_done();
+            self.revisit();
+            self.check_stop();
+        }
+        log::info!("socketd stopped");
+        Ok(())
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut next: Option<Instant> = self.retry.iter().map(|(t, _)| *t).min();
+        if let State::Draining { deadline, forced } = self.state {
+            let d = forced.map_or(deadline, |f| f + FORCE_GRACE);
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn drain(&mut self, id: usize) {
+        let Some(slot) = self.slots.get_mut(&id) else { return };
+        match slot.drain(self.poll.registry(), &mut self.shared, &mut self.buf) {
+            Drained::Empty | Drained::Full => {}
+            Drained::More => self.again.push(id),
+            Drained::RetryAt(t) => self.retry.push((t, id)),
+        }
+    }
+
+    /// Give listeners with more waiting, or whose retry time came, another turn.
+    fn revisit(&mut self) {
+        let now = Instant::now();
+        let mut due: Vec<usize> = std::mem::take(&mut self.again);
+        self.retry.retain(|(t, id)| {
+            if *t <= now {
+                due.push(*id);
+                false
+            } else {
+                true
+            }
+        });
+        for id in due {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.watch(self.poll.registry());
+            }
+            self.drain(id);
+        }
+    }
+
+    fn collect_done(&mut self) {
+        while let Ok(done) = self.done_rx.try_recv() {
+            let Some(slot) = self.slots.get_mut(&done.listener) else { continue };
+            slot.busy = slot.busy.saturating_sub(1);
+            slot.served += 1;
+            if slot.listener.is_none() {
+                if slot.busy == 0 {
+                    log::info!("listener `{}`: drained", slot.cfg.name);
+                    self.slots.remove(&done.listener);
+                }
+            } else if !slot.watching && !slot.fd_starved && self.state == State::Running && slot.has_capacity() {
+                slot.watch(self.poll.registry());
+                self.again.push(done.listener);
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.values().map(|s| s.busy).sum()
+    }
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGTERM | SIGINT => match self.state {
+                    State::Running => self.begin_stop(),
+                    _ => self.stop_now("second stop signal"),
+                },
+                SIGQUIT => self.stop_now("SIGQUIT"),
+                SIGHUP if self.state == State::Running => self.reload(),
+                SIGHUP => log::warn!("SIGHUP ignored: stopping"),
+                SIGUSR1 => self.log_status(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stop accepting at once, then let in-flight work run on until `shutdown_timeout`.
+    fn begin_stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let timeout = self.config.daemon.shutdown_timeout;
+        self.close_all();
+        log::info!(
+            "stopping: {} connections in flight, waiting up to {}",
+            self.in_flight(),
+            humantime::format_duration(timeout)
+        );
+        self.state = State::Draining { deadline: Instant::now() + timeout, forced: None };
+    }
+
+    fn stop_now(&mut self, why: &str) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.close_all();
+        let n = self.shared.tracker.shutdown_all();
+        log::warn!("{why}: stopping now, {n} open connections closed");
+        self.state = State::Stopped;
+    }
+
+    fn close_all(&mut self) {
+        self.again.clear();
+        self.retry.clear();
+        for slot in self.slots.values_mut() {
+            drop(slot.close(self.poll.registry()));
+        }
+    }
+
+    fn check_stop(&mut self) {
+        let State::Draining { deadline, forced } = self.state else { return };
+        let in_flight = self.in_flight();
+        if in_flight == 0 {
+            self.state = State::Stopped;
+            return;
+        }
+        let now = Instant::now();
+        match forced {
+            None if now >= deadline => {
+                let n = self.shared.tracker.shutdown_all();
+                log::warn!("shutdown_timeout reached: closing {n} open connections");
+                self.state = State::Draining { deadline, forced: Some(now) };
+            }
+            Some(f) if now >= f + FORCE_GRACE => {
+                log::warn!("{in_flight} handlers did not return after their connections closed; exiting");
+                self.state = State::Stopped;
+            }
+            _ => {}
+        }
+    }
+
+    fn log_status(&self) {
+        log::info!("status: {} listeners, {} in flight", self.slots.len(), self.in_flight());
+        for s in self.slots.values() {
+            let addr = s.listener.as_ref().map_or("closed, draining".to_string(), |l| {
+                format!("{} {}", s.cfg.protocol, l.local_addr())
+            });
+            log::info!(
+                "status: listener `{}` {addr}: {} busy of {}, {} served, {}",
+                s.cfg.name,
+                s.busy,
+                s.cfg.max_workers,
+                s.served,
+                if s.watching { "accepting" } else { "paused" }
+            );
+        }
+    }
+
+    fn reload(&mut self) {
+        crate::reload::reload(self);
+    }
+}
+
+/// What `reload` needs from the server; kept in one place so the reload planner stays a
+/// separate, testable concern.
+impl Server {
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+    pub(crate) fn parts_mut(&mut self) -> (&mut BTreeMap<usize, Slot>, &mio::Registry) {
+        (&mut self.slots, self.poll.registry())
+    }
+    pub(crate) fn install(&mut self, cfg: crate::config::ListenerConfig, listener: Listener) -> Result<usize, ServeError> {
+        let id = self.add_slot(cfg, listener)?;
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.watch(self.poll.registry());
+        }
+        self.again.push(id);
+        Ok(id)
+    }
+    pub(crate) fn set_config(&mut self, config: Config) {
+        self.config = config;
+    }
+    pub(crate) fn stopping(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.shared.stopping)
+    }
+}

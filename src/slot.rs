@@ -1,0 +1,270 @@
+//! One configured listener at run time: its socket, handler factory, worker pool and counters,
+//! and the accept/receive loop that feeds the pool.
+//!
+//! A slot's id is its mio token and is never reused, so a late `Done` from a connection of a
+//! listener that a reload removed can never be booked to a newer listener.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Registry as PollRegistry, Token};
+
+use crate::config::{ListenerConfig, WorkerModel};
+use crate::handler::{Context, DatagramSocket, Factory};
+use crate::listener::{Incoming, Listener};
+use crate::worker::threaded::Pool;
+use crate::worker::{serve_datagram, serve_stream, Done, Notifier, Tracker};
+
+/// Connections accepted (or datagrams read) per readiness event before other listeners get a
+/// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
+pub const FAIR_BATCH: usize = 64;
+
+/// How long to wait before accepting again after the process ran out of file descriptors.
+pub const FD_RETRY: Duration = Duration::from_millis(200);
+
+/// The largest datagram socketd reads: the whole UDP payload.
+pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Things every slot needs from the server to dispatch work.
+#[derive(Debug)]
+pub struct Shared {
+    pub notifier: Notifier,
+    pub tracker: Arc<Tracker>,
+    pub stopping: Arc<AtomicBool>,
+    pub next_conn: u64,
+}
+
+/// What the loop should do with a listener after draining it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing more waiting right now; the next readiness event brings more.
+    Empty,
+    /// The fair batch ran out with more possibly waiting: revisit on the next pass.
+    More,
+    /// Every worker is busy: stopped watching until one frees.
+    Full,
+    /// Out of file descriptors: stopped watching until the retry time.
+    RetryAt(Instant),
+}
+
+/// A listener at run time.
+pub struct Slot {
+    pub id: usize,
+    pub cfg: Arc<ListenerConfig>,
+    /// `None` once closed (stop, or removed by a reload) while its connections drain.
+    pub listener: Option<Listener>,
+    pub factory: Factory,
+    pub ctx: Context,
+    pub pool: Pool,
+    pub reply: Option<DatagramSocket>,
+    /// Jobs in flight.
+    pub busy: usize,
+    /// Jobs finished since start.
+    pub served: u64,
+    /// Registered for readiness on the poll.
+    pub watching: bool,
+    /// In an EMFILE episode (logged once).
+    pub fd_starved: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("id", &self.id)
+            .field("name", &self.cfg.name)
+            .field("busy", &self.busy)
+            .finish()
+    }
+}
+
+impl Slot {
+    pub fn new(
+        id: usize,
+        cfg: ListenerConfig,
+        listener: Listener,
+        factory: Factory,
+        stopping: Arc<AtomicBool>,
+    ) -> io::Result<Slot> {
+        let cfg = Arc::new(cfg);
+        let reply = listener.reply_socket()?;
+        Ok(Slot {
+            id,
+            pool: Pool::new(&cfg.name, cfg.max_workers),
+            ctx: Context::new(Arc::clone(&cfg), stopping),
+            cfg,
+            listener: Some(listener),
+            factory,
+            reply,
+            busy: 0,
+            served: 0,
+            watching: false,
+            fd_starved: false,
+        })
+    }
+
+    pub fn token(&self) -> Token {
+        Token(self.id)
+    }
+
+    /// Start watching for readiness, if open and not already watching.
+    pub fn watch(&mut self, poll: &PollRegistry) {
+        if let (Some(l), false) = (&self.listener, self.watching) {
+            match l.register(poll, self.token()) {
+                Ok(()) => self.watching = true,
+                Err(e) => log::error!("listener `{}`: cannot watch socket: {e}", self.cfg.name),
+            }
+        }
+    }
+
+    /// Stop watching: the kernel queues new connections in the backlog meanwhile.
+    pub fn unwatch(&mut self, poll: &PollRegistry) {
+        if let (Some(l), true) = (&self.listener, self.watching) {
+            let _ = l.deregister(poll);
+        }
+        self.watching = false;
+    }
+
+    /// Stop accepting for good: the socket is closed and its unix file removed.
+    pub fn close(&mut self, poll: &PollRegistry) -> Option<Listener> {
+        self.unwatch(poll);
+        self.listener.take()
+    }
+
+    /// Whether another job may start.
+    pub fn has_capacity(&self) -> bool {
+        self.busy < self.cfg.max_workers
+    }
+
+    /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
+    pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        for _ in 0..FAIR_BATCH {
+            if !self.has_capacity() {
+                self.unwatch(poll);
+                return Drained::Full;
+            }
+            let Some(listener) = &self.listener else {
+                return Drained::Empty;
+            };
+            match listener.next(buf) {
+                Ok(Incoming::Stream(conn, peer)) => {
+                    self.fd_starved = false;
+                    let local = listener.local_inet();
+                    self.dispatch_stream(shared, conn, peer, local);
+                }
+                Ok(Incoming::Datagram(n, peer)) => {
+                    let data = buf[..n].to_vec();
+                    self.dispatch_datagram(shared, data, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if out_of_descriptors(&e) => {
+                    if !self.fd_starved {
+                        log::error!(
+                            "listener `{}`: accept failed: {e}; pausing, retrying every {}ms",
+                            self.cfg.name,
+                            FD_RETRY.as_millis()
+                        );
+                        self.fd_starved = true;
+                    }
+                    self.unwatch(poll);
+                    return Drained::RetryAt(Instant::now() + FD_RETRY);
+                }
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    log::warn!("listener `{}`: {e}", self.cfg.name);
+                    return Drained::Empty;
+                }
+            }
+        }
+        Drained::More
+    }
+
+    fn dispatch_stream(
+        &mut self,
+        shared: &mut Shared,
+        conn: crate::conn::Conn,
+        peer: crate::conn::PeerAddr,
+        local: Option<std::net::SocketAddr>,
+    ) {
+        let conn_id = shared.next_conn;
+        shared.next_conn += 1;
+        shared.tracker.insert(conn_id, conn.as_raw_fd());
+        let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
+        let (notifier, tracker, id) = (shared.notifier.clone(), Arc::clone(&shared.tracker), self.id);
+        log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
+        let job = move || {
+            // The handler gets the connection; the tracker entry goes before the fd closes.
+            let guard = TrackGuard { tracker, conn_id };
+            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
+            notifier.done(Done { listener: id, outcome });
+        };
+        self.start(job, shared, Some(conn_id));
+    }
+
+    fn dispatch_datagram(&mut self, shared: &mut Shared, data: Vec<u8>, peer: crate::conn::PeerAddr) {
+        let Some(socket) = self.reply.clone() else { return };
+        let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
+        let (notifier, id) = (shared.notifier.clone(), self.id);
+        let job = move || {
+            let outcome = serve_datagram(&factory, &ctx, data, peer, socket);
+            notifier.done(Done { listener: id, outcome });
+        };
+        self.start(job, shared, None);
+    }
+
+    fn start<F: FnOnce() + Send + 'static>(&mut self, job: F, shared: &mut Shared, conn: Option<u64>) {
+        debug_assert_eq!(self.cfg.workers, WorkerModel::Threaded);
+        match self.pool.execute(job) {
+            Ok(()) => self.busy += 1,
+            Err(e) => {
+                if let Some(c) = conn {
+                    shared.tracker.remove(c);
+                }
+                log::error!("listener `{}`: cannot start a worker thread: {e}", self.cfg.name);
+            }
+        }
+    }
+}
+
+/// Removes a connection from the tracker when its job ends, even by panic.
+struct TrackGuard {
+    tracker: Arc<Tracker>,
+    conn_id: u64,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        self.tracker.remove(self.conn_id);
+    }
+}
+
+/// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+/// Errors about one connection or one datagram that say nothing about the listener: a client
+/// that gave up before accept, an ICMP error reported on a UDP socket.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED)
+            | Some(libc::EPROTO)
+            | Some(libc::ECONNREFUSED)
+            | Some(libc::ECONNRESET)
+            | Some(libc::EPERM)
+            | Some(libc::ENETDOWN)
+            | Some(libc::ENETUNREACH)
+            | Some(libc::EHOSTUNREACH)
+            | Some(libc::EHOSTDOWN)
+            | Some(libc::ENONET)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ETIMEDOUT)
+    )
+}

@@ -1,0 +1,176 @@
+//! Worker models: how a listener runs handlers once the loop has a connection or datagram.
+//!
+//! The loop owns the counting: it dispatches only while a listener has fewer than `max_workers`
+//! jobs in flight, and every job reports `Done` through a channel plus the loop's `Waker`, so a
+//! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
+
+pub mod threaded;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use mio::Waker;
+
+/// How a finished job ended, for the access log and the counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error(String),
+    Panic(String),
+}
+
+/// A job's report back to the loop.
+#[derive(Debug)]
+pub struct Done {
+    /// The listener slot id the job was dispatched from (ids are never reused).
+    pub listener: usize,
+    pub outcome: Outcome,
+}
+
+/// How a worker tells the loop that a job ended.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    tx: Sender<Done>,
+    waker: Arc<Waker>,
+}
+
+impl Notifier {
+    pub fn new(tx: Sender<Done>, waker: Arc<Waker>) -> Notifier {
+        Notifier { tx, waker }
+    }
+
+    /// Report a finished job; the loop may already be gone at exit, which is fine.
+    pub fn done(&self, done: Done) {
+        if self.tx.send(done).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Open connections' fds, so a stop that reaches its deadline can shut them down and unblock
+/// their handlers. A worker removes its entry before closing the fd, under the same lock, so
+/// the loop never touches a number the kernel may have handed to someone else.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    open: Mutex<HashMap<u64, RawFd>>,
+}
+
+impl Tracker {
+    pub fn insert(&self, id: u64, fd: RawFd) {
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(id, fd);
+        }
+    }
+
+    pub fn remove(&self, id: u64) {
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(&id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shut down every open connection (both directions): blocked reads see EOF, writes fail.
+    pub fn shutdown_all(&self) -> usize {
+        let Ok(m) = self.open.lock() else { return 0 };
+        for fd in m.values() {
+            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+        }
+        m.len()
+    }
+}
+
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::conn::{Conn, PeerAddr};
+use crate::handler::{serve, Context, DatagramRequest, DatagramSocket, Factory, Request, StreamRequest};
+
+/// Run one connection through a fresh handler, containing errors and panics to it alone.
+/// Shared by every worker model, so a handler behaves the same in a thread or a child.
+/// `before_close` is dropped before the connection's descriptors are closed (the tracker
+/// entry must go first, see `Tracker`).
+pub fn serve_stream<G>(
+    factory: &Factory,
+    ctx: &Context,
+    conn: Conn,
+    peer: PeerAddr,
+    local: Option<SocketAddr>,
+    before_close: G,
+) -> Outcome {
+    let write_half = match conn.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            drop(before_close);
+            drop(conn);
+            return report(ctx, &peer, Outcome::Error(e.to_string()));
+        }
+    };
+    let mut req = Request::Stream(StreamRequest::from_parts(conn, write_half, peer.clone(), local));
+    let outcome = run(factory, ctx, &mut req);
+    drop(before_close);
+    drop(req);
+    report(ctx, &peer, outcome)
+}
+
+/// Run one datagram through a fresh handler, containing errors and panics to it alone.
+pub fn serve_datagram(
+    factory: &Factory,
+    ctx: &Context,
+    data: Vec<u8>,
+    peer: PeerAddr,
+    socket: DatagramSocket,
+) -> Outcome {
+    let mut req = Request::Datagram(DatagramRequest::new(data, peer.clone(), socket));
+    let outcome = run(factory, ctx, &mut req);
+    report(ctx, &peer, outcome)
+}
+
+fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {
+    match catch_unwind(AssertUnwindSafe(|| {
+        let mut handler = factory();
+        serve(handler.as_mut(), req, ctx)
+    })) {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) if is_peer_gone(&e) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::Error(e.to_string()),
+        Err(payload) => Outcome::Panic(panic_message(payload.as_ref())),
+    }
+}
+
+/// A peer that hangs up mid-conversation is the normal end of many connections, not a fault.
+pub fn is_peer_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof)
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+fn report(ctx: &Context, peer: &PeerAddr, outcome: Outcome) -> Outcome {
+    match &outcome {
+        Outcome::Ok => {}
+        Outcome::Error(e) => {
+            log::warn!("listener `{}` peer {peer}: handler failed: {e}", ctx.listener_name())
+        }
+        Outcome::Panic(m) => {
+            log::error!("listener `{}` peer {peer}: handler panicked: {m}", ctx.listener_name())
+        }
+    }
+    outcome
+}
