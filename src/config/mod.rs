@@ -1,12 +1,22 @@
 //! Configuration: TOML text -> raw serde structs -> `validate()` -> the `Config` types.
 //!
-//! Only `types` is seen by the rest of socketd; `parse` holds the raw layer and every check, and
-//! reports all problems in a file at once, each with file, line, column, listener and key.
+//! Only `types` is seen by the rest of socketd. `parse` drives the reading, `raw` holds the serde
+//! structs (the list of keys), `validate` every rule (`across` those
+//! between listeners), `values` the value formats and `error` the
+//! diagnostics; all problems in a file are reported at once, each with file, line, column,
+//! listener and key.
 
+mod across;
+mod error;
 mod parse;
+mod raw;
+#[cfg(test)]
+mod tests;
 pub mod types;
+mod validate;
+mod values;
 
-pub use parse::{ConfigError, Diagnostic};
+pub use error::{ConfigError, Diagnostic};
 pub use types::*;
 
 use std::path::Path;

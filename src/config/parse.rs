@@ -1,107 +1,226 @@
-//! PLACEHOLDER parser, being replaced by the full validating parser.
-use std::fmt;
-use std::path::{Path, PathBuf};
+//! The parser's driver: TOML text -> spanned document -> each table read into its raw struct
+//! (`raw`) -> `validate` -> `Config`, collecting every problem in the file before failing.
+//!
+//! This file knows the file's shape (a `[daemon]` table, a `[[listener]]` array, each listener's
+//! optional table named after its handler); the raw structs know the keys and `validate` knows
+//! the rules.
+
+use std::ops::Range;
+use std::path::Path;
 
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
 
+use super::across::{check_across, Placed};
+use super::error::{ConfigError, Diagnostics};
+use super::raw::{field_names, read_table, RawConfig, RawDaemon, RawListener};
 use super::types::*;
+use super::validate::{validate_daemon, validate_listener, Check, HandlerSettings, Section};
 use crate::handler::Registry;
 
-/// One problem found in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
-    pub message: String,
-}
+/// Parse and validate `text`; `origin` names the file in every diagnostic.
+pub(super) fn parse(text: &str, origin: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+    let mut diags = Diagnostics::new(text, origin);
+    let (doc, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        report_syntax(&syntax_errors, &mut diags);
+        return Err(diags.into_error());
+    }
+    let doc = doc.get_ref();
 
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(l) = self.line {
-            write!(f, ":{l}")?;
-            if let Some(c) = self.column {
-                write!(f, ":{c}")?;
+    let top_keys = field_names::<RawConfig>();
+    for key in doc
+        .keys()
+        .filter(|k| !top_keys.contains(&k.get_ref().as_ref()))
+    {
+        let message = format!(
+            "{}: unknown key `{}`; valid keys: {} (a [daemon] table and [[listener]] entries)",
+            Section::Top,
+            key.get_ref(),
+            top_keys.join(", ")
+        );
+        diags.error(&key.span(), message);
+    }
+
+    let daemon = match doc.get("daemon") {
+        None => DaemonConfig::default(),
+        Some(value) => match table_of(value) {
+            Some(table) => {
+                let raw: RawDaemon = read_table(&table, &Section::Daemon, "", &mut diags);
+                let mut check = Check {
+                    diags: &mut diags,
+                    section: Section::Daemon,
+                    present: keys_of(&table),
+                };
+                validate_daemon(&raw, &mut check)
             }
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-/// Every problem found in a config file, reported together.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-impl ConfigError {
-    pub fn io(path: &Path, e: std::io::Error) -> ConfigError {
-        ConfigError {
-            diagnostics: vec![Diagnostic {
-                file: path.to_path_buf(),
-                line: None,
-                column: None,
-                message: format!("cannot read the config file: {e}"),
-            }],
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.diagnostics.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
+            None => {
+                let message = format!(
+                    "{}: key `daemon`: must be a table, written as a [daemon] section",
+                    Section::Top
+                );
+                diags.error(&value.span(), message);
+                DaemonConfig::default()
             }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    listener: Vec<RawListener>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    name: String,
-    protocol: String,
-    address: String,
-    handler: String,
-    workers: Option<String>,
-    max_workers: Option<usize>,
-}
-
-pub(super) fn parse(text: &str, origin: &Path, _registry: &Registry) -> Result<Config, ConfigError> {
-    let err = |m: String| ConfigError {
-        diagnostics: vec![Diagnostic { file: origin.to_path_buf(), line: None, column: None, message: m }],
+        },
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| err(e.to_string()))?;
-    let mut listeners = Vec::new();
-    for l in raw.listener {
-        let protocol = Protocol::from_name(&l.protocol).ok_or_else(|| err("protocol".into()))?;
-        let address = if protocol.is_unix() {
-            ListenAddr::Path(l.address.into())
-        } else {
-            ListenAddr::Inet(l.address.parse().map_err(|_| err("address".into()))?)
-        };
-        listeners.push(ListenerConfig {
-            name: l.name,
-            protocol,
-            address,
-            handler: l.handler,
-            workers: l.workers.as_deref().and_then(WorkerModel::from_name).unwrap_or(WorkerModel::Threaded),
-            max_workers: l.max_workers.unwrap_or(defaults::MAX_WORKERS),
-            handler_settings: None,
-        });
+
+    let listeners = match doc.get("listener") {
+        None => Vec::new(),
+        Some(value) => read_listeners(value, registry, &mut diags),
+    };
+
+    if !diags.is_empty() {
+        return Err(diags.into_error());
     }
-    Ok(Config { origin: origin.to_path_buf(), daemon: DaemonConfig::default(), listeners })
+    Ok(Config {
+        origin: origin.to_path_buf(),
+        daemon,
+        listeners,
+    })
+}
+
+/// TOML syntax errors, one per line: after the first error on a line the parser's recovery
+/// tends to report echoes of it.
+fn report_syntax(errors: &[toml::de::Error], diags: &mut Diagnostics<'_>) {
+    let mut last_line = None;
+    for error in errors {
+        let span = error.span().unwrap_or(0..0);
+        let line = diags.line_of(&span);
+        if last_line == Some(line) {
+            continue;
+        }
+        last_line = Some(line);
+        let mut message = format!("TOML syntax error: {}", error.message().trim());
+        if message.ends_with("duplicate key") {
+            let key = diags.text_at(&span);
+            message.push_str(&format!(" `{key}`; a key may appear only once in a table"));
+        }
+        diags.error(&span, message);
+    }
+}
+
+/// The `listener` value: an array of tables (`[[listener]]` or `listener = [{...}]`).
+fn read_listeners(
+    value: &Spanned<DeValue<'_>>,
+    registry: &Registry,
+    diags: &mut Diagnostics<'_>,
+) -> Vec<ListenerConfig> {
+    let Some(items) = value.get_ref().as_array() else {
+        let message = format!(
+            "{}: key `listener`: must be an array of tables; write each listener as a \
+             [[listener]] section (two brackets)",
+            Section::Top
+        );
+        diags.error(&value.span(), message);
+        return Vec::new();
+    };
+    let mut raws = Vec::new();
+    let mut configs = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let number = index + 1;
+        let Some(table) = table_of(item) else {
+            let message = format!(
+                "listener #{number}: must be a table of keys (name, protocol, address, handler, …)"
+            );
+            diags.error(&item.span(), message);
+            continue;
+        };
+        let (section, raw, config) = read_listener(number, table, registry, diags);
+        raws.push((section, raw));
+        configs.extend(config);
+    }
+
+    let placed: Vec<Placed<'_>> = raws
+        .iter()
+        .map(|(s, raw)| Placed::of(s.clone(), raw))
+        .collect();
+    check_across(&placed, diags);
+    configs
+}
+
+/// One listener table: take out the table named after its handler, read the rest, validate.
+fn read_listener(
+    number: usize,
+    mut table: Spanned<DeTable<'_>>,
+    registry: &Registry,
+    diags: &mut Diagnostics<'_>,
+) -> (Section, RawListener, Option<ListenerConfig>) {
+    let string = |key: &str| {
+        let value = table.get_ref().get(key)?;
+        value.get_ref().as_str().map(str::to_string)
+    };
+    let name = string("name").filter(|n| !n.trim().is_empty());
+    let handler = string("handler");
+    let section = Section::Listener { number, name };
+
+    let own_keys = field_names::<RawListener>();
+    let settings_entry = match &handler {
+        Some(h) if !own_keys.contains(&h.as_str()) => table.get_mut().remove_entry(h.as_str()),
+        _ => None,
+    };
+    let settings =
+        settings_entry.and_then(|(key, value)| handler_settings(key, value, &section, diags));
+
+    let hint = match &handler {
+        Some(h) => format!(", or a `{h}` table with settings for handler `{h}`"),
+        None => ", or a table named after the handler, with its settings".to_string(),
+    };
+    let raw: RawListener = read_table(&table, &section, &hint, diags);
+    let mut check = Check {
+        diags,
+        section: section.clone(),
+        present: keys_of(&table),
+    };
+    let config = validate_listener(&raw, &table.span(), settings, registry, &mut check);
+    (section, raw, config)
+}
+
+/// The handler's own table, converted to a plain `toml::Table` for the handler's builder.
+fn handler_settings(
+    key: Spanned<std::borrow::Cow<'_, str>>,
+    value: Spanned<DeValue<'_>>,
+    section: &Section,
+    diags: &mut Diagnostics<'_>,
+) -> Option<HandlerSettings> {
+    let name = key.get_ref().to_string();
+    if !value.get_ref().is_table() {
+        let message = format!(
+            "{section}: key `{name}`: the settings for handler `{name}` must be a table, e.g. \
+             {name} = {{ ... }} or a [listener.{name}] section; found a {}",
+            value.get_ref().type_str()
+        );
+        diags.error(&value.span(), message);
+        return None;
+    }
+    let span = value.span();
+    match toml::Table::deserialize(ValueDeserializer::from(value)) {
+        Ok(table) => Some(HandlerSettings {
+            key: key.span(),
+            table,
+        }),
+        Err(e) => {
+            let at: Range<usize> = e.span().unwrap_or(span);
+            diags.error(&at, format!("{section}: key `{name}`: {}", e.message()));
+            None
+        }
+    }
+}
+
+/// The keys written in a table.
+fn keys_of(table: &Spanned<DeTable<'_>>) -> Vec<String> {
+    table
+        .get_ref()
+        .keys()
+        .map(|k| k.get_ref().to_string())
+        .collect()
+}
+
+/// A table value with its span, or `None` if the value is not a table.
+fn table_of<'i>(value: &Spanned<DeValue<'i>>) -> Option<Spanned<DeTable<'i>>> {
+    match value.get_ref() {
+        DeValue::Table(t) => Some(Spanned::new(value.span(), t.clone())),
+        _ => None,
+    }
 }

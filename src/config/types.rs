@@ -1,6 +1,6 @@
 //! The validated configuration: the only shape of the config the rest of socketd sees.
 //!
-//! `validate()` (in `config::parse`) is the single place that turns text into these types, so
+//! `validate()` (in `config::validate`, driven by `config::parse`) is the single place that turns text into these types, so
 //! every other module can trust them: addresses parse, names are unique, limits are positive.
 
 use std::fmt;
@@ -57,6 +57,28 @@ impl Default for DaemonConfig {
 pub enum LogTarget {
     Stderr,
     Syslog,
+}
+
+impl LogTarget {
+    /// Every valid config spelling, for error messages.
+    pub const NAMES: &'static [&'static str] = &["stderr", "syslog"];
+
+    /// The target a config spelling names, if any.
+    pub fn from_name(s: &str) -> Option<LogTarget> {
+        match s {
+            "stderr" => Some(LogTarget::Stderr),
+            "syslog" => Some(LogTarget::Syslog),
+            _ => None,
+        }
+    }
+
+    /// The config spelling, for messages and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogTarget::Stderr => "stderr",
+            LogTarget::Syslog => "syslog",
+        }
+    }
 }
 
 /// The four socket kinds socketd serves, as named in the config.

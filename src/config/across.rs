@@ -1,0 +1,182 @@
+//! Rules across listeners: unique names, and no two listeners on an address the kernel would
+//! refuse to bind twice. They run on the raw values, so they still work (and report) when a
+//! listener has other problems.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::error::Diagnostics;
+use super::raw::RawListener;
+use super::types::*;
+use super::validate::{parse_listen_addr, Section};
+
+/// What the cross-listener rules need to know about one listener.
+pub(super) struct Placed<'r> {
+    pub section: Section,
+    pub name: Option<&'r Spanned<String>>,
+    /// The address span and the parsed address, when protocol and address were both valid.
+    pub bound: Option<(Range<usize>, Protocol, ListenAddr)>,
+}
+
+impl<'r> Placed<'r> {
+    /// Read from the raw listener; invalid values (already reported) just leave gaps.
+    pub fn of(section: Section, raw: &'r RawListener) -> Placed<'r> {
+        let protocol = raw
+            .protocol
+            .as_ref()
+            .and_then(|p| Protocol::from_name(p.get_ref()));
+        let bound = match (protocol, &raw.address) {
+            (Some(protocol), Some(text)) => parse_listen_addr(protocol, text.get_ref())
+                .ok()
+                .map(|addr| (text.span(), protocol, addr)),
+            _ => None,
+        };
+        Placed {
+            section,
+            name: raw.name.as_ref(),
+            bound,
+        }
+    }
+}
+
+/// Unique names, and no two listeners binding what the kernel would refuse to bind twice.
+pub(super) fn check_across(listeners: &[Placed<'_>], diags: &mut Diagnostics<'_>) {
+    for (i, later) in listeners.iter().enumerate() {
+        let earlier = &listeners[..i];
+        if let Some(name) = later.name {
+            let first = earlier
+                .iter()
+                .filter_map(|e| e.name)
+                .find(|n| n.get_ref() == name.get_ref());
+            if let Some(first) = first {
+                let message = format!(
+                    "listener #{}: key `name`: listener `{}` is already defined at line {}; \
+                     give each listener a unique name",
+                    listener_number(&later.section),
+                    name.get_ref(),
+                    diags.line_of(&first.span())
+                );
+                diags.error(&name.span(), message);
+            }
+        }
+        let Some((span, protocol, addr)) = &later.bound else {
+            continue;
+        };
+        for other in earlier {
+            let Some((other_span, other_protocol, other_addr)) = &other.bound else {
+                continue;
+            };
+            let Some(why) = clash((*protocol, addr), (*other_protocol, other_addr)) else {
+                continue;
+            };
+            let message = format!(
+                "{}: key `address`: {why}, already used by {} at line {}; give each listener \
+                 its own address",
+                later.section,
+                other.section,
+                diags.line_of(other_span)
+            );
+            diags.error(span, message);
+            break;
+        }
+    }
+}
+
+fn listener_number(section: &Section) -> usize {
+    match section {
+        Section::Listener { number, .. } => *number,
+        _ => 0,
+    }
+}
+
+/// Why two bound addresses cannot both be bound, or `None` if they can. Port 0 never clashes
+/// (the system picks a different free port for each). A wildcard address covers every address
+/// of its family on that port. Unix kinds clash on the same path whatever their kind.
+fn clash(a: (Protocol, &ListenAddr), b: (Protocol, &ListenAddr)) -> Option<String> {
+    match (a.1, b.1) {
+        (ListenAddr::Path(p), ListenAddr::Path(q)) => (same_path(p, q)).then(|| {
+            format!(
+                "the socket file {:?} ({} here, {} there)",
+                p.display().to_string(),
+                a.0,
+                b.0
+            )
+        }),
+        (ListenAddr::Inet(x), ListenAddr::Inet(y)) => inet_clash(x, y).then(|| {
+            if x == y {
+                format!("{} {x}", a.0)
+            } else {
+                format!(
+                    "{} {x} overlaps {y} (a wildcard address covers them all)",
+                    a.0
+                )
+            }
+        }),
+        _ => None,
+    }
+    .filter(|_| a.0 == b.0 || (a.0.is_unix() && b.0.is_unix()))
+}
+
+fn inet_clash(x: &SocketAddr, y: &SocketAddr) -> bool {
+    let same_family = x.is_ipv4() == y.is_ipv4();
+    let wildcard = x.ip().is_unspecified() || y.ip().is_unspecified();
+    x.port() != 0 && x.port() == y.port() && same_family && (x.ip() == y.ip() || wildcard)
+}
+
+fn same_path(p: &Path, q: &Path) -> bool {
+    let strip = |p: &Path| {
+        p.strip_prefix(".")
+            .map(Path::to_path_buf)
+            .unwrap_or(p.to_path_buf())
+    };
+    strip(p) == strip(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{assert_has, error, parse, LISTENER};
+
+    #[test]
+    fn duplicate_names_point_at_the_first() {
+        let text = format!(
+            "{LISTENER}\n{}",
+            LISTENER.replace("127.0.0.1:0", "127.0.0.1:1")
+        );
+        let e = error(&text);
+        assert_has(&e, &["socketd.toml:8:8: listener #2: key `name`: listener `echo` is already defined at line 2", "unique name"]);
+    }
+
+    #[test]
+    fn clashing_addresses_are_refused_but_port_zero_and_other_protocols_are_fine() {
+        let l = |name: &str, protocol: &str, address: &str| {
+            format!("[[listener]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\naddress = \"{address}\"\nhandler = \"echo\"\n")
+        };
+        let fine = [
+            l("a", "tcp", "127.0.0.1:0"),
+            l("b", "tcp", "127.0.0.1:0"),
+            l("c", "udp", "127.0.0.1:7"),
+            l("d", "tcp", "127.0.0.1:7"),
+            l("e", "tcp", "[::1]:7"),
+        ];
+        parse(&fine.concat()).unwrap_or_else(|e| panic!("{e}"));
+
+        let e = error(
+            &[
+                l("a", "tcp", "127.0.0.1:7007"),
+                l("b", "tcp", "127.0.0.1:7007"),
+            ]
+            .concat(),
+        );
+        assert_has(&e, &["socketd.toml:9:11: listener `b`: key `address`: tcp 127.0.0.1:7007, already used by listener `a` at line 4", "its own address"]);
+        let e = error(&[l("a", "udp", "0.0.0.0:53"), l("b", "udp", "127.0.0.1:53")].concat());
+        assert_has(
+            &e,
+            &["listener `b`: key `address`: udp 127.0.0.1:53 overlaps 0.0.0.0:53"],
+        );
+        let e = error(&[l("a", "unix", "s.sock"), l("b", "unix-dgram", "./s.sock")].concat());
+        assert_has(&e, &["socketd.toml:9:11: listener `b`: key `address`: the socket file \"./s.sock\" (unix-dgram here, unix there), already used by listener `a` at line 4"]);
+    }
+}

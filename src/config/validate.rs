@@ -1,0 +1,298 @@
+//! `validate()`: raw structs -> the `Config` types, with every semantic rule and every message.
+//!
+//! Each key is one line here, through a `Check` helper (`required`, `choice`, `positive`,
+//! `duration`, `text`) that reports at the key's own line and keeps going with a default, so all
+//! problems in a file come out together. Rules that span listeners are in `across`.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::Diagnostics;
+use super::raw::{RawDaemon, RawListener};
+use super::types::*;
+use super::values::{parse_duration, parse_inet, parse_unix_path};
+use crate::handler::{BuildContext, Registry};
+
+/// Where in the file a problem is, as the first words of its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Section {
+    Top,
+    Daemon,
+    /// `number` is 1-based, in file order; `name` is the listener's `name` if it has a usable one.
+    Listener {
+        number: usize,
+        name: Option<String>,
+    },
+}
+
+impl fmt::Display for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Section::Top => f.write_str("top level"),
+            Section::Daemon => f.write_str("[daemon]"),
+            Section::Listener {
+                name: Some(name), ..
+            } => write!(f, "listener `{name}`"),
+            Section::Listener { number, .. } => write!(f, "listener #{number}"),
+        }
+    }
+}
+
+/// Reports problems for one section and turns raw values into checked ones, with defaults.
+pub(super) struct Check<'d, 'a> {
+    pub diags: &'d mut Diagnostics<'a>,
+    pub section: Section,
+    /// Keys written in the table, valid or not: one with a wrong type (already reported) is
+    /// not also "missing".
+    pub present: Vec<String>,
+}
+
+impl Check<'_, '_> {
+    /// Report `detail` about `key` at `span`.
+    pub fn error(&mut self, span: &Range<usize>, key: &str, detail: impl fmt::Display) {
+        let message = format!("{}: key `{key}`: {detail}", self.section);
+        self.diags.error(span, message);
+    }
+
+    /// A key that must be present; reported at the table's header when it is missing.
+    pub fn required<'r, T>(
+        &mut self,
+        value: &'r Option<Spanned<T>>,
+        key: &str,
+        table: &Range<usize>,
+        example: &str,
+    ) -> Option<&'r Spanned<T>> {
+        if value.is_none() && !self.present.iter().any(|k| k == key) {
+            let message = format!(
+                "{}: missing required key `{key}`; add e.g. {key} = {example}",
+                self.section
+            );
+            self.diags.error(table, message);
+        }
+        value.as_ref()
+    }
+
+    /// One of a fixed set of names (`names`), turned into `T` by `from_name`.
+    pub fn choice<T>(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        (noun, names): (&str, &[&str]),
+        from_name: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let value = value?;
+        let found = from_name(value.get_ref());
+        if found.is_none() {
+            let detail = format!(
+                "unknown {noun} {:?}; valid values: {}",
+                value.get_ref(),
+                names.join(", ")
+            );
+            self.error(&value.span(), key, detail);
+        }
+        found
+    }
+
+    /// A count that must be 1 or more.
+    pub fn positive(&mut self, value: &Option<Spanned<i64>>, key: &str, default: usize) -> usize {
+        let Some(value) = value else { return default };
+        match usize::try_from(*value.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                let detail = format!(
+                    "must be a whole number of 1 or more, found {}; e.g. {key} = {default} (the default)",
+                    value.get_ref()
+                );
+                self.error(&value.span(), key, detail);
+                default
+            }
+        }
+    }
+
+    /// A duration string such as "10s".
+    pub fn duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        parse_duration(value.get_ref()).unwrap_or_else(|detail| {
+            self.error(&value.span(), key, detail);
+            default
+        })
+    }
+
+    /// A string that must not be empty (names, users, paths).
+    pub fn text(&mut self, value: &Option<Spanned<String>>, key: &str) -> Option<String> {
+        let value = value.as_ref()?;
+        if value.get_ref().trim().is_empty() {
+            self.error(&value.span(), key, "must not be empty");
+            return None;
+        }
+        Some(value.get_ref().clone())
+    }
+}
+
+/// Valid `log_level` spellings, most to least severe.
+const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+
+fn log_level(name: &str) -> Option<log::LevelFilter> {
+    match name {
+        "error" => Some(log::LevelFilter::Error),
+        "warn" => Some(log::LevelFilter::Warn),
+        "info" => Some(log::LevelFilter::Info),
+        "debug" => Some(log::LevelFilter::Debug),
+        "trace" => Some(log::LevelFilter::Trace),
+        _ => None,
+    }
+}
+
+/// `[daemon]`: every key optional, defaults from `DaemonConfig::default()`.
+pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonConfig {
+    let d = DaemonConfig::default();
+    let log_targets = ("log target", LogTarget::NAMES);
+    DaemonConfig {
+        shutdown_timeout: c.duration(
+            &raw.shutdown_timeout,
+            "shutdown_timeout",
+            d.shutdown_timeout,
+        ),
+        pidfile: c.text(&raw.pidfile, "pidfile").map(PathBuf::from),
+        user: c.text(&raw.user, "user"),
+        group: c.text(&raw.group, "group"),
+        log: c
+            .choice(raw.log.as_ref(), "log", log_targets, LogTarget::from_name)
+            .unwrap_or(d.log),
+        log_level: c
+            .choice(
+                raw.log_level.as_ref(),
+                "log_level",
+                ("log level", LOG_LEVELS),
+                log_level,
+            )
+            .unwrap_or(d.log_level),
+    }
+}
+
+/// The table named after a listener's handler, already converted, with its key's span.
+pub(super) struct HandlerSettings {
+    pub key: Range<usize>,
+    pub table: toml::Table,
+}
+
+/// One listener's own keys and its handler (not cross-listener rules). `None` when anything
+/// is wrong, after reporting all of it.
+pub(super) fn validate_listener(
+    raw: &RawListener,
+    table: &Range<usize>,
+    settings: Option<HandlerSettings>,
+    registry: &Registry,
+    c: &mut Check<'_, '_>,
+) -> Option<ListenerConfig> {
+    let mark = c.diags.mark();
+    let name = c.required(&raw.name, "name", table, "\"echo\"");
+    let name = name.and_then(|n| listener_name(n, c));
+    let protocol = c.required(&raw.protocol, "protocol", table, "\"tcp\"");
+    let protocol = c.choice(
+        protocol,
+        "protocol",
+        ("protocol", Protocol::NAMES),
+        Protocol::from_name,
+    );
+    let address = c.required(&raw.address, "address", table, "\"127.0.0.1:7007\"");
+    let address = match (protocol, address) {
+        (Some(protocol), Some(text)) => listen_addr(protocol, text, c),
+        _ => None,
+    };
+    let handler = c.required(&raw.handler, "handler", table, "\"echo\"");
+    let handlers = ("handler", &registry.names()[..]);
+    let known = |n: &str| registry.contains(n).then(|| n.to_string());
+    let handler_name = c.choice(handler, "handler", handlers, known);
+    let workers = ("worker model", WorkerModel::NAMES);
+    let workers = c
+        .choice(
+            raw.workers.as_ref(),
+            "workers",
+            workers,
+            WorkerModel::from_name,
+        )
+        .unwrap_or(WorkerModel::Threaded);
+    let max_workers = c.positive(&raw.max_workers, "max_workers", defaults::MAX_WORKERS);
+    if let (Some(protocol), Some(handler), Some(handler_name)) = (protocol, handler, &handler_name)
+    {
+        // Builders check their own settings; running one here makes `check` catch them too.
+        let label = name.clone().unwrap_or_else(|| c.section.to_string());
+        let ctx = BuildContext {
+            listener: &label,
+            protocol,
+            settings: settings.as_ref().map(|s| &s.table),
+        };
+        if let Err(detail) = registry.build(handler_name, &ctx) {
+            match &settings {
+                Some(s) => c.error(&s.key, handler_name, detail),
+                None => c.error(&handler.span(), "handler", detail),
+            }
+        }
+    }
+    if c.diags.grew_since(mark) {
+        return None;
+    }
+    Some(ListenerConfig {
+        name: name?,
+        protocol: protocol?,
+        address: address?,
+        handler: handler_name?,
+        workers,
+        max_workers,
+        handler_settings: settings.map(|s| s.table),
+    })
+}
+
+/// Names are identities across reloads and socket-activation names (LISTEN_FDNAMES, which is
+/// colon-separated), so they must be non-empty and free of `:` and control characters.
+fn listener_name(name: &Spanned<String>, c: &mut Check<'_, '_>) -> Option<String> {
+    let text = name.get_ref();
+    let bad = text.trim().is_empty() || text.contains(|ch: char| ch == ':' || ch.is_control());
+    if bad {
+        let detail = format!(
+            "{text:?} is not a usable listener name; use a non-empty name without `:` or \
+             control characters, e.g. name = \"echo\""
+        );
+        c.error(&name.span(), "name", detail);
+        return None;
+    }
+    Some(text.clone())
+}
+
+/// The address in the form its protocol needs, reported on the `address` key if it is not.
+fn listen_addr(
+    protocol: Protocol,
+    text: &Spanned<String>,
+    c: &mut Check<'_, '_>,
+) -> Option<ListenAddr> {
+    match parse_listen_addr(protocol, text.get_ref()) {
+        Ok(addr) => Some(addr),
+        Err(detail) => {
+            c.error(
+                &text.span(),
+                "address",
+                format!("{detail} (for a {protocol} listener)"),
+            );
+            None
+        }
+    }
+}
+
+/// The address text in the form `protocol` needs, or what is wrong with it.
+pub(super) fn parse_listen_addr(protocol: Protocol, text: &str) -> Result<ListenAddr, String> {
+    if protocol.is_unix() {
+        parse_unix_path(text).map(ListenAddr::Path)
+    } else {
+        parse_inet(text).map(ListenAddr::Inet)
+    }
+}
