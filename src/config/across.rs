@@ -43,6 +43,7 @@ impl<'r> Placed<'r> {
 }
 
 /// Unique names, and no two listeners binding what the kernel would refuse to bind twice.
+/// A listener whose name repeats an earlier one has a numbered `section` ("listener #2").
 pub(super) fn check_across(listeners: &[Placed<'_>], diags: &mut Diagnostics<'_>) {
     for (i, later) in listeners.iter().enumerate() {
         let earlier = &listeners[..i];
@@ -53,9 +54,9 @@ pub(super) fn check_across(listeners: &[Placed<'_>], diags: &mut Diagnostics<'_>
                 .find(|n| n.get_ref() == name.get_ref());
             if let Some(first) = first {
                 let message = format!(
-                    "listener #{}: key `name`: listener `{}` is already defined at line {}; \
+                    "{}: key `name`: listener `{}` is already defined at line {}; \
                      give each listener a unique name",
-                    listener_number(&later.section),
+                    later.section,
                     name.get_ref(),
                     diags.line_of(&first.span())
                 );
@@ -82,13 +83,6 @@ pub(super) fn check_across(listeners: &[Placed<'_>], diags: &mut Diagnostics<'_>
             diags.error(span, message);
             break;
         }
-    }
-}
-
-fn listener_number(section: &Section) -> usize {
-    match section {
-        Section::Listener { number, .. } => *number,
-        _ => 0,
     }
 }
 
@@ -137,16 +131,16 @@ fn same_path(p: &Path, q: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::{assert_has, error, parse, LISTENER};
+    use crate::config::tests::{assert_has, error, errors, parse, LISTENER};
 
     #[test]
     fn duplicate_names_point_at_the_first() {
-        let text = format!(
-            "{LISTENER}\n{}",
-            LISTENER.replace("127.0.0.1:0", "127.0.0.1:1")
-        );
-        let e = error(&text);
-        assert_has(&e, &["socketd.toml:8:8: listener #2: key `name`: listener `echo` is already defined at line 2", "unique name"]);
+        let second = LISTENER.replace("\"tcp\"", "\"tcpp\"");
+        let all = errors(&format!("{LISTENER}\n{second}"));
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert_has(&all[0], &["socketd.toml:8:8: listener #2: key `name`: listener `echo` is already defined at line 2", "unique name"]);
+        // The duplicate's other problems are called by its number, not the shared name.
+        assert_has(&all[1], &["socketd.toml:9:12: listener #2: key `protocol`: unknown protocol \"tcpp\"; did you mean \"tcp\"?"]);
     }
 
     #[test]

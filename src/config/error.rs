@@ -10,9 +10,13 @@ use std::path::{Path, PathBuf};
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The config file, as it was named to socketd.
     pub file: PathBuf,
+    /// 1-based; `None` when the file could not be read at all.
     pub line: Option<usize>,
+    /// 1-based, in characters; `None` with `line`.
     pub column: Option<usize>,
+    /// The section and key, what is wrong, and what would be right.
     pub message: String,
 }
 
@@ -32,6 +36,7 @@ impl fmt::Display for Diagnostic {
 /// Every problem found in a config file, reported together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// In file order; never empty.
     pub diagnostics: Vec<Diagnostic>,
 }
 

@@ -47,7 +47,8 @@ pub(super) fn parse(text: &str, origin: &Path, registry: &Registry) -> Result<Co
         None => DaemonConfig::default(),
         Some(value) => match table_of(value) {
             Some(table) => {
-                let raw: RawDaemon = read_table(&table, &Section::Daemon, "", &mut diags);
+                let no_hint = |_: &str| String::new();
+                let raw: RawDaemon = read_table(&table, &Section::Daemon, &no_hint, &mut diags);
                 let mut check = Check {
                     diags: &mut diags,
                     section: Section::Daemon,
@@ -118,6 +119,7 @@ fn read_listeners(
     };
     let mut raws = Vec::new();
     let mut configs = Vec::new();
+    let mut names_seen = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let number = index + 1;
         let Some(table) = table_of(item) else {
@@ -127,7 +129,7 @@ fn read_listeners(
             diags.error(&item.span(), message);
             continue;
         };
-        let (section, raw, config) = read_listener(number, table, registry, diags);
+        let (section, raw, config) = read_listener(number, table, &mut names_seen, registry, diags);
         raws.push((section, raw));
         configs.extend(config);
     }
@@ -141,9 +143,11 @@ fn read_listeners(
 }
 
 /// One listener table: take out the table named after its handler, read the rest, validate.
+/// `names_seen` collects names so far, so a duplicate is called by its number.
 fn read_listener(
     number: usize,
     mut table: Spanned<DeTable<'_>>,
+    names_seen: &mut Vec<String>,
     registry: &Registry,
     diags: &mut Diagnostics<'_>,
 ) -> (Section, RawListener, Option<ListenerConfig>) {
@@ -151,7 +155,13 @@ fn read_listener(
         let value = table.get_ref().get(key)?;
         value.get_ref().as_str().map(str::to_string)
     };
+    // A listener is called by its name in messages, unless an earlier one has the same name.
     let name = string("name").filter(|n| !n.trim().is_empty());
+    let name = name.filter(|n| {
+        let first = !names_seen.contains(n);
+        names_seen.push(n.clone());
+        first
+    });
     let handler = string("handler");
     let section = Section::Listener { number, name };
 
@@ -163,9 +173,14 @@ fn read_listener(
     let settings =
         settings_entry.and_then(|(key, value)| handler_settings(key, value, &section, diags));
 
-    let hint = match &handler {
-        Some(h) => format!(", or a `{h}` table with settings for handler `{h}`"),
-        None => ", or a table named after the handler, with its settings".to_string(),
+    let hint = |key: &str| match &handler {
+        _ if registry.contains(key) => {
+            format!(" (a `{key}` table is read only by a listener with handler = \"{key}\")")
+        }
+        Some(h) if registry.contains(h) => {
+            format!(", or a `{h}` table with settings for handler `{h}`")
+        }
+        _ => ", or a table named after the handler, with its settings".to_string(),
     };
     let raw: RawListener = read_table(&table, &section, &hint, diags);
     let mut check = Check {

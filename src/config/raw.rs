@@ -15,6 +15,7 @@ use toml::Spanned;
 
 use super::error::Diagnostics;
 use super::validate::Section;
+use super::values::suggest;
 
 /// The whole file. Its fields are read one table at a time (see `parse`), but the struct is
 /// still the one place that lists the top-level keys.
@@ -89,11 +90,12 @@ impl<'de> Deserializer<'de> for FieldProbe<'_> {
 /// type (at any depth), each at its own line. Returns `T` built from the keys that were fine.
 ///
 /// serde stops at the first error, so this removes the entry an error points at and tries
-/// again; each round removes one entry, so it ends. `extra_hint` is appended to "valid keys".
+/// again; each round removes one entry, so it ends. `hint` adds a section-specific note to the
+/// "unknown key" message of the key it is given.
 pub(super) fn read_table<T: DeserializeOwned + Default>(
     table: &Spanned<DeTable<'_>>,
     section: &Section,
-    extra_hint: &str,
+    hint: &dyn Fn(&str) -> String,
     diags: &mut Diagnostics<'_>,
 ) -> T {
     let fields = field_names::<T>();
@@ -105,11 +107,16 @@ pub(super) fn read_table<T: DeserializeOwned + Default>(
         .map(|k| (k.get_ref().to_string(), k.span()))
         .collect();
     for (key, span) in unknown {
+        let typo = match suggest(&key, fields) {
+            Some(near) => format!("did you mean `{near}`? "),
+            None => String::new(),
+        };
         diags.error(
             &span,
             format!(
-                "{section}: unknown key `{key}`; valid keys: {}{extra_hint}",
-                fields.join(", ")
+                "{section}: unknown key `{key}`; {typo}valid keys: {}{}",
+                fields.join(", "),
+                hint(&key)
             ),
         );
         table.get_mut().remove(key.as_str());
@@ -216,7 +223,7 @@ mod tests {
     fn read(text: &str) -> (Outer, Vec<String>) {
         let table = DeTable::parse(text).expect("test input is valid TOML");
         let mut diags = Diagnostics::new(text, Path::new("t.toml"));
-        let outer = read_table::<Outer>(&table, &Section::Daemon, "", &mut diags);
+        let outer = read_table::<Outer>(&table, &Section::Daemon, &|_| String::new(), &mut diags);
         let lines = diags.into_error().diagnostics;
         (outer, lines.iter().map(ToString::to_string).collect())
     }

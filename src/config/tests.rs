@@ -172,15 +172,15 @@ fn unknown_keys_at_every_level_list_the_valid_ones() {
         &all[1],
         &[
             "socketd.toml:3:1: [daemon]: unknown key `shutdown_timout`",
-            "valid keys: shutdown_timeout, pidfile",
+            "did you mean `shutdown_timeout`? valid keys: shutdown_timeout, pidfile",
         ],
     );
     assert_has(
         &all[2],
         &[
-            "socketd.toml:9:1: listener `echo`: unknown key `adress`",
+            "socketd.toml:9:1: listener `echo`: unknown key `adress`; did you mean `address`?",
             "name, protocol, address, handler, workers, max_workers",
-            "or a `echo` table",
+            "or a `echo` table with settings for handler `echo`",
         ],
     );
 }
@@ -192,7 +192,7 @@ fn a_handler_table_must_match_the_handler() {
         &e,
         &[
             "socketd.toml:6:1: listener `echo`: unknown key `greet`",
-            "or a `echo` table with settings for handler `echo`",
+            "(a `greet` table is read only by a listener with handler = \"greet\")",
         ],
     );
 }
@@ -212,7 +212,7 @@ fn bad_enum_values_list_the_valid_ones() {
         ],
     );
     assert_has(&all[2], &["socketd.toml:6:12: listener `x`: key `protocol`: unknown protocol \"sctp\"; valid values: tcp, udp, unix, unix-dgram"]);
-    assert_has(&all[3], &["socketd.toml:8:11:", "key `handler`: unknown handler \"ech\"; valid values: chargen, daytime, discard, echo, greet, time"]);
+    assert_has(&all[3], &["socketd.toml:8:11:", "key `handler`: unknown handler \"ech\"; did you mean \"echo\"? valid values: chargen, daytime, discard, echo, greet, time"]);
     assert_has(
         &all[4],
         &[
@@ -251,7 +251,6 @@ fn addresses_must_fit_their_protocol() {
             "socketd.toml:4:11: listener `echo`: key `address`:",
             "never resolves names",
             "127.0.0.1 or [::1]",
-            "for a tcp listener",
         ],
     );
     let e = error(&with("udp", "::1:53"));
@@ -261,7 +260,7 @@ fn addresses_must_fit_their_protocol() {
         &e,
         &[
             "key `address`: the socket path is empty",
-            "for a unix listener",
+            "\"/run/socketd/echo.sock\"",
         ],
     );
     let e = error(&with("unix-dgram", &format!("/{}", "x".repeat(120))));
@@ -392,4 +391,32 @@ extra = true
     assert_has(&all[2], &["listener #1: missing required key `name`"]);
     assert_has(&all[3], &["listener #1: key `address`"]);
     assert_has(&all[6], &["listener `b`: unknown key `extra`"]);
+}
+
+#[test]
+fn odd_documents_give_diagnostics_not_panics() {
+    let odd = [
+        "listener = [1, {}]\n",
+        "listener = []\n",
+        "[[listener]]\n[listener.x.y]\nz = 1\n",
+        "[[listener]]\nname.first = \"a\"\n",
+        "[[listener]]\nhandler = \"name\"\nname = { a = 1 }\n",
+        "[daemon.syslog]\nhost = 1\n",
+        "daemon.user = \"é\"\n",
+        "[[listener]]\nname = \"é:x\"\nprotocol = \"unix\"\naddress = \"é\"\nhandler = \"echo\"\n",
+        "\u{feff}[daemon]\n",
+        "[daemon\n",
+        "x = \"\\u{zz}\"",
+    ];
+    for text in odd {
+        match parse(text) {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(!e.diagnostics.is_empty(), "{text:?}");
+                for d in &e.diagnostics {
+                    assert!(d.line.is_some() && d.column.is_some(), "{text:?}: {d}");
+                }
+            }
+        }
+    }
 }

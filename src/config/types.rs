@@ -17,6 +17,8 @@ pub mod defaults {
     pub const MAX_WORKERS: usize = 64;
     /// Kernel accept queue length for stream listeners.
     pub const BACKLOG: i32 = 1024;
+    /// How a listener runs its handlers when `workers` is not given.
+    pub const WORKERS: super::WorkerModel = super::WorkerModel::Threaded;
 }
 
 /// Everything socketd was told to run, after validation.

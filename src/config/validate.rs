@@ -14,7 +14,7 @@ use toml::Spanned;
 use super::error::Diagnostics;
 use super::raw::{RawDaemon, RawListener};
 use super::types::*;
-use super::values::{parse_duration, parse_inet, parse_unix_path};
+use super::values::{parse_duration, parse_inet, parse_unix_path, suggest};
 use crate::handler::{BuildContext, Registry};
 
 /// Where in the file a problem is, as the first words of its message.
@@ -59,13 +59,13 @@ impl Check<'_, '_> {
     }
 
     /// A key that must be present; reported at the table's header when it is missing.
-    pub fn required<'r, T>(
+    pub fn required<T>(
         &mut self,
-        value: &'r Option<Spanned<T>>,
+        value: &Option<Spanned<T>>,
         key: &str,
         table: &Range<usize>,
         example: &str,
-    ) -> Option<&'r Spanned<T>> {
+    ) {
         if value.is_none() && !self.present.iter().any(|k| k == key) {
             let message = format!(
                 "{}: missing required key `{key}`; add e.g. {key} = {example}",
@@ -73,22 +73,25 @@ impl Check<'_, '_> {
             );
             self.diags.error(table, message);
         }
-        value.as_ref()
     }
 
     /// One of a fixed set of names (`names`), turned into `T` by `from_name`.
     pub fn choice<T>(
         &mut self,
-        value: Option<&Spanned<String>>,
+        value: &Option<Spanned<String>>,
         key: &str,
         (noun, names): (&str, &[&str]),
         from_name: impl Fn(&str) -> Option<T>,
     ) -> Option<T> {
-        let value = value?;
+        let value = value.as_ref()?;
         let found = from_name(value.get_ref());
         if found.is_none() {
+            let typo = match suggest(value.get_ref(), names) {
+                Some(near) => format!("did you mean {near:?}? "),
+                None => String::new(),
+            };
             let detail = format!(
-                "unknown {noun} {:?}; valid values: {}",
+                "unknown {noun} {:?}; {typo}valid values: {}",
                 value.get_ref(),
                 names.join(", ")
             );
@@ -138,8 +141,13 @@ impl Check<'_, '_> {
     }
 }
 
-/// Valid `log_level` spellings, most to least severe.
-const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+/// A noun for messages and the valid spellings, for `Check::choice`.
+type Choices<'n> = (&'n str, &'n [&'n str]);
+
+const PROTOCOLS: Choices = ("protocol", Protocol::NAMES);
+const WORKER_MODELS: Choices = ("worker model", WorkerModel::NAMES);
+const LOG_TARGETS: Choices = ("log target", LogTarget::NAMES);
+const LOG_LEVELS: Choices = ("log level", &["error", "warn", "info", "debug", "trace"]);
 
 fn log_level(name: &str) -> Option<log::LevelFilter> {
     match name {
@@ -155,7 +163,6 @@ fn log_level(name: &str) -> Option<log::LevelFilter> {
 /// `[daemon]`: every key optional, defaults from `DaemonConfig::default()`.
 pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonConfig {
     let d = DaemonConfig::default();
-    let log_targets = ("log target", LogTarget::NAMES);
     DaemonConfig {
         shutdown_timeout: c.duration(
             &raw.shutdown_timeout,
@@ -166,15 +173,10 @@ pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonC
         user: c.text(&raw.user, "user"),
         group: c.text(&raw.group, "group"),
         log: c
-            .choice(raw.log.as_ref(), "log", log_targets, LogTarget::from_name)
+            .choice(&raw.log, "log", LOG_TARGETS, LogTarget::from_name)
             .unwrap_or(d.log),
         log_level: c
-            .choice(
-                raw.log_level.as_ref(),
-                "log_level",
-                ("log level", LOG_LEVELS),
-                log_level,
-            )
+            .choice(&raw.log_level, "log_level", LOG_LEVELS, log_level)
             .unwrap_or(d.log_level),
     }
 }
@@ -195,49 +197,35 @@ pub(super) fn validate_listener(
     c: &mut Check<'_, '_>,
 ) -> Option<ListenerConfig> {
     let mark = c.diags.mark();
-    let name = c.required(&raw.name, "name", table, "\"echo\"");
-    let name = name.and_then(|n| listener_name(n, c));
-    let protocol = c.required(&raw.protocol, "protocol", table, "\"tcp\"");
-    let protocol = c.choice(
-        protocol,
-        "protocol",
-        ("protocol", Protocol::NAMES),
-        Protocol::from_name,
-    );
-    let address = c.required(&raw.address, "address", table, "\"127.0.0.1:7007\"");
-    let address = match (protocol, address) {
+    c.required(&raw.name, "name", table, "\"echo\"");
+    c.required(&raw.protocol, "protocol", table, "\"tcp\"");
+    c.required(&raw.address, "address", table, "\"127.0.0.1:7007\"");
+    c.required(&raw.handler, "handler", table, "\"echo\"");
+    let name = raw.name.as_ref().and_then(|n| listener_name(n, c));
+    let protocol = c.choice(&raw.protocol, "protocol", PROTOCOLS, Protocol::from_name);
+    let address = match (protocol, &raw.address) {
         (Some(protocol), Some(text)) => listen_addr(protocol, text, c),
         _ => None,
     };
-    let handler = c.required(&raw.handler, "handler", table, "\"echo\"");
     let handlers = ("handler", &registry.names()[..]);
     let known = |n: &str| registry.contains(n).then(|| n.to_string());
-    let handler_name = c.choice(handler, "handler", handlers, known);
-    let workers = ("worker model", WorkerModel::NAMES);
-    let workers = c
-        .choice(
-            raw.workers.as_ref(),
-            "workers",
-            workers,
-            WorkerModel::from_name,
-        )
-        .unwrap_or(WorkerModel::Threaded);
+    let handler = c.choice(&raw.handler, "handler", handlers, known);
+    let workers = c.choice(
+        &raw.workers,
+        "workers",
+        WORKER_MODELS,
+        WorkerModel::from_name,
+    );
     let max_workers = c.positive(&raw.max_workers, "max_workers", defaults::MAX_WORKERS);
-    if let (Some(protocol), Some(handler), Some(handler_name)) = (protocol, handler, &handler_name)
-    {
-        // Builders check their own settings; running one here makes `check` catch them too.
+
+    if let (Some(protocol), Some(handler), Some(span)) = (protocol, &handler, &raw.handler) {
         let label = name.clone().unwrap_or_else(|| c.section.to_string());
         let ctx = BuildContext {
             listener: &label,
             protocol,
             settings: settings.as_ref().map(|s| &s.table),
         };
-        if let Err(detail) = registry.build(handler_name, &ctx) {
-            match &settings {
-                Some(s) => c.error(&s.key, handler_name, detail),
-                None => c.error(&handler.span(), "handler", detail),
-            }
-        }
+        build_handler(registry, handler, &ctx, settings.as_ref(), &span.span(), c);
     }
     if c.diags.grew_since(mark) {
         return None;
@@ -246,11 +234,29 @@ pub(super) fn validate_listener(
         name: name?,
         protocol: protocol?,
         address: address?,
-        handler: handler_name?,
-        workers,
+        handler: handler?,
+        workers: workers.unwrap_or(defaults::WORKERS),
         max_workers,
         handler_settings: settings.map(|s| s.table),
     })
+}
+
+/// Run the handler's builder, which checks its own settings, so `check` catches those too.
+/// Its complaint goes on the handler's table if there is one, else on the `handler` key.
+fn build_handler(
+    registry: &Registry,
+    handler: &str,
+    ctx: &BuildContext<'_>,
+    settings: Option<&HandlerSettings>,
+    handler_span: &Range<usize>,
+    c: &mut Check<'_, '_>,
+) {
+    if let Err(detail) = registry.build(handler, ctx) {
+        match settings {
+            Some(s) => c.error(&s.key, handler, detail),
+            None => c.error(handler_span, "handler", detail),
+        }
+    }
 }
 
 /// Names are identities across reloads and socket-activation names (LISTEN_FDNAMES, which is
@@ -278,11 +284,7 @@ fn listen_addr(
     match parse_listen_addr(protocol, text.get_ref()) {
         Ok(addr) => Some(addr),
         Err(detail) => {
-            c.error(
-                &text.span(),
-                "address",
-                format!("{detail} (for a {protocol} listener)"),
-            );
+            c.error(&text.span(), "address", detail);
             None
         }
     }

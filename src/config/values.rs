@@ -128,9 +128,47 @@ pub(super) fn parse_unix_path(text: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(text))
 }
 
+/// The candidate closest to a misspelled `word`, if one is close enough to be a likely typo.
+pub(super) fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    let limit = (word.chars().count() / 3).clamp(1, 3);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggestions_catch_typos_only() {
+        let keys = ["name", "protocol", "address", "max_workers"];
+        assert_eq!(suggest("adress", &keys), Some("address"));
+        assert_eq!(suggest("protcol", &keys), Some("protocol"));
+        assert_eq!(suggest("max-workers", &keys), Some("max_workers"));
+        assert_eq!(suggest("colour", &keys), None);
+        assert_eq!(suggest("x", &keys), None);
+        assert_eq!(edit_distance("tcpp", "tcp"), 1);
+    }
 
     #[test]
     fn durations_with_units_parse() {
