@@ -26,7 +26,11 @@ pub const EXIT_START: u8 = 3;
 pub const EXIT_RUNTIME: u8 = 4;
 
 #[derive(Debug, Parser)]
-#[command(name = "socketd", version, about = "A configurable socket daemon: TCP, UDP and Unix listeners from one TOML file")]
+#[command(
+    name = "socketd",
+    version,
+    about = "A configurable socket daemon: TCP, UDP and Unix listeners from one TOML file"
+)]
 struct Cli {
     /// The config file to run (or check).
     #[arg(long, short = 'c', global = true, value_name = "FILE", default_value = DEFAULT_CONFIG)]
@@ -49,7 +53,11 @@ pub fn main_with(registry: Registry) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
@@ -67,7 +75,11 @@ fn check(path: &std::path::Path, registry: &Registry) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             let n = e.diagnostics.len();
-            eprintln!("{}: {n} error{} found", path.display(), if n == 1 { "" } else { "s" });
+            eprintln!(
+                "{}: {n} error{} found",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
             ExitCode::from(EXIT_CONFIG)
         }
     }
@@ -82,7 +94,10 @@ fn run(path: &std::path::Path, registry: Registry) -> ExitCode {
             for d in &e.diagnostics {
                 log::error!("{d}");
             }
-            log::error!("not starting: the config file {} is invalid", path.display());
+            log::error!(
+                "not starting: the config file {} is invalid",
+                path.display()
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };

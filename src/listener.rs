@@ -86,13 +86,21 @@ impl Listener {
                 s.listen(defaults::BACKLOG).map_err(err)?;
                 let l: TcpListener = s.into();
                 let local = ListenAddr::Inet(l.local_addr().map_err(err)?);
-                Listener { socket: Socket4::Tcp(l), local, unlink: None }
+                Listener {
+                    socket: Socket4::Tcp(l),
+                    local,
+                    unlink: None,
+                }
             }
             (ListenAddr::Inet(addr), Protocol::Udp) => {
                 let s = inet_socket(*addr, Type::DGRAM).map_err(err)?;
                 let u: UdpSocket = s.into();
                 let local = ListenAddr::Inet(u.local_addr().map_err(err)?);
-                Listener { socket: Socket4::Udp(u), local, unlink: None }
+                Listener {
+                    socket: Socket4::Udp(u),
+                    local,
+                    unlink: None,
+                }
             }
             (ListenAddr::Path(path), Protocol::Unix) => {
                 clear_stale_socket(path).map_err(err)?;
@@ -246,14 +254,17 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+            format!(
+                "{} exists and is not a socket; remove it or choose another path",
+                path.display()
+            ),
         ));
     }
     let live = match UnixStream::connect(path) {
         Ok(_) => true,
-        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => {
-            UnixDatagram::unbound().and_then(|d| d.connect(path)).is_ok()
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => UnixDatagram::unbound()
+            .and_then(|d| d.connect(path))
+            .is_ok(),
         Err(_) => false,
     };
     if live {
@@ -269,6 +280,13 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
 fn unix_peer(s: &UnixStream, path: Option<&Path>) -> PeerAddr {
     let cred = nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
         .ok()
-        .map(|c| PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() });
-    PeerAddr::Unix { path: path.map(Path::to_path_buf), cred }
+        .map(|c| PeerCred {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        });
+    PeerAddr::Unix {
+        path: path.map(Path::to_path_buf),
+        cred,
+    }
 }

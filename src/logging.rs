@@ -47,7 +47,12 @@ impl Log for StderrLogger {
         let line = if self.journald {
             format!("<{}>{}\n", priority(r.level()), r.args())
         } else {
-            format!("{} {:<5} {}\n", timestamp(SystemTime::now()), r.level(), r.args())
+            format!(
+                "{} {:<5} {}\n",
+                timestamp(SystemTime::now()),
+                r.level(),
+                r.args()
+            )
         };
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }

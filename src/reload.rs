@@ -61,12 +61,16 @@ fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, crate::listene
         .map(|s| (s.id, Arc::clone(&s.cfg)))
         .collect();
     let kept_by_name = |old: &ListenerConfig| {
-        new.listeners.iter().any(|n| n.name == old.name && same_socket(n, old))
+        new.listeners
+            .iter()
+            .any(|n| n.name == old.name && same_socket(n, old))
     };
     let mut claimed = HashSet::new();
     let mut sources = Vec::with_capacity(new.listeners.len());
     for l in &new.listeners {
-        let keep = open.iter().find(|(_, c)| c.name == l.name && same_socket(c, l));
+        let keep = open
+            .iter()
+            .find(|(_, c)| c.name == l.name && same_socket(c, l));
         let take = || {
             open.iter()
                 .find(|(id, c)| !claimed.contains(id) && same_socket(c, l) && !kept_by_name(c))
@@ -97,7 +101,10 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
                 let factory = match server.registry().build_for(&cfg) {
                     Ok(f) => f,
                     Err(e) => {
-                        log::error!("reload: listener `{}`: {e}; keeping its old settings", cfg.name);
+                        log::error!(
+                            "reload: listener `{}`: {e}; keeping its old settings",
+                            cfg.name
+                        );
                         live.insert(id);
                         continue;
                     }
@@ -134,7 +141,11 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
     let (slots, poll) = server.parts_mut();
     for slot in slots.values_mut() {
         if !live.contains(&slot.id) && slot.listener.is_some() {
-            log::info!("reload: listener `{}` removed; draining {} connections", slot.cfg.name, slot.busy);
+            log::info!(
+                "reload: listener `{}` removed; draining {} connections",
+                slot.cfg.name,
+                slot.busy
+            );
             drop(slot.close(poll));
             removed += 1;
         }
@@ -144,7 +155,12 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
     log::info!("reload: done ({kept} kept, {added} added, {removed} removed)");
 }
 
-fn install(server: &mut Server, cfg: ListenerConfig, listener: Listener, live: &mut HashSet<usize>) {
+fn install(
+    server: &mut Server,
+    cfg: ListenerConfig,
+    listener: Listener,
+    live: &mut HashSet<usize>,
+) {
     let name = cfg.name.clone();
     let addr = listener.local_addr().to_string();
     let proto = cfg.protocol;
@@ -170,7 +186,10 @@ fn warn_restart_only(old: &crate::config::DaemonConfig, new: &crate::config::Dae
         needs.push("log");
     }
     if !needs.is_empty() {
-        log::warn!("reload: [daemon] {} changed; that takes a restart to apply", needs.join(", "));
+        log::warn!(
+            "reload: [daemon] {} changed; that takes a restart to apply",
+            needs.join(", ")
+        );
     }
     if old.log_level != new.log_level {
         log::set_max_level(new.log_level);

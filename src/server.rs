@@ -54,7 +54,10 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ServeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
-    Draining { deadline: Instant, forced: Option<Instant> },
+    Draining {
+        deadline: Instant,
+        forced: Option<Instant>,
+    },
     Stopped,
 }
 
@@ -79,7 +82,10 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("slots", &self.slots).field("state", &self.state).finish()
+        f.debug_struct("Server")
+            .field("slots", &self.slots)
+            .field("state", &self.state)
+            .finish()
     }
 }
 
@@ -93,7 +99,9 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, mio::Interest::READABLE)
             .map_err(io_err("cannot watch signals"))?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("cannot create the waker"))?);
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER).map_err(io_err("cannot create the waker"))?,
+        );
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut server = Server {
@@ -107,7 +115,11 @@ impl Server {
                 next_conn: 0,
             },
             registry,
-            config: Config { origin: config.origin.clone(), daemon: config.daemon.clone(), listeners: vec![] },
+            config: Config {
+                origin: config.origin.clone(),
+                daemon: config.daemon.clone(),
+                listeners: vec![],
+            },
             slots: BTreeMap::new(),
             next_id: FIRST_SLOT,
             state: State::Running,
@@ -127,19 +139,36 @@ impl Server {
     pub fn bound(&self) -> Vec<(String, String)> {
         self.slots
             .values()
-            .filter_map(|s| s.listener.as_ref().map(|l| (s.cfg.name.clone(), l.local_addr().to_string())))
+            .filter_map(|s| {
+                s.listener
+                    .as_ref()
+                    .map(|l| (s.cfg.name.clone(), l.local_addr().to_string()))
+            })
             .collect()
     }
 
-    fn add_slot(&mut self, cfg: crate::config::ListenerConfig, listener: Listener) -> Result<usize, ServeError> {
+    fn add_slot(
+        &mut self,
+        cfg: crate::config::ListenerConfig,
+        listener: Listener,
+    ) -> Result<usize, ServeError> {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler { listener: cfg.name.clone(), message })?;
+            .map_err(|message| ServeError::Handler {
+                listener: cfg.name.clone(),
+                message,
+            })?;
         let id = self.next_id;
         self.next_id += 1;
-        let slot = Slot::new(id, cfg, listener, factory, Arc::clone(&self.shared.stopping))
-            .map_err(io_err("cannot set up a datagram reply socket"))?;
+        let slot = Slot::new(
+            id,
+            cfg,
+            listener,
+            factory,
+            Arc::clone(&self.shared.stopping),
+        )
+        .map_err(io_err("cannot set up a datagram reply socket"))?;
         self.slots.insert(id, slot);
         Ok(id)
     }
@@ -150,7 +179,12 @@ impl Server {
         for slot in self.slots.values_mut() {
             slot.watch(self.poll.registry());
             if let Some(l) = &slot.listener {
-                log::info!("listener `{}` listening on {} {}", slot.cfg.name, slot.cfg.protocol, l.local_addr());
+                log::info!(
+                    "listener `{}` listening on {} {}",
+                    slot.cfg.name,
+                    slot.cfg.protocol,
+                    l.local_addr()
+                );
             }
         }
         log::info!("socketd ready: {} listeners", self.slots.len());
@@ -161,7 +195,10 @@ impl Server {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(ServeError::Io { context: "event loop failed", source: e });
+                return Err(ServeError::Io {
+                    context: "event loop failed",
+                    source: e,
+                });
             }
             for event in events.iter() {
                 match event.token() {
@@ -192,7 +229,9 @@ impl Server {
     }
 
     fn drain(&mut self, id: usize) {
-        let Some(slot) = self.slots.get_mut(&id) else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         match slot.drain(self.poll.registry(), &mut self.shared, &mut self.buf) {
             Drained::Empty | Drained::Full => {}
             Drained::More => self.again.push(id),
@@ -222,7 +261,9 @@ impl Server {
 
     fn collect_done(&mut self) {
         while let Ok(done) = self.done_rx.try_recv() {
-            let Some(slot) = self.slots.get_mut(&done.listener) else { continue };
+            let Some(slot) = self.slots.get_mut(&done.listener) else {
+                continue;
+            };
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
             if slot.listener.is_none() {
@@ -230,7 +271,11 @@ impl Server {
                     log::info!("listener `{}`: drained", slot.cfg.name);
                     self.slots.remove(&done.listener);
                 }
-            } else if !slot.watching && !slot.fd_starved && self.state == State::Running && slot.has_capacity() {
+            } else if !slot.watching
+                && !slot.fd_starved
+                && self.state == State::Running
+                && slot.has_capacity()
+            {
                 slot.watch(self.poll.registry());
                 self.again.push(done.listener);
             }
@@ -268,7 +313,10 @@ impl Server {
             self.in_flight(),
             humantime::format_duration(timeout)
         );
-        self.state = State::Draining { deadline: Instant::now() + timeout, forced: None };
+        self.state = State::Draining {
+            deadline: Instant::now() + timeout,
+            forced: None,
+        };
     }
 
     fn stop_now(&mut self, why: &str) {
@@ -288,7 +336,9 @@ impl Server {
     }
 
     fn check_stop(&mut self) {
-        let State::Draining { deadline, forced } = self.state else { return };
+        let State::Draining { deadline, forced } = self.state else {
+            return;
+        };
         let in_flight = self.in_flight();
         if in_flight == 0 {
             self.state = State::Stopped;
@@ -299,10 +349,15 @@ impl Server {
             None if now >= deadline => {
                 let n = self.shared.tracker.shutdown_all();
                 log::warn!("shutdown_timeout reached: closing {n} open connections");
-                self.state = State::Draining { deadline, forced: Some(now) };
+                self.state = State::Draining {
+                    deadline,
+                    forced: Some(now),
+                };
             }
             Some(f) if now >= f + FORCE_GRACE => {
-                log::warn!("{in_flight} handlers did not return after their connections closed; exiting");
+                log::warn!(
+                    "{in_flight} handlers did not return after their connections closed; exiting"
+                );
                 self.state = State::Stopped;
             }
             _ => {}
@@ -310,11 +365,18 @@ impl Server {
     }
 
     fn log_status(&self) {
-        log::info!("status: {} listeners, {} in flight", self.slots.len(), self.in_flight());
+        log::info!(
+            "status: {} listeners, {} in flight",
+            self.slots.len(),
+            self.in_flight()
+        );
         for s in self.slots.values() {
-            let addr = s.listener.as_ref().map_or("closed, draining".to_string(), |l| {
-                format!("{} {}", s.cfg.protocol, l.local_addr())
-            });
+            let addr = s
+                .listener
+                .as_ref()
+                .map_or("closed, draining".to_string(), |l| {
+                    format!("{} {}", s.cfg.protocol, l.local_addr())
+                });
             log::info!(
                 "status: listener `{}` {addr}: {} busy of {}, {} served, {}",
                 s.cfg.name,
@@ -343,7 +405,11 @@ impl Server {
     pub(crate) fn parts_mut(&mut self) -> (&mut BTreeMap<usize, Slot>, &mio::Registry) {
         (&mut self.slots, self.poll.registry())
     }
-    pub(crate) fn install(&mut self, cfg: crate::config::ListenerConfig, listener: Listener) -> Result<usize, ServeError> {
+    pub(crate) fn install(
+        &mut self,
+        cfg: crate::config::ListenerConfig,
+        listener: Listener,
+    ) -> Result<usize, ServeError> {
         let id = self.add_slot(cfg, listener)?;
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.watch(self.poll.registry());

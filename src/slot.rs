@@ -193,29 +193,51 @@ impl Slot {
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
-        let (notifier, tracker, id) = (shared.notifier.clone(), Arc::clone(&shared.tracker), self.id);
+        let (notifier, tracker, id) = (
+            shared.notifier.clone(),
+            Arc::clone(&shared.tracker),
+            self.id,
+        );
         log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
         let job = move || {
             // The handler gets the connection; the tracker entry goes before the fd closes.
             let guard = TrackGuard { tracker, conn_id };
             let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
-            notifier.done(Done { listener: id, outcome });
+            notifier.done(Done {
+                listener: id,
+                outcome,
+            });
         };
         self.start(job, shared, Some(conn_id));
     }
 
-    fn dispatch_datagram(&mut self, shared: &mut Shared, data: Vec<u8>, peer: crate::conn::PeerAddr) {
-        let Some(socket) = self.reply.clone() else { return };
+    fn dispatch_datagram(
+        &mut self,
+        shared: &mut Shared,
+        data: Vec<u8>,
+        peer: crate::conn::PeerAddr,
+    ) {
+        let Some(socket) = self.reply.clone() else {
+            return;
+        };
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, id) = (shared.notifier.clone(), self.id);
         let job = move || {
             let outcome = serve_datagram(&factory, &ctx, data, peer, socket);
-            notifier.done(Done { listener: id, outcome });
+            notifier.done(Done {
+                listener: id,
+                outcome,
+            });
         };
         self.start(job, shared, None);
     }
 
-    fn start<F: FnOnce() + Send + 'static>(&mut self, job: F, shared: &mut Shared, conn: Option<u64>) {
+    fn start<F: FnOnce() + Send + 'static>(
+        &mut self,
+        job: F,
+        shared: &mut Shared,
+        conn: Option<u64>,
+    ) {
         debug_assert_eq!(self.cfg.workers, WorkerModel::Threaded);
         match self.pool.execute(job) {
             Ok(()) => self.busy += 1,
@@ -223,7 +245,10 @@ impl Slot {
                 if let Some(c) = conn {
                     shared.tracker.remove(c);
                 }
-                log::error!("listener `{}`: cannot start a worker thread: {e}", self.cfg.name);
+                log::error!(
+                    "listener `{}`: cannot start a worker thread: {e}",
+                    self.cfg.name
+                );
             }
         }
     }

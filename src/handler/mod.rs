@@ -101,7 +101,9 @@ impl Registry {
         self.register(name, move |ctx: &BuildContext| {
             if let Some(t) = ctx.settings {
                 if !t.is_empty() {
-                    return Err(format!("handler `{owned}` takes no settings; remove the `{owned}` table"));
+                    return Err(format!(
+                        "handler `{owned}` takes no settings; remove the `{owned}` table"
+                    ));
                 }
             }
             Ok(Arc::new(|| Box::new(H::default()) as Box<dyn Handler>) as Factory)

@@ -92,7 +92,9 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::conn::{Conn, PeerAddr};
-use crate::handler::{serve, Context, DatagramRequest, DatagramSocket, Factory, Request, StreamRequest};
+use crate::handler::{
+    serve, Context, DatagramRequest, DatagramSocket, Factory, Request, StreamRequest,
+};
 
 /// Run one connection through a fresh handler, containing errors and panics to it alone.
 /// Shared by every worker model, so a handler behaves the same in a thread or a child.
@@ -114,7 +116,12 @@ pub fn serve_stream<G>(
             return report(ctx, &peer, Outcome::Error(e.to_string()));
         }
     };
-    let mut req = Request::Stream(StreamRequest::from_parts(conn, write_half, peer.clone(), local));
+    let mut req = Request::Stream(StreamRequest::from_parts(
+        conn,
+        write_half,
+        peer.clone(),
+        local,
+    ));
     let outcome = run(factory, ctx, &mut req);
     drop(before_close);
     drop(req);
@@ -149,7 +156,10 @@ fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {
 /// A peer that hangs up mid-conversation is the normal end of many connections, not a fault.
 pub fn is_peer_gone(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof)
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    )
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -166,10 +176,16 @@ fn report(ctx: &Context, peer: &PeerAddr, outcome: Outcome) -> Outcome {
     match &outcome {
         Outcome::Ok => {}
         Outcome::Error(e) => {
-            log::warn!("listener `{}` peer {peer}: handler failed: {e}", ctx.listener_name())
+            log::warn!(
+                "listener `{}` peer {peer}: handler failed: {e}",
+                ctx.listener_name()
+            )
         }
         Outcome::Panic(m) => {
-            log::error!("listener `{}` peer {peer}: handler panicked: {m}", ctx.listener_name())
+            log::error!(
+                "listener `{}` peer {peer}: handler panicked: {m}",
+                ctx.listener_name()
+            )
         }
     }
     outcome
