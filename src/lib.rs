@@ -10,6 +10,7 @@ pub mod conn;
 pub mod handler;
 pub mod listener;
 pub mod logging;
+pub mod protect;
 mod reload;
 pub mod server;
 mod slot;

@@ -104,7 +104,8 @@ impl Listener {
             }
             (ListenAddr::Path(path), Protocol::Unix) => {
                 clear_stale_socket(path).map_err(err)?;
-                let l = UnixListener::bind(path).map_err(err)?;
+                let file = &cfg.protect.socket_file;
+                let l = crate::protect::socket_file::bind(path, file, |p: &Path| UnixListener::bind(p)).map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
                 Listener {
                     socket: Socket4::Unix(l),
@@ -114,7 +115,8 @@ impl Listener {
             }
             (ListenAddr::Path(path), Protocol::UnixDgram) => {
                 clear_stale_socket(path).map_err(err)?;
-                let d = UnixDatagram::bind(path).map_err(err)?;
+                let file = &cfg.protect.socket_file;
+                let d = crate::protect::socket_file::bind(path, file, |p: &Path| UnixDatagram::bind(p)).map_err(err)?;
                 d.set_nonblocking(true).map_err(err)?;
                 Listener {
                     socket: Socket4::UnixDgram(d),

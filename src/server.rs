@@ -92,6 +92,8 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Bind every listener and set up the loop; nothing is accepted until `serve`.
     pub fn bind(config: Config, registry: Registry) -> Result<Server, ServeError> {
+        // Before anything opens a descriptor or forks: every process of the daemon gets it.
+        crate::protect::raise_fd_limit();
         let poll = Poll::new().map_err(io_err("cannot create the event loop"))?;
         // Signals first: no thread exists yet, so every thread started later inherits the mask.
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])
@@ -209,10 +211,21 @@ impl Server {
             }
             self.collect_done();
             self.revisit();
+            self.tick_guards();
             self.check_stop();
         }
         log::info!("socketd stopped");
         Ok(())
+    }
+
+    /// Run due protection timers: cut connections past `max_duration`, write refusal summaries.
+    fn tick_guards(&mut self) {
+        let now = Instant::now();
+        for slot in self.slots.values_mut() {
+            if slot.guard.next_wakeup().is_some_and(|t| t <= now) {
+                slot.guard.tick(&slot.cfg, &self.shared.tracker, now);
+            }
+        }
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -221,6 +234,10 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let mut next: Option<Instant> = self.retry.iter().map(|(t, _)| *t).min();
+        // Protection timers: max_duration deadlines and refusal summaries.
+        for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         if let State::Draining { deadline, forced } = self.state {
             let d = forced.map_or(deadline, |f| f + FORCE_GRACE);
             next = Some(next.map_or(d, |n| n.min(d)));

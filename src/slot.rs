@@ -68,6 +68,8 @@ pub struct Slot {
     pub watching: bool,
     /// In an EMFILE episode (logged once).
     pub fd_starved: bool,
+    /// Admission control, limits and timeouts (`protect`), checked before any dispatch.
+    pub guard: crate::protect::Guard,
 }
 
 impl std::fmt::Debug for Slot {
@@ -102,6 +104,7 @@ impl Slot {
             served: 0,
             watching: false,
             fd_starved: false,
+            guard: crate::protect::Guard::default(),
         })
     }
 
@@ -150,11 +153,18 @@ impl Slot {
             };
             match listener.next(buf) {
                 Ok(Incoming::Stream(conn, peer)) => {
-                    self.fd_starved = false;
+                    if std::mem::take(&mut self.fd_starved) {
+                        log::info!("listener `{}`: accepting again", self.cfg.name);
+                    }
                     let local = listener.local_inet();
-                    self.dispatch_stream(shared, conn, peer, local);
+                    // Refused: `conn` is dropped here, closed before any byte is sent.
+                    let Some(ticket) = self.guard.admit_stream(&self.cfg, &peer, Instant::now()) else { continue };
+                    self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
+                    if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now()) {
+                        continue;
+                    }
                     let data = buf[..n].to_vec();
                     self.dispatch_datagram(shared, data, peer);
                 }
@@ -188,10 +198,12 @@ impl Slot {
         conn: crate::conn::Conn,
         peer: crate::conn::PeerAddr,
         local: Option<std::net::SocketAddr>,
+        ticket: crate::protect::Ticket,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        self.guard.arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, tracker, id) = (
             shared.notifier.clone(),
@@ -201,7 +213,11 @@ impl Slot {
         log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
         let job = move || {
             // The handler gets the connection; the tracker entry goes before the fd closes.
-            let guard = TrackGuard { tracker, conn_id };
+            let guard = TrackGuard {
+                tracker,
+                conn_id,
+                _ticket: ticket,
+            };
             let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
             notifier.done(Done {
                 listener: id,
@@ -254,10 +270,12 @@ impl Slot {
     }
 }
 
-/// Removes a connection from the tracker when its job ends, even by panic.
+/// Removes a connection from the tracker when its job ends, even by panic, and frees its
+/// admission place (max_connections, max_per_source) before the fd closes.
 struct TrackGuard {
     tracker: Arc<Tracker>,
     conn_id: u64,
+    _ticket: crate::protect::Ticket,
 }
 
 impl Drop for TrackGuard {

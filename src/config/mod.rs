@@ -9,6 +9,7 @@
 mod across;
 mod error;
 mod parse;
+mod protection;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -17,6 +18,9 @@ mod validate;
 mod values;
 
 pub use error::{ConfigError, Diagnostic};
+pub use protection::{
+    parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,
+};
 pub use types::*;
 
 use std::path::Path;

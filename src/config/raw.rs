@@ -49,6 +49,18 @@ pub(super) struct RawListener {
     pub handler: Option<Spanned<String>>,
     pub workers: Option<Spanned<String>>,
     pub max_workers: Option<Spanned<i64>>,
+    // Protection keys (issue 5), validated in `protection`.
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_per_source: Option<Spanned<i64>>,
+    pub rate: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_duration: Option<Spanned<String>>,
+    pub min_source_port: Option<Spanned<i64>>,
+    pub mode: Option<Spanned<String>>,
+    pub owner: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
 }
 
 /// The keys a raw struct accepts, read from its `Deserialize` impl so they are never listed by

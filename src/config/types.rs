@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use super::protection::Protection;
+
 /// Defaults live here, in one place, and are documented in `config/socketd.toml`.
 pub mod defaults {
     use std::time::Duration;
@@ -187,6 +189,8 @@ pub struct ListenerConfig {
     pub handler: String,
     pub workers: WorkerModel,
     pub max_workers: usize,
+    /// Admission control, limits, timeouts and socket file permissions (all optional).
+    pub protect: Protection,
     /// The table named after the handler (`exec = {...}`), if the listener has one.
     pub handler_settings: Option<toml::Table>,
 }

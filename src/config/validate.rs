@@ -217,6 +217,7 @@ pub(super) fn validate_listener(
         WorkerModel::from_name,
     );
     let max_workers = c.positive(&raw.max_workers, "max_workers", defaults::MAX_WORKERS);
+    let protect = super::protection::validate(raw, protocol, c);
 
     if let (Some(protocol), Some(handler), Some(span)) = (protocol, &handler, &raw.handler) {
         let label = name.clone().unwrap_or_else(|| c.section.to_string());
@@ -237,6 +238,7 @@ pub(super) fn validate_listener(
         handler: handler?,
         workers: workers.unwrap_or(defaults::WORKERS),
         max_workers,
+        protect,
         handler_settings: settings.map(|s| s.table),
     })
 }

@@ -136,6 +136,7 @@ pub(crate) mod test_support {
             handler: "test".to_string(),
             workers: WorkerModel::Threaded,
             max_workers: 1,
+            protect: Default::default(),
             handler_settings: None,
         };
         (Context::new(Arc::new(listener), stopping.clone()), stopping)

@@ -74,6 +74,23 @@ impl Tracker {
         self.open.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Whether connection `id` is still open (its job has not ended).
+    pub fn contains(&self, id: u64) -> bool {
+        self.open.lock().map(|m| m.contains_key(&id)).unwrap_or(false)
+    }
+
+    /// Shut down one connection both ways (a limit ran out); false if it already ended.
+    pub fn shutdown(&self, id: u64) -> bool {
+        let Ok(m) = self.open.lock() else { return false };
+        match m.get(&id) {
+            Some(fd) => {
+                let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -148,9 +165,20 @@ fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {
     })) {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(e)) if is_peer_gone(&e) => Outcome::Ok,
+        Ok(Err(e)) if is_idle_timeout(&e, ctx) => {
+            // Expected under slow or silent clients; per-connection, so debug, not warn.
+            log::debug!("listener `{}` peer {}: closed at idle_timeout", ctx.listener_name(), req.peer());
+            Outcome::Ok
+        }
         Ok(Err(e)) => Outcome::Error(e.to_string()),
         Err(payload) => Outcome::Panic(panic_message(payload.as_ref())),
     }
+}
+
+/// A read or write that waited `idle_timeout` (SO_RCVTIMEO/SO_SNDTIMEO set at admission).
+fn is_idle_timeout(e: &std::io::Error, ctx: &Context) -> bool {
+    use std::io::ErrorKind::*;
+    ctx.config().protect.idle_timeout.is_some() && matches!(e.kind(), WouldBlock | TimedOut)
 }
 
 /// A peer that hangs up mid-conversation is the normal end of many connections, not a fault.
