@@ -1,0 +1,14 @@
+//! socketd's integration tests: one test binary that starts the real daemon (and example
+//! daemons with extra handlers) in temp dirs and talks to it over real sockets.
+//!
+//! `harness` is the shared toolbox (start/stop/signal a daemon, clients with timeouts, config
+//! checks, assertions); each other module is one topic. To add a topic, add a file here and a
+//! `mod` line below, and use `crate::harness::*`.
+
+mod harness;
+
+mod concurrency;
+mod config_errors;
+mod handlers;
+mod services;
+mod stop;
