@@ -36,6 +36,16 @@ struct Cli {
     #[arg(long, short = 'c', global = true, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 
+    /// Detach from the terminal and run in the background. Everything is bound first, so
+    /// start-up errors still print here; the command exits 0 once the daemon is serving.
+    #[arg(long)]
+    daemon: bool,
+
+    /// Write the daemon's pid to FILE (locked: a second instance is refused), removed on exit.
+    /// Overrides `[daemon] pidfile`.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -62,16 +72,22 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
-        None => run(&cli.config, registry),
+        None => run(&cli.config, registry, cli.daemon, cli.pidfile),
     }
 }
 
 fn check(path: &std::path::Path, registry: &Registry) -> ExitCode {
     match Config::load(path, registry) {
-        Ok(_) => {
-            println!("ok");
-            ExitCode::SUCCESS
-        }
+        Ok(config) => match crate::daemon::privileges::resolve(&config.daemon) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("{}: {message}", path.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Err(e) => {
             eprintln!("{e}");
             let n = e.diagnostics.len();
@@ -85,7 +101,17 @@ fn check(path: &std::path::Path, registry: &Registry) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path, registry: Registry) -> ExitCode {
+/// Start in the order the lifecycle promises: validate -> lock the pidfile -> bind (or adopt)
+/// every listener -> drop privileges -> detach if asked -> write the pidfile -> switch to
+/// syslog -> serve (which starts worker processes and threads, then says READY).
+fn run(
+    path: &std::path::Path,
+    registry: Registry,
+    detach: bool,
+    pidfile: Option<PathBuf>,
+) -> ExitCode {
+    use crate::daemon::{detach::Detached, pidfile::Pidfile, privileges};
+
     crate::logging::init_stderr(log::LevelFilter::Info);
     std::panic::set_hook(Box::new(|info| log::error!("{info}")));
     let config = match Config::load(path, &registry) {
@@ -102,20 +128,89 @@ fn run(path: &std::path::Path, registry: Registry) -> ExitCode {
         }
     };
     log::set_max_level(config.daemon.log_level);
-    let server = match Server::bind(config, registry) {
+    let ids = match privileges::resolve(&config.daemon) {
+        Ok(ids) => ids,
+        Err(message) => {
+            log::error!("{}: {message}", path.display());
+            log::error!(
+                "not starting: the config file {} is invalid",
+                path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let pidfile_path = pidfile.or_else(|| config.daemon.pidfile.clone());
+    let mut pidfile = match pidfile_path.as_deref().map(Pidfile::lock).transpose() {
+        Ok(p) => p,
+        Err(message) => {
+            log::error!("not starting: {message}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
+    let mut server = match Server::bind(config, registry) {
         Ok(s) => s,
         Err(e) => {
             log::error!("not starting: {}", chain(&e));
             return ExitCode::from(EXIT_START);
         }
     };
-    match server.serve() {
+    if let Some(ids) = ids {
+        if let Err(message) = privileges::drop_to(ids) {
+            log::error!("not starting: {message}");
+            return ExitCode::from(EXIT_START);
+        }
+        log::info!("running as uid {} gid {}", ids.uid, ids.gid);
+    }
+    let ready = std::rc::Rc::new(std::cell::RefCell::new(None));
+    if detach {
+        if log_target == crate::config::LogTarget::Stderr {
+            log::warn!(
+                "--daemon with log = \"stderr\": messages after start-up go to /dev/null; set \
+                 log = \"syslog\" in [daemon] to keep them"
+            );
+        }
+        match crate::daemon::detach::detach(EXIT_START) {
+            Ok(Detached::Daemon(pipe)) => *ready.borrow_mut() = Some(pipe),
+            Err(message) => {
+                log::error!("not starting: {message}");
+                return ExitCode::from(EXIT_START);
+            }
+        }
+    }
+    if let Some(p) = pidfile.as_mut() {
+        if let Err(e) = p.write_pid() {
+            log::error!(
+                "not starting: cannot write the pidfile {}: {e}",
+                p.path().display()
+            );
+            if let Some(pipe) = ready.borrow_mut().as_mut() {
+                pipe.failed(EXIT_START);
+            }
+            return ExitCode::from(EXIT_START);
+        }
+    }
+    if log_target == crate::config::LogTarget::Syslog {
+        crate::logging::use_syslog(&syslog);
+    }
+    let on_ready = std::rc::Rc::clone(&ready);
+    server.on_ready(move || {
+        if let Some(mut pipe) = on_ready.borrow_mut().take() {
+            pipe.ready();
+        }
+    });
+    let code = match server.serve() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{}", chain(&e));
+            if let Some(pipe) = ready.borrow_mut().as_mut() {
+                pipe.failed(EXIT_RUNTIME);
+            }
             ExitCode::from(EXIT_RUNTIME)
         }
-    }
+    };
+    drop(pidfile);
+    code
 }
 
 /// The error and its causes on one line, each said once.

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod daemon;
 pub mod handler;
 pub mod listener;
 pub mod logging;

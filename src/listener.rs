@@ -134,6 +134,39 @@ impl Listener {
         Ok(listener)
     }
 
+    /// Take over a socket the service manager passed (socket activation) for `cfg`. Its
+    /// protocol must be the listener's; its address is whatever it is bound to (the unit file
+    /// decides). An adopted unix socket file belongs to the manager and is never unlinked.
+    pub fn adopt(fd: std::os::fd::OwnedFd, cfg: &ListenerConfig) -> Result<Listener, BindError> {
+        let err = |source: io::Error| BindError {
+            listener: cfg.name.clone(),
+            address: format!("{} {} (socket passed by the service manager)", cfg.protocol, cfg.address),
+            source,
+        };
+        let (protocol, local) = crate::daemon::activation::socket_kind(&fd).map_err(err)?;
+        if protocol != cfg.protocol {
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the passed socket is {protocol} {local}, but the listener is {}", cfg.protocol),
+            )));
+        }
+        let socket = match protocol {
+            Protocol::Tcp => Socket4::Tcp(TcpListener::from(fd)),
+            Protocol::Udp => Socket4::Udp(UdpSocket::from(fd)),
+            Protocol::Unix => Socket4::Unix(UnixListener::from(fd)),
+            Protocol::UnixDgram => Socket4::UnixDgram(UnixDatagram::from(fd)),
+        };
+        let listener = Listener { socket, local, unlink: None };
+        let nonblocking = match &listener.socket {
+            Socket4::Tcp(s) => s.set_nonblocking(true),
+            Socket4::Udp(s) => s.set_nonblocking(true),
+            Socket4::Unix(s) => s.set_nonblocking(true),
+            Socket4::UnixDgram(s) => s.set_nonblocking(true),
+        };
+        nonblocking.map_err(err)?;
+        Ok(listener)
+    }
+
     /// The address actually bound, with port 0 resolved to the real port.
     pub fn local_addr(&self) -> &ListenAddr {
         &self.local

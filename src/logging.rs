@@ -16,6 +16,26 @@ struct StderrLogger {
 
 static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
 
+/// Set once `log = "syslog"` is in force (after detaching); the installed logger then hands
+/// every record to it. `log::set_logger` can be called only once, hence the indirection.
+static SYSLOG: OnceLock<crate::daemon::syslog::Syslog> = OnceLock::new();
+
+/// Send every log line to syslog from now on (the stderr logger must be installed).
+pub fn use_syslog(cfg: &crate::config::SyslogConfig) {
+    let _ = SYSLOG.set(crate::daemon::syslog::Syslog::new(cfg));
+}
+
+/// One line on stderr in the foreground format; also syslog's fallback.
+pub fn write_stderr(level: Level, text: &str) {
+    let journald = LOGGER.get().is_some_and(|l| l.journald);
+    let line = if journald {
+        format!("<{}>{text}\n", priority(level))
+    } else {
+        format!("{} {:<5} {text}\n", timestamp(SystemTime::now()), level)
+    };
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 /// Install the stderr logger; later calls only change the level.
 pub fn init_stderr(level: LevelFilter) {
     let logger = LOGGER.get_or_init(|| StderrLogger {
@@ -43,6 +63,9 @@ impl Log for StderrLogger {
     fn log(&self, r: &Record) {
         if !self.enabled(r.metadata()) {
             return;
+        }
+        if let Some(syslog) = SYSLOG.get() {
+            return syslog.log(r);
         }
         let line = if self.journald {
             format!("<{}>{}\n", priority(r.level()), r.args())

@@ -185,6 +185,9 @@ fn warn_restart_only(old: &crate::config::DaemonConfig, new: &crate::config::Dae
     if old.log != new.log {
         needs.push("log");
     }
+    if old.syslog != new.syslog {
+        needs.push("syslog");
+    }
     if !needs.is_empty() {
         log::warn!(
             "reload: [daemon] {} changed; that takes a restart to apply",

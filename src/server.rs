@@ -78,6 +78,10 @@ pub struct Server {
     /// Listeners paused for lack of file descriptors, with when to try again.
     retry: Vec<(Instant, usize)>,
     buf: Vec<u8>,
+    /// The service manager's notify socket (no-op without `NOTIFY_SOCKET`).
+    notify: crate::daemon::notify::Notify,
+    /// Run once when the daemon is serving (release a detaching parent, …).
+    on_ready: Vec<Box<dyn FnOnce()>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -128,11 +132,25 @@ impl Server {
             again: Vec::new(),
             retry: Vec::new(),
             buf: vec![0; MAX_DATAGRAM],
+            notify: crate::daemon::notify::Notify::from_env(),
+            on_ready: Vec::new(),
         };
+        // Sockets from the service manager first; a listener none was passed for binds its own.
+        let mut inherited = crate::daemon::activation::Inherited::from_env();
         for cfg in &config.listeners {
-            let listener = Listener::bind(cfg)?;
+            let listener = match inherited.take_for(cfg) {
+                Some((fd, fd_name)) => {
+                    log::info!(
+                        "listener `{}`: using the socket `{fd_name}` passed by the service manager",
+                        cfg.name
+                    );
+                    Listener::adopt(fd, cfg)?
+                }
+                None => Listener::bind(cfg)?,
+            };
             server.add_slot(cfg.clone(), listener)?;
         }
+        inherited.report_unmatched();
         server.config = config;
         Ok(server)
     }
@@ -190,8 +208,19 @@ impl Server {
             }
         }
         log::info!("socketd ready: {} listeners", self.slots.len());
+        let status = self.status_line();
+        self.notify.ready(&status);
+        for hook in std::mem::take(&mut self.on_ready) {
+            hook();
+        }
         let mut events = Events::with_capacity(256);
         while self.state != State::Stopped {
+            let now = Instant::now();
+            self.notify.tick(now);
+            if self.state == State::Running && self.notify.status_due(now) {
+                let line = self.status_line();
+                self.notify.refresh_status(&line);
+            }
             let timeout = self.next_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -236,6 +265,9 @@ impl Server {
         let mut next: Option<Instant> = self.retry.iter().map(|(t, _)| *t).min();
         // Protection timers: max_duration deadlines and refusal summaries.
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if let Some(t) = self.notify.watchdog_due() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let State::Draining { deadline, forced } = self.state {
@@ -324,6 +356,8 @@ impl Server {
     fn begin_stop(&mut self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
         let timeout = self.config.daemon.shutdown_timeout;
+        let status = format!("stopping: {} connections in flight", self.in_flight());
+        self.notify.stopping(&status);
         self.close_all();
         log::info!(
             "stopping: {} connections in flight, waiting up to {}",
@@ -338,6 +372,7 @@ impl Server {
 
     fn stop_now(&mut self, why: &str) {
         self.shared.stopping.store(true, Ordering::Relaxed);
+        self.notify.stopping(&format!("stopping now: {why}"));
         self.close_all();
         let n = self.shared.tracker.shutdown_all();
         log::warn!("{why}: stopping now, {n} open connections closed");
@@ -381,12 +416,10 @@ impl Server {
         }
     }
 
+    /// SIGUSR1: one line for the daemon, one per listener (address, connections open and
+    /// served, workers busy).
     fn log_status(&self) {
-        log::info!(
-            "status: {} listeners, {} in flight",
-            self.slots.len(),
-            self.in_flight()
-        );
+        log::info!("status: {}", self.status_line());
         for s in self.slots.values() {
             let addr = s
                 .listener
@@ -394,19 +427,46 @@ impl Server {
                 .map_or("closed, draining".to_string(), |l| {
                     format!("{} {}", s.cfg.protocol, l.local_addr())
                 });
+            let open = if s.cfg.protocol.is_datagram() {
+                "datagrams in progress"
+            } else {
+                "connections open"
+            };
             log::info!(
-                "status: listener `{}` {addr}: {} busy of {}, {} served, {}",
+                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}",
                 s.cfg.name,
                 s.busy,
-                s.cfg.max_workers,
                 s.served,
+                s.busy,
+                s.cfg.max_workers,
+                s.pool.threads(),
                 if s.watching { "accepting" } else { "paused" }
             );
         }
     }
 
+    /// The daemon in one line, for SIGUSR1 and the service manager's `STATUS=`.
+    fn status_line(&self) -> String {
+        let open = self.slots.values().filter(|s| s.listener.is_some()).count();
+        let draining = self.slots.len() - open;
+        let mut line = format!("{open} listeners, {} connections open", self.in_flight());
+        if draining > 0 {
+            line.push_str(&format!(", {draining} removed listeners draining"));
+        }
+        line
+    }
+
+    /// Run `hook` once the daemon is serving, right after `READY=1` (e.g. release the parent
+    /// of `--daemon`).
+    pub fn on_ready(&mut self, hook: impl FnOnce() + 'static) {
+        self.on_ready.push(Box::new(hook));
+    }
+
     fn reload(&mut self) {
+        self.notify.reloading();
         crate::reload::reload(self);
+        let status = self.status_line();
+        self.notify.ready(&status);
     }
 }
 

@@ -37,6 +37,16 @@ pub(super) struct RawDaemon {
     pub group: Option<Spanned<String>>,
     pub log: Option<Spanned<String>>,
     pub log_level: Option<Spanned<String>>,
+    pub syslog: Option<RawSyslog>,
+}
+
+/// `[daemon.syslog]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSyslog {
+    pub address: Option<Spanned<String>>,
+    pub facility: Option<Spanned<String>>,
+    pub format: Option<Spanned<String>>,
 }
 
 /// One `[[listener]]`, without the table named after its handler (taken out before reading).

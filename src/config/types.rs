@@ -41,6 +41,8 @@ pub struct DaemonConfig {
     pub group: Option<String>,
     pub log: LogTarget,
     pub log_level: log::LevelFilter,
+    /// `[daemon.syslog]`: used when `log = "syslog"`.
+    pub syslog: SyslogConfig,
 }
 
 impl Default for DaemonConfig {
@@ -52,6 +54,70 @@ impl Default for DaemonConfig {
             group: None,
             log: LogTarget::Stderr,
             log_level: log::LevelFilter::Info,
+            syslog: SyslogConfig::default(),
+        }
+    }
+}
+
+/// `[daemon.syslog]`: where syslog lines go and how they look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogConfig {
+    pub address: SyslogAddr,
+    /// The syslog facility code (0 kern .. 23 local7), from `SyslogConfig::FACILITIES`.
+    pub facility: u8,
+    pub format: SyslogFormat,
+}
+
+impl SyslogConfig {
+    /// Facility names, indexed by their code (RFC 5424 section 6.2.1).
+    pub const FACILITIES: &'static [&'static str] = &[
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+        "authpriv", "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2",
+        "local3", "local4", "local5", "local6", "local7",
+    ];
+}
+
+impl Default for SyslogConfig {
+    fn default() -> Self {
+        SyslogConfig { address: SyslogAddr::Unix("/dev/log".into()), facility: 3, format: SyslogFormat::Rfc3164 }
+    }
+}
+
+/// Where the syslog daemon listens: `unix:PATH`, `udp:IP:PORT` or `tcp:IP:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogAddr {
+    Unix(PathBuf),
+    Udp(SocketAddr),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for SyslogAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyslogAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            SyslogAddr::Udp(a) => write!(f, "udp:{a}"),
+            SyslogAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// The syslog message format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyslogFormat {
+    /// BSD syslog: `<PRI>Mmm dd hh:mm:ss socketd[PID]: text`.
+    Rfc3164,
+    /// `<PRI>1 TIMESTAMP HOST socketd PID MSGID - text`.
+    Rfc5424,
+}
+
+impl SyslogFormat {
+    pub const NAMES: &'static [&'static str] = &["rfc3164", "rfc5424"];
+
+    pub fn from_name(s: &str) -> Option<SyslogFormat> {
+        match s {
+            "rfc3164" => Some(SyslogFormat::Rfc3164),
+            "rfc5424" => Some(SyslogFormat::Rfc5424),
+            _ => None,
         }
     }
 }
@@ -86,7 +152,7 @@ impl LogTarget {
 }
 
 /// The four socket kinds socketd serves, as named in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -135,7 +201,7 @@ impl fmt::Display for Protocol {
 }
 
 /// Where a listener binds: an IP socket address or a filesystem path.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ListenAddr {
     Inet(SocketAddr),
     Path(PathBuf),
@@ -151,7 +217,7 @@ impl fmt::Display for ListenAddr {
 }
 
 /// How a listener runs its handlers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WorkerModel {
     /// A bounded pool of threads (socketserver's ThreadingMixIn).
     Threaded,
@@ -178,8 +244,9 @@ impl WorkerModel {
     }
 }
 
-/// One `[[listener]]`, validated.
-#[derive(Debug, Clone, PartialEq)]
+/// One `[[listener]]`, validated. Serde lets the main loop hand it to the fork server on start
+/// and reload (`worker::forked`), so every field's type needs Serialize and Deserialize too.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ListenerConfig {
     /// Unique; the listener's identity across reloads.
     pub name: String,

@@ -178,6 +178,48 @@ pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonC
         log_level: c
             .choice(&raw.log_level, "log_level", LOG_LEVELS, log_level)
             .unwrap_or(d.log_level),
+        syslog: validate_syslog(raw.syslog.as_ref(), c),
+    }
+}
+
+const SYSLOG_FORMATS: Choices = ("syslog format", SyslogFormat::NAMES);
+const SYSLOG_FACILITIES: Choices = ("syslog facility", SyslogConfig::FACILITIES);
+
+/// `[daemon.syslog]`: every key optional.
+fn validate_syslog(raw: Option<&super::raw::RawSyslog>, c: &mut Check<'_, '_>) -> SyslogConfig {
+    let d = SyslogConfig::default();
+    let Some(raw) = raw else { return d };
+    let facility = |name: &str| SyslogConfig::FACILITIES.iter().position(|f| *f == name);
+    let address = raw.address.as_ref().and_then(|a| match parse_syslog_addr(a.get_ref()) {
+        Ok(addr) => Some(addr),
+        Err(detail) => {
+            c.error(&a.span(), "syslog.address", detail);
+            None
+        }
+    });
+    SyslogConfig {
+        address: address.unwrap_or(d.address),
+        facility: c
+            .choice(&raw.facility, "syslog.facility", SYSLOG_FACILITIES, facility)
+            .and_then(|f| u8::try_from(f).ok())
+            .unwrap_or(d.facility),
+        format: c
+            .choice(&raw.format, "syslog.format", SYSLOG_FORMATS, SyslogFormat::from_name)
+            .unwrap_or(d.format),
+    }
+}
+
+/// `unix:/dev/log`, `udp:127.0.0.1:514`, `tcp:[::1]:601`.
+fn parse_syslog_addr(text: &str) -> Result<SyslogAddr, String> {
+    let usage = "valid forms: \"unix:/dev/log\" (the default), \"udp:IP:PORT\", \"tcp:IP:PORT\"";
+    let Some((scheme, rest)) = text.split_once(':') else {
+        return Err(format!("{text:?} has no `unix:`, `udp:` or `tcp:` prefix; {usage}"));
+    };
+    match scheme {
+        "unix" => parse_unix_path(rest).map(SyslogAddr::Unix),
+        "udp" => parse_inet(rest).map(SyslogAddr::Udp),
+        "tcp" => parse_inet(rest).map(SyslogAddr::Tcp),
+        other => Err(format!("unknown scheme `{other}:` in {text:?}; {usage}")),
     }
 }
 

@@ -4,6 +4,7 @@
 //! jobs in flight, and every job reports `Done` through a channel plus the loop's `Waker`, so a
 //! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
 
+pub mod access;
 pub mod threaded;
 
 use std::collections::HashMap;
@@ -125,6 +126,7 @@ pub fn serve_stream<G>(
     local: Option<SocketAddr>,
     before_close: G,
 ) -> Outcome {
+    let started = std::time::Instant::now();
     let write_half = match conn.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -140,9 +142,15 @@ pub fn serve_stream<G>(
         local,
     ));
     let outcome = run(factory, ctx, &mut req);
+    let bytes = match &req {
+        Request::Stream(s) => access::bytes(s.conn()),
+        Request::Datagram(_) => access::Bytes::default(),
+    };
     drop(before_close);
     drop(req);
-    report(ctx, &peer, outcome)
+    let outcome = report(ctx, &peer, outcome);
+    access::log_stream(ctx.listener_name(), &peer, started.elapsed(), bytes, &outcome);
+    outcome
 }
 
 /// Run one datagram through a fresh handler, containing errors and panics to it alone.
@@ -153,9 +161,12 @@ pub fn serve_datagram(
     peer: PeerAddr,
     socket: DatagramSocket,
 ) -> Outcome {
+    let (started, len) = (std::time::Instant::now(), data.len());
     let mut req = Request::Datagram(DatagramRequest::new(data, peer.clone(), socket));
     let outcome = run(factory, ctx, &mut req);
-    report(ctx, &peer, outcome)
+    let outcome = report(ctx, &peer, outcome);
+    access::log_datagram(ctx.listener_name(), &peer, started.elapsed(), len, &outcome);
+    outcome
 }
 
 fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {

@@ -1,0 +1,151 @@
+//! Socket activation: listening sockets handed over by systemd (or `systemd-socket-activate`)
+//! through `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`.
+//!
+//! Each passed socket goes to the listener whose `name` equals its fd name (`FileDescriptorName=`
+//! in the .socket unit), or else to the listener whose protocol and address equal the socket's
+//! own (read back with `getsockname` and `SO_TYPE`). Sockets no listener wants are reported and
+//! closed. The variables are removed from the environment once read, so programs socketd starts
+//! never believe the sockets are theirs.
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{ListenAddr, ListenerConfig, Protocol};
+
+/// One socket passed by the service manager, with what it turned out to be.
+#[derive(Debug)]
+struct Passed {
+    fd: OwnedFd,
+    name: String,
+    kind: Option<(Protocol, ListenAddr)>,
+}
+
+/// The sockets socketd was started with, until listeners claim them.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    passed: Vec<Passed>,
+}
+
+impl Inherited {
+    /// Take the passed sockets (if `LISTEN_PID` is this process) and clear the variables.
+    /// Call while single-threaded: it writes the environment.
+    pub fn from_env() -> Inherited {
+        let fds = sd_notify::listen_fds_with_names();
+        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+        let fds: Vec<(i32, String)> = match fds {
+            Ok(fds) => fds.collect(),
+            Err(e) => {
+                log::error!("socket activation: cannot use the passed sockets: {e}");
+                return Inherited::default();
+            }
+        };
+        let passed = fds
+            .into_iter()
+            .map(|(raw, name)| {
+                // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS belong to this process (the
+                // crate checked LISTEN_PID) and nothing else owns them; each is taken once.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let kind = socket_kind(&fd).ok();
+                Passed { fd, name, kind }
+            })
+            .collect();
+        Inherited { passed }
+    }
+
+    /// Whether any passed socket is still unclaimed.
+    pub fn is_empty(&self) -> bool {
+        self.passed.is_empty()
+    }
+
+    /// The passed socket for `cfg`: by fd name first, else by protocol and address.
+    pub fn take_for(&mut self, cfg: &ListenerConfig) -> Option<(OwnedFd, String)> {
+        let by_name = self.passed.iter().position(|p| p.name == cfg.name);
+        let by_addr = || {
+            self.passed.iter().position(|p| {
+                p.kind.as_ref().is_some_and(|(proto, addr)| {
+                    *proto == cfg.protocol && same_address(addr, &cfg.address)
+                })
+            })
+        };
+        let at = by_name.or_else(by_addr)?;
+        let p = self.passed.remove(at);
+        Some((p.fd, p.name))
+    }
+
+    /// Log every socket no listener claimed; they are closed when `self` drops.
+    pub fn report_unmatched(&self) {
+        for p in &self.passed {
+            let what = match &p.kind {
+                Some((proto, addr)) => format!("{proto} {addr}"),
+                None => "not a socket socketd can serve".to_string(),
+            };
+            log::warn!(
+                "socket activation: passed socket `{}` ({what}) matches no listener by name or \
+                 address; closing it. Name the listener `{}` or give it that address.",
+                p.name,
+                p.name
+            );
+        }
+    }
+}
+
+/// What kind of socket `fd` is and where it is bound, in the config's terms.
+pub(crate) fn socket_kind(fd: &impl AsFd) -> std::io::Result<(Protocol, ListenAddr)> {
+    let sock = socket2::SockRef::from(fd);
+    let stream = match sock.r#type()? {
+        socket2::Type::STREAM => true,
+        socket2::Type::DGRAM => false,
+        other => return Err(unsupported(format!("socket type {other:?}"))),
+    };
+    let addr = sock.local_addr()?;
+    if let Some(ip) = addr.as_socket() {
+        let proto = if stream { Protocol::Tcp } else { Protocol::Udp };
+        return Ok((proto, ListenAddr::Inet(ip)));
+    }
+    if addr.is_unix() {
+        let path = addr
+            .as_pathname()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| unsupported("an unnamed or abstract unix socket".to_string()))?;
+        let proto = if stream {
+            Protocol::Unix
+        } else {
+            Protocol::UnixDgram
+        };
+        return Ok((proto, ListenAddr::Path(path)));
+    }
+    Err(unsupported(format!("address family {:?}", addr.domain())))
+}
+
+fn unsupported(what: String) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!("{what} is not supported"),
+    )
+}
+
+/// Addresses equal as the config means them: unix paths compared after making them absolute.
+fn same_address(socket: &ListenAddr, config: &ListenAddr) -> bool {
+    match (socket, config) {
+        (ListenAddr::Inet(a), ListenAddr::Inet(b)) => a == b,
+        (ListenAddr::Path(a), ListenAddr::Path(b)) => absolute(a) == absolute(b),
+        _ => false,
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let joined = std::env::current_dir()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|_| p.to_path_buf());
+    // Resolve symlinks in the directory (e.g. /var/run -> /run), not in the socket itself.
+    match (
+        joined.parent().and_then(|d| d.canonicalize().ok()),
+        joined.file_name(),
+    ) {
+        (Some(dir), Some(name)) => dir.join(std::ffi::OsStr::from_bytes(name.as_bytes())),
+        _ => joined,
+    }
+}

@@ -1,0 +1,91 @@
+//! The pidfile: created and `flock`ed before anything is bound, so a second instance is refused
+//! with the first one's pid instead of failing later on "address in use"; the pid is written
+//! once the final process (after detaching) is known; the file is removed on exit.
+//!
+//! The lock lives on the open file description, which survives `fork`, so the detached daemon
+//! keeps holding it after the starting process exits.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// A locked pidfile; removed when dropped by the process that wrote it.
+#[derive(Debug)]
+pub struct Pidfile {
+    file: Flock<File>,
+    path: PathBuf,
+    /// Only the process whose pid is in the file removes it (not a parent that forked).
+    owner: Option<u32>,
+}
+
+impl Pidfile {
+    /// Open (creating) and lock `path`, or say which process holds it.
+    pub fn lock(path: &Path) -> Result<Pidfile, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| format!("cannot open the pidfile {}: {e}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(file) => Ok(Pidfile {
+                file,
+                path: path.to_path_buf(),
+                owner: None,
+            }),
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let pid = text.trim();
+                let who = if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                };
+                Err(format!(
+                    "another socketd{who} is running with the pidfile {}; stop it first, or give \
+                     this instance another pidfile",
+                    path.display()
+                ))
+            }
+            Err((_, e)) => Err(format!("cannot lock the pidfile {}: {e}", path.display())),
+        }
+    }
+
+    /// Write this process's pid (after detaching: the daemon's own pid).
+    pub fn write_pid(&mut self) -> io::Result<()> {
+        let pid = std::process::id();
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(format!("{pid}\n").as_bytes())?;
+        self.owner = Some(pid);
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        if self.owner != Some(std::process::id()) {
+            return;
+        }
+        // Removing needs write access to the directory, which a daemon that dropped root may
+        // have lost (e.g. /run); then empty the file so no stale pid is left behind.
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            let _ = self.file.set_len(0);
+            log::warn!(
+                "cannot remove the pidfile {}: {e} (emptied it instead)",
+                self.path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `log = "syslog"`: log lines to a syslog daemon over a unix datagram socket (`/dev/log`), UDP
+//! or TCP, formatted by the `syslog` crate (RFC 3164 or 5424).
+//!
+//! The crate's own loggers are not used, because they block on a full socket, never reconnect
+//! after the syslog daemon restarts, and send TCP messages without framing. Here each line is
+//! formatted by the crate's formatter, then sent on a non-blocking socket this module owns:
+//! a line that cannot go out at once is dropped (and counted), never waited for; TCP lines are
+//! framed by octet counting (RFC 6587) and queued up to `TCP_QUEUE` bytes while the connection
+//! is being made. When the syslog daemon is unreachable lines go to stderr instead, with one
+//! warning, and a reconnect is tried at most every `RETRY`. Built after detaching, so the pid
+//! in every line is the daemon's.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use log::{Level, Record};
+use socket2::{Domain, Socket, Type};
+use syslog::{Facility, Formatter3164, Formatter5424, LogFormat, Severity};
+
+use crate::config::{SyslogAddr, SyslogConfig, SyslogFormat};
+
+/// How often an unreachable syslog daemon is tried again (only when there is a line to send).
+pub const RETRY: Duration = Duration::from_secs(1);
+/// The most bytes a TCP connection may hold queued before lines are dropped.
+pub const TCP_QUEUE: usize = 256 * 1024;
+
+/// A syslog destination shared by every thread that logs.
+#[derive(Debug)]
+pub struct Syslog {
+    format: Format,
+    target: SyslogAddr,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+enum Format {
+    Rfc3164(Formatter3164),
+    Rfc5424(Formatter5424),
+}
+
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixDatagram),
+    Udp(UdpSocket),
+    /// A non-blocking stream (maybe still connecting) and the bytes not yet written.
+    Tcp(TcpStream, Vec<u8>),
+}
+
+#[derive(Debug)]
+struct State {
+    conn: Option<Conn>,
+    /// When to try connecting again while `conn` is `None`.
+    retry_at: Instant,
+    /// Lines dropped because the socket was full, reported on the next line that goes out.
+    dropped: u64,
+    /// Whether the "unreachable, using stderr" warning is due when it comes back.
+    down: bool,
+}
+
+impl Syslog {
+    /// Set up (and try to connect) a syslog destination; never fails: an unreachable daemon
+    /// means lines go to stderr until it is back.
+    pub fn new(cfg: &SyslogConfig) -> Syslog {
+        let facility = facility(cfg.facility);
+        let process = "socketd".to_string();
+        let pid = std::process::id();
+        let hostname = match cfg.address {
+            // The local syslog daemon adds the host name itself.
+            SyslogAddr::Unix(_) if cfg.format == SyslogFormat::Rfc3164 => None,
+            _ => Some(hostname()),
+        };
+        let format = match cfg.format {
+            SyslogFormat::Rfc3164 => Format::Rfc3164(Formatter3164 {
+                facility,
+                hostname,
+                process,
+                pid,
+            }),
+            SyslogFormat::Rfc5424 => Format::Rfc5424(Formatter5424 {
+                facility,
+                hostname,
+                process,
+                pid,
+            }),
+        };
+        let s = Syslog {
+            format,
+            target: cfg.address.clone(),
+            state: Mutex::new(State {
+                conn: None,
+                retry_at: Instant::now(),
+                dropped: 0,
+                down: false,
+            }),
+        };
+        if let Ok(mut st) = s.state.lock() {
+            s.reconnect(&mut st);
+        }
+        s
+    }
+
+    /// Send one record; falls back to stderr when the syslog daemon cannot be reached.
+    pub fn log(&self, r: &Record) {
+        let mut line = Vec::with_capacity(128);
+        let text = r.args().to_string();
+        let formatted = match &self.format {
+            Format::Rfc3164(f) => f.format(&mut line, severity(r.level()), &text),
+            Format::Rfc5424(f) => f.format(
+                &mut line,
+                severity(r.level()),
+                (0, Default::default(), &text),
+            ),
+        };
+        if formatted.is_err() {
+            crate::logging::write_stderr(r.level(), &text);
+            return;
+        }
+        let Ok(mut st) = self.state.lock() else {
+            crate::logging::write_stderr(r.level(), &text);
+            return;
+        };
+        if st.conn.is_none() && Instant::now() >= st.retry_at {
+            self.reconnect(&mut st);
+        }
+        if st.conn.is_none() {
+            drop(st);
+            crate::logging::write_stderr(r.level(), &text);
+            return;
+        }
+        match self.send(&mut st, &line) {
+            Ok(true) => {}
+            Ok(false) => st.dropped += 1,
+            Err(e) => {
+                st.conn = None;
+                st.retry_at = Instant::now() + RETRY;
+                let first = !st.down;
+                st.down = true;
+                drop(st);
+                if first {
+                    crate::logging::write_stderr(
+                        Level::Warn,
+                        &format!(
+                            "syslog at {}: {e}; logging to stderr until it is back",
+                            self.target
+                        ),
+                    );
+                }
+                crate::logging::write_stderr(r.level(), &text);
+            }
+        }
+    }
+
+    /// Send a formatted line: `Ok(false)` if it had to be dropped (socket full), `Err` if the
+    /// connection is gone.
+    fn send(&self, st: &mut State, line: &[u8]) -> io::Result<bool> {
+        let sent = match st.conn.as_mut() {
+            None => return Ok(false),
+            Some(Conn::Unix(s)) => s.send(line).map(|_| ()),
+            Some(Conn::Udp(s)) => s.send(line).map(|_| ()),
+            Some(Conn::Tcp(s, queue)) => {
+                if queue.len() + line.len() + 12 > TCP_QUEUE {
+                    return Ok(false);
+                }
+                queue.extend_from_slice(format!("{} ", line.len()).as_bytes());
+                queue.extend_from_slice(line);
+                flush_tcp(s, queue)
+            }
+        };
+        match sent {
+            Ok(()) => {
+                if st.down || st.dropped > 0 {
+                    let note = format!(
+                        "syslog at {} reachable again; {} lines were dropped meanwhile",
+                        self.target, st.dropped
+                    );
+                    st.down = false;
+                    st.dropped = 0;
+                    let mut again = Vec::new();
+                    let ok = match &self.format {
+                        Format::Rfc3164(f) => f.format(&mut again, Severity::LOG_NOTICE, &note),
+                        Format::Rfc5424(f) => f.format(
+                            &mut again,
+                            Severity::LOG_NOTICE,
+                            (0, Default::default(), &note),
+                        ),
+                    };
+                    if ok.is_ok() {
+                        let _ = self.send(st, &again);
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            // A datagram that nobody received this time (ICMP port unreachable): not fatal.
+            Err(e)
+                if matches!(st.conn, Some(Conn::Udp(_)))
+                    && e.kind() == io::ErrorKind::ConnectionRefused =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reconnect(&self, st: &mut State) {
+        match connect(&self.target) {
+            Ok(conn) => st.conn = Some(conn),
+            Err(e) => {
+                st.conn = None;
+                st.retry_at = Instant::now() + RETRY;
+                if !st.down {
+                    st.down = true;
+                    crate::logging::write_stderr(
+                        Level::Warn,
+                        &format!(
+                            "syslog at {}: {e}; logging to stderr until it is reachable",
+                            self.target
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Write as much of `queue` as the socket takes now.
+fn flush_tcp(s: &mut TcpStream, queue: &mut Vec<u8>) -> io::Result<()> {
+    while !queue.is_empty() {
+        match s.write(queue) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                queue.drain(..n);
+            }
+            // Still connecting, or the buffer is full: the rest stays queued.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // ENOTCONN while a non-blocking connect is in progress.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec socket to the syslog daemon (TCP: connect started).
+fn connect(target: &SyslogAddr) -> io::Result<Conn> {
+    match target {
+        SyslogAddr::Unix(path) => {
+            let s = UnixDatagram::unbound()?;
+            s.connect(path)?;
+            s.set_nonblocking(true)?;
+            Ok(Conn::Unix(s))
+        }
+        SyslogAddr::Udp(addr) => {
+            let local: SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                ([0u16; 8], 0).into()
+            };
+            let s = UdpSocket::bind(local)?;
+            s.connect(addr)?;
+            s.set_nonblocking(true)?;
+            Ok(Conn::Udp(s))
+        }
+        SyslogAddr::Tcp(addr) => {
+            let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+            s.set_nonblocking(true)?;
+            match s.connect(&(*addr).into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(Conn::Tcp(s.into(), Vec::new()))
+        }
+    }
+}
+
+fn severity(level: Level) -> Severity {
+    match level {
+        Level::Error => Severity::LOG_ERR,
+        Level::Warn => Severity::LOG_WARNING,
+        Level::Info => Severity::LOG_INFO,
+        Level::Debug | Level::Trace => Severity::LOG_DEBUG,
+    }
+}
+
+fn facility(code: u8) -> Facility {
+    let name = crate::config::SyslogConfig::FACILITIES
+        .get(usize::from(code))
+        .copied()
+        .unwrap_or("daemon");
+    let name = if name == "clock" {
+        "clock_daemon"
+    } else {
+        name
+    };
+    name.parse().unwrap_or(Facility::LOG_DAEMON)
+}
+
+/// This host's name for network syslog (never resolved: it is only a label).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
