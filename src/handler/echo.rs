@@ -111,34 +111,40 @@ pub(crate) fn peer_gone(e: &io::Error) -> bool {
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::io;
-    use std::net::{SocketAddr, UdpSocket};
+    use std::net::UdpSocket;
     use std::os::unix::net::{UnixDatagram, UnixStream};
+    use std::path::Path;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     use std::thread::JoinHandle;
     use std::time::Duration;
 
-    use crate::config::{ListenAddr, ListenerConfig, Protocol, WorkerModel};
+    use crate::config::{Config, Protocol};
     use crate::conn::{Conn, PeerAddr};
     use crate::handler::StreamRequest;
-    use crate::handler::{serve, Context, DatagramRequest, DatagramSocket, Handler, Request};
+    use crate::handler::{
+        serve, Context, DatagramRequest, DatagramSocket, Handler, Registry, Request,
+    };
 
     /// Long enough for a loaded CI machine, short enough that a hung test fails visibly.
     pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// A context for a made-up listener, and the flag that says "stopping".
+    /// A context for a made-up listener, and the flag that says "stopping". The listener comes
+    /// from config text, so new `ListenerConfig` fields get their defaults here for free.
     pub fn context(protocol: Protocol) -> (Context, Arc<AtomicBool>) {
-        let stopping = Arc::new(AtomicBool::new(false));
-        let listener = ListenerConfig {
-            name: "test".to_string(),
-            protocol,
-            address: ListenAddr::Inet(SocketAddr::from(([127, 0, 0, 1], 0))),
-            handler: "test".to_string(),
-            workers: WorkerModel::Threaded,
-            max_workers: 1,
-            protect: Default::default(),
-            handler_settings: None,
+        let address = if protocol.is_unix() {
+            "test.sock"
+        } else {
+            "127.0.0.1:0"
         };
+        let text = format!(
+            "[[listener]]\nname = \"test\"\nprotocol = \"{protocol}\"\n\
+             address = \"{address}\"\nhandler = \"echo\"\n"
+        );
+        let config = Config::from_str(&text, Path::new("test.toml"), &Registry::with_builtins())
+            .expect("test config");
+        let listener = config.listeners.into_iter().next().expect("one listener");
+        let stopping = Arc::new(AtomicBool::new(false));
         (Context::new(Arc::new(listener), stopping.clone()), stopping)
     }
 
