@@ -1,0 +1,228 @@
+//! Running an external program for a connection, inetd style: the mechanics behind
+//! `handler = "exec"` (settings and the handler itself are in `handler::exec`).
+//!
+//! A program is started with `std::process::Command` (fork+exec done by std, safe from any
+//! thread), never through a shell, with a cleared environment plus what the listener's
+//! settings and the connection provide. Every running program is tracked by pid so a stop can
+//! signal it; under threaded workers each program leads its own process group (so the signal
+//! reaches what it started too), inside a forked worker it stays in the child's group, which the
+//! fork server signals. The waiter never reaps before removing the pid from the table (it waits
+//! with `WNOWAIT` first), so a stop can never signal a pid the kernel has already reused.
+
+mod env;
+mod output;
+pub mod wait;
+
+pub use env::{connection_env, Var};
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
+
+/// Where a program's stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StderrMode {
+    /// Each line logged with the listener's name and the program's pid.
+    Log,
+    Null,
+    /// The daemon's own stderr.
+    Inherit,
+}
+
+impl StderrMode {
+    pub const NAMES: &'static [&'static str] = &["log", "null", "inherit"];
+
+    pub fn from_name(s: &str) -> Option<StderrMode> {
+        match s {
+            "log" => Some(StderrMode::Log),
+            "null" => Some(StderrMode::Null),
+            "inherit" => Some(StderrMode::Inherit),
+            _ => None,
+        }
+    }
+}
+
+/// A validated program to run: what `exec = {...}` says, with accounts resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    pub argv: Vec<String>,
+    /// `env` entries, in the order given.
+    pub env: Vec<(String, String)>,
+    /// Names copied from the daemon's environment when set.
+    pub pass_env: Vec<String>,
+    pub cwd: PathBuf,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub stderr: StderrMode,
+    /// inetd `wait` mode (datagram listeners only).
+    pub wait: bool,
+}
+
+/// The PATH a program gets unless `env` or `pass_env` gives one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Programs running now (pid -> leads its own process group), for stop.
+static RUNNING: Mutex<Option<HashMap<i32, bool>>> = Mutex::new(None);
+
+/// Send `sig` to every running program (and its process group); returns how many.
+pub fn signal_all(sig: Signal) -> usize {
+    let Ok(guard) = RUNNING.lock() else { return 0 };
+    let Some(map) = guard.as_ref() else { return 0 };
+    for (pid, group) in map {
+        let pid = Pid::from_raw(*pid);
+        if *group {
+            let _ = signal::killpg(pid, sig);
+        }
+        let _ = signal::kill(pid, sig);
+    }
+    map.len()
+}
+
+/// Programs running now.
+pub fn running() -> usize {
+    RUNNING
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(HashMap::len))
+        .unwrap_or(0)
+}
+
+impl Program {
+    /// The command with argv, environment, directory and account set; stdio left to the caller.
+    pub fn command(&self, listener: &str, conn_env: &[Var]) -> io::Result<Command> {
+        let (path, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "exec: empty argv"))?;
+        let mut cmd = Command::new(path);
+        cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
+        for name in &self.pass_env {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in conn_env {
+            cmd.env(k, v);
+        }
+        cmd.env("SOCKETD_LISTENER", listener);
+        cmd.current_dir(&self.cwd);
+        if let Some(gid) = self.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = self.uid {
+            // std drops supplementary groups (setgroups(0)) before setuid when running as root.
+            cmd.uid(uid);
+        }
+        if !crate::worker::forked::in_forked_child() {
+            cmd.process_group(0);
+        }
+        cmd.stderr(match self.stderr {
+            StderrMode::Log => Stdio::piped(),
+            StderrMode::Null => Stdio::null(),
+            StderrMode::Inherit => Stdio::inherit(),
+        });
+        Ok(cmd)
+    }
+
+    /// Start `cmd`, log its stderr if asked, and track it until it ends.
+    pub fn spawn(&self, mut cmd: Command, listener: &str) -> io::Result<Running> {
+        let own_group = !crate::worker::forked::in_forked_child();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", self.argv[0])))?;
+        // A stop signalling between spawn and here misses this one; its SIGKILL round does not.
+        if let Ok(mut g) = RUNNING.lock() {
+            g.get_or_insert_with(HashMap::new)
+                .insert(child.id() as i32, own_group);
+        }
+        let logger = child
+            .stderr
+            .take()
+            .map(|err| output::log_lines(err, listener, child.id()));
+        Ok(Running {
+            child,
+            logger,
+            listener: listener.to_string(),
+            name: self.argv[0].clone(),
+        })
+    }
+}
+
+/// A started program.
+#[derive(Debug)]
+pub struct Running {
+    pub child: Child,
+    logger: Option<output::LineLogger>,
+    listener: String,
+    name: String,
+}
+
+impl Running {
+    /// Wait for the program, untrack it, log how it ended and return that.
+    pub fn wait(mut self) -> io::Result<ExitStatus> {
+        let pid = self.child.id() as i32;
+        // Wait without reaping, untrack, then reap: the pid stays ours until it is untracked.
+        loop {
+            match waitid(
+                Id::Pid(Pid::from_raw(pid)),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            ) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    untrack(pid);
+                    return Err(e.into());
+                }
+            }
+        }
+        untrack(pid);
+        let status = self.child.wait()?;
+        if let Some(l) = self.logger.take() {
+            l.finish();
+        }
+        match (status.code(), status.signal()) {
+            (Some(0), _) => log::info!(
+                "listener `{}`: {} (pid {pid}) exited with status 0",
+                self.listener,
+                self.name
+            ),
+            (Some(c), _) => log::warn!(
+                "listener `{}`: {} (pid {pid}) exited with status {c}",
+                self.listener,
+                self.name
+            ),
+            (None, Some(s)) => {
+                let sig = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
+                log::warn!(
+                    "listener `{}`: {} (pid {pid}) killed by signal {s} ({sig})",
+                    self.listener,
+                    self.name
+                )
+            }
+            (None, None) => log::warn!(
+                "listener `{}`: {} (pid {pid}) ended: {status}",
+                self.listener,
+                self.name
+            ),
+        }
+        Ok(status)
+    }
+}
+
+fn untrack(pid: i32) {
+    if let Ok(mut g) = RUNNING.lock() {
+        if let Some(m) = g.as_mut() {
+            m.remove(&pid);
+        }
+    }
+}

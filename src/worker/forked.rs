@@ -1,0 +1,449 @@
+//! `workers = "forked"` on the daemon's side: starting the fork server, handing it jobs, and
+//! turning its exit reports into the same `Done` a worker thread sends.
+//!
+//! The main loop keeps the counting (a job is busy from dispatch until its child's exit is
+//! reported), so back-pressure works exactly as with threads. A listener's config goes to the
+//! fork server before its first job and again whenever a reload gave the slot a new config, so
+//! new children always use the current settings; a datagram listener's socket goes along once,
+//! for replies and `wait` mode. Dropping a slot's `Link` tells the fork server to forget it, so
+//! a removed UDP listener's port is not kept bound there. The daemon waits for the fork server's
+//! pid only (never `waitpid(-1)`), so `std::process::Command::wait` in threads keeps working.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+use nix::sys::time::TimeVal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+
+use super::forkserver::{CHILD_OK, CHILD_PANIC};
+use super::wire::{self, Ending, FromServer, JobKind, ToServer};
+use super::{Done, Notifier, Outcome};
+use crate::config::ListenerConfig;
+use crate::conn::PeerAddr;
+use crate::handler::Registry;
+
+/// A job message that cannot be sent within this long means the fork server is stuck; the
+/// job fails instead of stalling the loop.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the fork server gets to exit once its socket closed, before SIGKILL.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
+
+/// Called first thing in a forked worker.
+pub(super) fn mark_child() {
+    IN_CHILD.store(true, Ordering::Relaxed);
+}
+
+/// True inside a forked worker: exec programs then stay in the child's process group, which
+/// the fork server signals as a whole at stop.
+pub fn in_forked_child() -> bool {
+    IN_CHILD.load(Ordering::Relaxed)
+}
+
+/// The daemon's handle on its fork server.
+#[derive(Debug)]
+pub struct ForkServer {
+    sock: OwnedFd,
+    pid: Pid,
+    next_job: AtomicU64,
+    /// Jobs in flight, so a dead fork server's jobs can still be booked.
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    alive: Arc<AtomicBool>,
+}
+
+/// The number of threads this process has, from /proc.
+pub fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+impl ForkServer {
+    /// Fork the fork server. The caller must still be single-threaded: that is the whole
+    /// point, and it is checked here rather than trusted.
+    pub fn start(registry: &Registry, notifier: Notifier) -> io::Result<ForkServer> {
+        let threads = thread_count()?;
+        if threads != 1 {
+            return Err(io::Error::other(format!(
+                "the fork server must be started while socketd has one thread, but it has {threads}; \
+                 start no thread before Server::serve"
+            )));
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let parent = nix::unistd::getpid();
+        // SAFETY: checked just above that this process has a single thread, so the child
+        // inherits no lock held by another thread; it runs the fork server and `_exit`s.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                drop(ours);
+                super::forkserver::run(theirs, registry.clone(), parent)
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                setsockopt(
+                    &ours,
+                    sockopt::SendTimeout,
+                    &TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0),
+                )?;
+                let server = ForkServer {
+                    sock: ours,
+                    pid: child,
+                    next_job: AtomicU64::new(0),
+                    pending: Arc::new(Mutex::new(HashMap::new())),
+                    alive: Arc::new(AtomicBool::new(true)),
+                };
+                server.spawn_reader(notifier)?;
+                log::debug!("fork server started, pid {child}");
+                Ok(server)
+            }
+        }
+    }
+
+    /// The fork server's pid, for status and tests.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    fn spawn_reader(&self, notifier: Notifier) -> io::Result<()> {
+        let sock = self.sock.try_clone()?;
+        let (pending, alive) = (Arc::clone(&self.pending), Arc::clone(&self.alive));
+        std::thread::Builder::new()
+            .name("socketd:forkserver".into())
+            .spawn(move || {
+                loop {
+                    match wire::recv_in_main(sock.as_fd()) {
+                        Ok(Some(FromServer::Done {
+                            job,
+                            slot,
+                            pid,
+                            ending,
+                        })) => {
+                            // Dropping the entry releases what the slot held for the job.
+                            let known = pending.lock().ok().and_then(|mut p| p.remove(&job));
+                            if known.is_some() {
+                                drop(known);
+                                notifier.done(Done {
+                                    listener: slot as usize,
+                                    outcome: outcome(pid, &ending),
+                                });
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::error!("fork server: {e}");
+                            break;
+                        }
+                    }
+                }
+                // The fork server is gone: every job it had will never report, so book them now.
+                alive.store(false, Ordering::Relaxed);
+                let lost: Vec<(u64, Pending)> = pending
+                    .lock()
+                    .map(|mut p| p.drain().collect())
+                    .unwrap_or_default();
+                for (_, p) in lost {
+                    let slot = p.slot;
+                    drop(p);
+                    notifier.done(Done {
+                        listener: slot,
+                        outcome: Outcome::Error("the fork server exited".into()),
+                    });
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Forked jobs not yet reported finished.
+    pub fn in_flight(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    fn send(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        if !self.alive.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the fork server is not running"));
+        }
+        wire::send_to_server(self.sock.as_fd(), msg, fd)
+    }
+
+    /// Tell the fork server a listener's current config (and its datagram socket).
+    pub fn send_listener(
+        &self,
+        slot: usize,
+        cfg: &ListenerConfig,
+        socket: Option<BorrowedFd<'_>>,
+    ) -> io::Result<()> {
+        let config = toml::to_string(cfg).map_err(io::Error::other)?;
+        self.send(
+            &ToServer::Listener {
+                slot: slot as u64,
+                config,
+            },
+            socket,
+        )
+    }
+
+    /// Hand one job to a new child; returns its id. On error nothing is in flight.
+    pub fn dispatch(&self, slot: usize, job: ForkJob<'_>) -> io::Result<u64> {
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, Pending { slot, hold: None });
+        }
+        let msg = ToServer::Job {
+            job: id,
+            slot: slot as u64,
+            kind: job.kind,
+            peer: job.peer,
+            local: job.local,
+            data: job.data,
+        };
+        let sent = self.send(&msg, job.conn);
+        if sent.is_err() {
+            if let Ok(mut p) = self.pending.lock() {
+                p.remove(&id);
+            }
+        }
+        sent.map(|()| id)
+    }
+
+    /// Keep `hold` until job `id` ends (dropped at once if it already has).
+    pub fn hold(&self, id: u64, hold: Box<dyn Send>) {
+        let mut hold = Some(hold);
+        if let Ok(mut p) = self.pending.lock() {
+            if let Some(entry) = p.get_mut(&id) {
+                entry.hold = hold.take();
+            }
+        }
+        drop(hold);
+    }
+
+    /// Signal every forked child and the process group it leads.
+    pub fn signal_children(&self, sig: Signal) {
+        if self.in_flight() > 0 {
+            if let Err(e) = self.send(&ToServer::Signal { signo: sig as i32 }, None) {
+                log::warn!("cannot ask the fork server to send {sig}: {e}");
+            }
+        }
+    }
+
+    /// Close the socket (the fork server then exits) and wait for it, SIGKILL if it lingers.
+    pub fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+            nix::sys::socket::Shutdown::Both,
+        );
+        let deadline = Instant::now() + EXIT_WAIT;
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    log::warn!("fork server (pid {}) did not exit; killing it", self.pid);
+                    let _ = signal::kill(self.pid, Signal::SIGKILL);
+                    let _ = waitpid(self.pid, None);
+                    return;
+                }
+                Ok(WaitStatus::Exited(_, 0)) => return,
+                Ok(status) => {
+                    log::warn!("fork server ended: {status:?}");
+                    return;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A job in flight and what the daemon keeps for it until it ends (the connection and its
+/// tracker entry and admission ticket, for stream jobs).
+struct Pending {
+    slot: usize,
+    hold: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("slot", &self.slot).finish()
+    }
+}
+
+/// One forked job as the slot describes it.
+#[derive(Debug)]
+pub struct ForkJob<'a> {
+    pub kind: JobKind,
+    /// The accepted connection (stream jobs).
+    pub conn: Option<BorrowedFd<'a>>,
+    pub peer: PeerAddr,
+    pub local: Option<SocketAddr>,
+    /// The datagram (datagram jobs).
+    pub data: Vec<u8>,
+}
+
+fn outcome(pid: i32, ending: &Ending) -> Outcome {
+    match ending {
+        Ending::Exited(CHILD_OK) => Outcome::Ok,
+        Ending::Exited(CHILD_PANIC) => Outcome::Panic(format!("forked worker pid {pid} panicked")),
+        Ending::Exited(code) => {
+            Outcome::Error(format!("forked worker pid {pid} exited with status {code}"))
+        }
+        Ending::Signaled(sig) => {
+            let name = Signal::try_from(*sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown");
+            log::warn!("forked worker pid {pid} killed by signal {sig} ({name})");
+            Outcome::Error(format!("forked worker pid {pid} killed by signal {sig}"))
+        }
+        Ending::NotStarted(why) => {
+            log::error!("forked job not started: {why}");
+            Outcome::Error(why.clone())
+        }
+    }
+}
+
+/// A slot's registration with the fork server: which config it last sent, and a `Forget` when
+/// the slot goes away.
+#[derive(Debug)]
+pub struct Link {
+    server: Arc<ForkServer>,
+    slot: usize,
+    sent: Option<Arc<ListenerConfig>>,
+}
+
+impl Link {
+    pub fn new(server: Arc<ForkServer>, slot: usize) -> Link {
+        Link {
+            server,
+            slot,
+            sent: None,
+        }
+    }
+
+    pub fn server(&self) -> &ForkServer {
+        &self.server
+    }
+
+    /// Send the config if the fork server does not have this very one yet (start, reload).
+    pub fn sync(
+        &mut self,
+        cfg: &Arc<ListenerConfig>,
+        socket: Option<BorrowedFd<'_>>,
+    ) -> io::Result<()> {
+        if self.sent.as_ref().is_some_and(|s| Arc::ptr_eq(s, cfg)) {
+            return Ok(());
+        }
+        self.server.send_listener(self.slot, cfg, socket)?;
+        self.sent = Some(Arc::clone(cfg));
+        Ok(())
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.sent.is_some() {
+            let _ = self.server.send(
+                &ToServer::Forget {
+                    slot: self.slot as u64,
+                },
+                None,
+            );
+        }
+    }
+}
+
+impl crate::slot::Slot {
+    /// Hand a job to the fork server, sending the listener's config first if it changed.
+    /// Returns the job id when it is in flight (and counted busy).
+    pub(crate) fn dispatch_forked(
+        &mut self,
+        shared: &crate::slot::Shared,
+        job: ForkJob<'_>,
+    ) -> Option<u64> {
+        let Some(server) = &shared.forks else {
+            log::error!(
+                "listener `{}`: no fork server is running; dropping the request",
+                self.cfg.name
+            );
+            return None;
+        };
+        let link = self
+            .fork
+            .get_or_insert_with(|| Link::new(Arc::clone(server), self.id));
+        let socket = match &self.reply {
+            Some(crate::handler::DatagramSocket::Udp(u)) => Some(u.as_fd()),
+            Some(crate::handler::DatagramSocket::Unix(d)) => Some(d.as_fd()),
+            None => None,
+        };
+        let sent = link
+            .sync(&self.cfg, socket)
+            .and_then(|()| link.server().dispatch(self.id, job));
+        match sent {
+            Ok(id) => {
+                self.busy += 1;
+                Some(id)
+            }
+            Err(e) => {
+                log::error!(
+                    "listener `{}`: cannot hand the request to the fork server: {e}",
+                    self.cfg.name
+                );
+                None
+            }
+        }
+    }
+
+    /// A connection to a new child; `hold` (tracker entry, admission ticket) and the daemon's
+    /// copy of the connection are kept until the child's exit is reported.
+    pub(crate) fn dispatch_forked_stream(
+        &mut self,
+        shared: &crate::slot::Shared,
+        conn: crate::conn::Conn,
+        peer: PeerAddr,
+        local: Option<SocketAddr>,
+        hold: Box<dyn Send>,
+    ) {
+        let job = ForkJob {
+            kind: JobKind::Stream,
+            conn: Some(conn.as_fd()),
+            peer,
+            local,
+            data: Vec::new(),
+        };
+        if let Some(id) = self.dispatch_forked(shared, job) {
+            if let Some(server) = &shared.forks {
+                // `hold` first: the tracker entry goes before the descriptor closes.
+                server.hold(id, Box::new((hold, conn)));
+            }
+        }
+    }
+
+    /// A datagram to a new child, which replies from the listener's socket.
+    pub(crate) fn dispatch_forked_datagram(
+        &mut self,
+        shared: &crate::slot::Shared,
+        data: Vec<u8>,
+        peer: PeerAddr,
+    ) {
+        let job = ForkJob {
+            kind: JobKind::Datagram,
+            conn: None,
+            peer,
+            local: None,
+            data,
+        };
+        self.dispatch_forked(shared, job);
+    }
+}
