@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+pub mod exec;
 pub mod handler;
 pub mod listener;
 pub mod logging;

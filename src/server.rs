@@ -32,6 +32,10 @@ const FIRST_SLOT: usize = 2;
 /// returned this much later are abandoned and the process exits anyway.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 
+/// Child processes (forked workers, exec programs) still running at `shutdown_timeout` get
+/// SIGTERM, and SIGKILL this much later; the process exits `FORCE_GRACE` after that at most.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
 /// Why the daemon could not start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -78,6 +82,10 @@ pub struct Server {
     /// Listeners paused for lack of file descriptors, with when to try again.
     retry: Vec<(Instant, usize)>,
     buf: Vec<u8>,
+    /// During a forced stop: when child processes that ignored SIGTERM get SIGKILL.
+    kill_at: Option<Instant>,
+    /// The SIGKILL round has been sent.
+    killed: bool,
     /// The service manager's notify socket (no-op without `NOTIFY_SOCKET`).
     notify: crate::daemon::notify::Notify,
     /// Run once when the daemon is serving (release a detaching parent, …).
@@ -119,6 +127,7 @@ impl Server {
                 tracker: Arc::new(Tracker::default()),
                 stopping,
                 next_conn: 0,
+                forks: None,
             },
             registry,
             config: Config {
@@ -132,6 +141,8 @@ impl Server {
             again: Vec::new(),
             retry: Vec::new(),
             buf: vec![0; MAX_DATAGRAM],
+            kill_at: None,
+            killed: false,
             notify: crate::daemon::notify::Notify::from_env(),
             on_ready: Vec::new(),
         };
@@ -196,6 +207,13 @@ impl Server {
     /// Run until stopped (socketserver's `serve_forever`). Returns once every listener is
     /// closed and in-flight work has finished or been cut off.
     pub fn serve(mut self) -> Result<(), ServeError> {
+        // Fork safety rests on this ordering: the fork server is forked here, while this process
+        // still has its only thread (bind, detach, privilege drop and logging start none;
+        // `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool threads, event
+        // loops and everything else start after this line.
+        let forks = crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
+            .map_err(io_err("cannot start the fork server for forked workers"))?;
+        self.shared.forks = Some(Arc::new(forks));
         for slot in self.slots.values_mut() {
             slot.watch(self.poll.registry());
             if let Some(l) = &slot.listener {
@@ -243,6 +261,11 @@ impl Server {
             self.tick_guards();
             self.check_stop();
         }
+        // Slots hold links to the fork server; then it is told to exit and waited for.
+        self.slots.clear();
+        if let Some(forks) = self.shared.forks.take() {
+            forks.shutdown();
+        }
         log::info!("socketd stopped");
         Ok(())
     }
@@ -271,7 +294,7 @@ impl Server {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let State::Draining { deadline, forced } = self.state {
-            let d = forced.map_or(deadline, |f| f + FORCE_GRACE);
+            let d = forced.map_or(deadline, |f| self.children_deadline(f));
             next = Some(next.map_or(d, |n| n.min(d)));
         }
         next.map(|t| t.saturating_duration_since(now))
@@ -375,6 +398,7 @@ impl Server {
         self.notify.stopping(&format!("stopping now: {why}"));
         self.close_all();
         let n = self.shared.tracker.shutdown_all();
+        self.signal_children(nix::sys::signal::Signal::SIGKILL);
         log::warn!("{why}: stopping now, {n} open connections closed");
         self.state = State::Stopped;
     }
@@ -384,6 +408,25 @@ impl Server {
         self.retry.clear();
         for slot in self.slots.values_mut() {
             drop(slot.close(self.poll.registry()));
+        }
+    }
+
+    /// Send `sig` to every forked worker and exec program; returns how many there were.
+    fn signal_children(&self, sig: nix::sys::signal::Signal) -> usize {
+        let forked = self.shared.forks.as_ref().map_or(0, |f| f.in_flight());
+        if let Some(f) = &self.shared.forks {
+            f.signal_children(sig);
+        }
+        forked + crate::exec::signal_all(sig)
+    }
+
+    /// When a forced stop gives up: `FORCE_GRACE` after it began, or after the SIGKILL round
+    /// when children had to be signalled.
+    fn children_deadline(&self, forced: Instant) -> Instant {
+        match (self.kill_at, self.killed) {
+            (Some(k), _) => k,
+            (None, true) => forced + KILL_GRACE + FORCE_GRACE,
+            (None, false) => forced + FORCE_GRACE,
         }
     }
 
@@ -401,12 +444,23 @@ impl Server {
             None if now >= deadline => {
                 let n = self.shared.tracker.shutdown_all();
                 log::warn!("shutdown_timeout reached: closing {n} open connections");
+                let children = self.signal_children(nix::sys::signal::Signal::SIGTERM);
+                if children > 0 {
+                    log::warn!("shutdown_timeout reached: SIGTERM sent to {children} child processes");
+                    self.kill_at = Some(now + KILL_GRACE);
+                }
                 self.state = State::Draining {
                     deadline,
                     forced: Some(now),
                 };
             }
-            Some(f) if now >= f + FORCE_GRACE => {
+            Some(_) if self.kill_at.is_some_and(|k| now >= k) => {
+                self.kill_at = None;
+                self.killed = true;
+                let n = self.signal_children(nix::sys::signal::Signal::SIGKILL);
+                log::warn!("{n} child processes still running {KILL_GRACE:?} after SIGTERM: SIGKILL sent");
+            }
+            Some(f) if self.kill_at.is_none() && now >= self.children_deadline(f) => {
                 log::warn!(
                     "{in_flight} handlers did not return after their connections closed; exiting"
                 );

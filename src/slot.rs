@@ -35,6 +35,8 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     pub stopping: Arc<AtomicBool>,
     pub next_conn: u64,
+    /// `workers = "forked"`: the fork server, once `Server::serve` has started it.
+    pub forks: Option<Arc<crate::worker::forked::ForkServer>>,
 }
 
 /// What the loop should do with a listener after draining it.
@@ -70,6 +72,8 @@ pub struct Slot {
     pub fd_starved: bool,
     /// Admission control, limits and timeouts (`protect`), checked before any dispatch.
     pub guard: crate::protect::Guard,
+    /// `workers = "forked"`: this listener's registration with the fork server.
+    pub fork: Option<crate::worker::forked::Link>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -105,6 +109,7 @@ impl Slot {
             watching: false,
             fd_starved: false,
             guard: crate::protect::Guard::default(),
+            fork: None,
         })
     }
 
@@ -143,6 +148,9 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if let Some(program) = crate::handler::exec::wait_program(&self.cfg) {
+            return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
+        }
         for _ in 0..FAIR_BATCH {
             if !self.has_capacity() {
                 self.unwatch(poll);
@@ -211,6 +219,13 @@ impl Slot {
             self.id,
         );
         log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
+        if self.cfg.workers == WorkerModel::Forked {
+            // The daemon keeps its copy of the connection (and the tracker entry, for stop and
+            // timeouts) until the child's exit is reported.
+            let guard = TrackGuard { tracker, conn_id, _ticket: ticket };
+            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard));
+            return;
+        }
         let job = move || {
             // The handler gets the connection; the tracker entry goes before the fd closes.
             let guard = TrackGuard {
@@ -233,6 +248,10 @@ impl Slot {
         data: Vec<u8>,
         peer: crate::conn::PeerAddr,
     ) {
+        if self.cfg.workers == WorkerModel::Forked {
+            self.dispatch_forked_datagram(shared, data, peer);
+            return;
+        }
         let Some(socket) = self.reply.clone() else {
             return;
         };

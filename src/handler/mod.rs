@@ -11,6 +11,7 @@ mod clock;
 pub mod daytime;
 pub mod discard;
 pub mod echo;
+pub mod exec;
 pub mod time;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,7 @@ impl Registry {
         r.register_default::<chargen::Chargen>("chargen");
         r.register_default::<daytime::Daytime>("daytime");
         r.register_default::<time::Time>("time");
+        r.register("exec", exec::build);
         r
     }
 

@@ -5,7 +5,10 @@
 //! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
 
 pub mod access;
+pub mod forked;
+mod forkserver;
 pub mod threaded;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
