@@ -9,6 +9,7 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod exec;
+mod event;
 pub mod handler;
 pub mod listener;
 pub mod logging;

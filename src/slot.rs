@@ -74,6 +74,8 @@ pub struct Slot {
     pub guard: crate::protect::Guard,
     /// `workers = "forked"`: this listener's registration with the fork server.
     pub fork: Option<crate::worker::forked::Link>,
+    /// `workers = "event"`: the listener's event loops (started on first use).
+    events: crate::event::SlotEvents,
 }
 
 impl std::fmt::Debug for Slot {
@@ -110,6 +112,7 @@ impl Slot {
             fd_starved: false,
             guard: crate::protect::Guard::default(),
             fork: None,
+            events: crate::event::SlotEvents::default(),
         })
     }
 
@@ -167,10 +170,21 @@ impl Slot {
                     let local = listener.local_inet();
                     // Refused: `conn` is dropped here, closed before any byte is sent.
                     let Some(ticket) = self.guard.admit_stream(&self.cfg, &peer, Instant::now()) else { continue };
+                    if self.cfg.workers == WorkerModel::Event {
+                        self.dispatch_event(shared, conn, peer, ticket);
+                        continue;
+                    }
                     self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
                     if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now()) {
+                        continue;
+                    }
+                    if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
+                        let (id, cfg) = (self.id, &self.cfg);
+                        if let Err(e) = self.events.datagram(id, cfg, shared, &buf[..n], &peer, reply) {
+                            log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
+                        }
                         continue;
                     }
                     let data = buf[..n].to_vec();
@@ -240,6 +254,30 @@ impl Slot {
             });
         };
         self.start(job, shared, Some(conn_id));
+    }
+
+    /// `workers = "event"`: hand the connection to an event loop; it counts as busy until
+    /// the loop reports it closed, so `max_workers` bounds open connections.
+    fn dispatch_event(
+        &mut self,
+        shared: &mut Shared,
+        conn: crate::conn::Conn,
+        peer: crate::conn::PeerAddr,
+        ticket: crate::protect::Ticket,
+    ) {
+        let conn_id = shared.next_conn;
+        shared.next_conn += 1;
+        shared.tracker.insert(conn_id, conn.as_raw_fd());
+        self.guard.arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+        let (id, cfg) = (self.id, &self.cfg);
+        let accepted = crate::event::Accepted { conn, peer, conn_id, ticket };
+        match self.events.dispatch_stream(id, cfg, shared, accepted) {
+            Ok(()) => self.busy += 1,
+            Err(e) => {
+                shared.tracker.remove(conn_id);
+                log::error!("listener `{}`: {e}", self.cfg.name);
+            }
+        }
     }
 
     fn dispatch_datagram(

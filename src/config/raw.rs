@@ -59,6 +59,7 @@ pub(super) struct RawListener {
     pub handler: Option<Spanned<String>>,
     pub workers: Option<Spanned<String>>,
     pub max_workers: Option<Spanned<i64>>,
+    pub threads: Option<Spanned<i64>>,
     // Protection keys (issue 5), validated in `protection`.
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub deny: Option<Spanned<Vec<Spanned<String>>>>,

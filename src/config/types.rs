@@ -21,6 +21,13 @@ pub mod defaults {
     pub const BACKLOG: i32 = 1024;
     /// How a listener runs its handlers when `workers` is not given.
     pub const WORKERS: super::WorkerModel = super::WorkerModel::Threaded;
+    /// `max_workers` of an `event` listener (open connections) when not given: event
+    /// connections cost a few hundred bytes, not a thread.
+    pub const EVENT_MAX_CONNECTIONS: usize = 10_000;
+    /// Event loops per `event` listener when `threads` is not given: one per core.
+    pub fn threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 /// Everything socketd was told to run, after validation.
@@ -223,15 +230,18 @@ pub enum WorkerModel {
     Threaded,
     /// One child process per connection or datagram (ForkingMixIn).
     Forked,
+    /// Built-in services as state machines on `threads` event loops (no socketserver twin).
+    Event,
 }
 
 impl WorkerModel {
-    pub const NAMES: &'static [&'static str] = &["threaded", "forked"];
+    pub const NAMES: &'static [&'static str] = &["threaded", "forked", "event"];
 
     pub fn from_name(s: &str) -> Option<WorkerModel> {
         match s {
             "threaded" => Some(WorkerModel::Threaded),
             "forked" => Some(WorkerModel::Forked),
+            "event" => Some(WorkerModel::Event),
             _ => None,
         }
     }
@@ -240,6 +250,7 @@ impl WorkerModel {
         match self {
             WorkerModel::Threaded => "threaded",
             WorkerModel::Forked => "forked",
+            WorkerModel::Event => "event",
         }
     }
 }
@@ -255,7 +266,10 @@ pub struct ListenerConfig {
     /// A built-in or registered handler name (checked against the registry).
     pub handler: String,
     pub workers: WorkerModel,
+    /// Threads or children at once; with `workers = "event"`, open connections at once.
     pub max_workers: usize,
+    /// Event loops for `workers = "event"` (ignored by the other models).
+    pub threads: usize,
     /// Admission control, limits, timeouts and socket file permissions (all optional).
     pub protect: Protection,
     /// The table named after the handler (`exec = {...}`), if the listener has one.

@@ -259,6 +259,23 @@ pub(super) fn validate_listener(
         WorkerModel::from_name,
     );
     let max_workers = c.positive(&raw.max_workers, "max_workers", defaults::MAX_WORKERS);
+    let event = workers == Some(WorkerModel::Event);
+    let max_workers = match (event, &raw.max_workers) {
+        (true, None) => defaults::EVENT_MAX_CONNECTIONS,
+        _ => max_workers,
+    };
+    let threads = c.positive(&raw.threads, "threads", defaults::threads());
+    if let (true, Some(h), Some(span)) = (event, &handler, &raw.workers) {
+        if !registry.has_event(h) {
+            let detail = format!(
+                "handler `{h}` has no event-loop implementation (it blocks a thread per \
+                 request); workers = \"event\" serves the built-ins {}; use workers = \
+                 \"threaded\" or \"forked\" for `{h}`",
+                crate::event::HANDLERS.join(", ")
+            );
+            c.error(&span.span(), "workers", detail);
+        }
+    }
     let protect = super::protection::validate(raw, protocol, c);
 
     if let (Some(protocol), Some(handler), Some(span)) = (protocol, &handler, &raw.handler) {
@@ -280,6 +297,7 @@ pub(super) fn validate_listener(
         handler: handler?,
         workers: workers.unwrap_or(defaults::WORKERS),
         max_workers,
+        threads,
         protect,
         handler_settings: settings.map(|s| s.table),
     })

@@ -40,7 +40,7 @@ impl Handler for Chargen {
 
 /// Two periods of the pattern back to back, so a full period can be sent from any offset as
 /// one contiguous slice.
-fn pattern() -> Vec<u8> {
+pub(crate) fn pattern() -> Vec<u8> {
     let mut buf = Vec::with_capacity(2 * PERIOD);
     for line in 0..2 * RING {
         buf.extend((0..LINE_CHARS).map(|i| FIRST + ((line + i) % RING) as u8));
@@ -89,11 +89,15 @@ fn send_pattern(s: &mut StreamRequest, ctx: &Context) -> io::Result<()> {
 
 /// One reply of random length, starting at a random line of the pattern.
 fn chargen_datagram(d: &DatagramRequest) -> io::Result<()> {
+    d.reply(&datagram_reply()).map(drop)
+}
+
+/// The bytes of one datagram reply (shared with the event model, which answers inline).
+pub(crate) fn datagram_reply() -> Vec<u8> {
     let r = random_u64();
     let len = (r % (MAX_DATAGRAM as u64 + 1)) as usize;
     let start = ((r >> 32) % RING as u64) as usize * LINE_LEN;
-    let pattern = pattern();
-    d.reply(&pattern[start..start + len]).map(drop)
+    pattern()[start..start + len].to_vec()
 }
 
 /// A small thread-safe PRNG (SplitMix64 over a shared counter, stirred with the clock): only

@@ -7,11 +7,13 @@
 //! is nothing but `Registry::with_builtins()` plus the CLI.
 
 pub mod chargen;
-mod clock;
+pub(crate) mod clock;
 pub mod daytime;
 pub mod discard;
 pub mod echo;
 pub mod exec;
+pub mod file;
+pub mod proxy;
 pub mod time;
 
 use std::collections::BTreeMap;
@@ -63,6 +65,8 @@ pub type Builder = Arc<dyn Fn(&BuildContext) -> Result<Factory, String> + Send +
 #[derive(Clone, Default)]
 pub struct Registry {
     builders: BTreeMap<String, Builder>,
+    /// Names whose handler is still the built-in with an event-loop twin (`crate::event`).
+    event_capable: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -85,7 +89,10 @@ impl Registry {
         r.register_default::<chargen::Chargen>("chargen");
         r.register_default::<daytime::Daytime>("daytime");
         r.register_default::<time::Time>("time");
+        r.register("proxy", proxy::build);
         r.register("exec", exec::build);
+        r.register("file", file::build);
+        r.event_capable = crate::event::HANDLERS.iter().map(|s| s.to_string()).collect();
         r
     }
 
@@ -95,6 +102,14 @@ impl Registry {
         B: Fn(&BuildContext) -> Result<Factory, String> + Send + Sync + 'static,
     {
         self.builders.insert(name.to_string(), Arc::new(builder));
+        // A programmer's handler under a built-in's name replaces it in every model.
+        self.event_capable.remove(name);
+    }
+
+    /// Whether `name` can run with `workers = "event"`: only the built-ins have state
+    /// machines; registered handlers block and are refused there by `check`.
+    pub fn has_event(&self, name: &str) -> bool {
+        self.event_capable.contains(name)
     }
 
     /// Register a handler that needs no settings: a listener table for it is refused.

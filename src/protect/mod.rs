@@ -210,6 +210,7 @@ mod tests {
             handler: "echo".into(),
             workers: WorkerModel::Threaded,
             max_workers: 4,
+            threads: 1,
             protect,
             handler_settings: None,
         }

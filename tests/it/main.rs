@@ -9,6 +9,7 @@ mod harness;
 
 mod concurrency;
 mod config_errors;
+mod event;
 mod handlers;
 mod services;
 mod stop;

@@ -1,0 +1,212 @@
+//! The proxy on an event loop: a `Relay` pumps client->upstream and upstream->client with one
+//! bounded pending chunk per direction (a side whose peer cannot take more is not read), turns
+//! each EOF into a half-close of the other side, and ends when both directions are shut.
+//! `Assoc` is one UDP client's upstream socket, expired by the loop after `udp_idle`.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::stream::{closed_by, interrupted, would_block, EvStream, Pending, Step};
+use crate::conn::PeerAddr;
+use crate::handler::proxy::{header, ProxySettings, Upstream};
+use crate::handler::DatagramSocket;
+use crate::worker::Outcome;
+
+/// One direction of a relay.
+#[derive(Debug, Default)]
+struct Dir {
+    pending: Pending,
+    eof: bool,
+    shut: bool,
+}
+
+/// A proxied connection's state; the client stream is held by the loop's entry.
+#[derive(Debug)]
+pub struct Relay {
+    pub up: EvStream,
+    pub connecting: bool,
+    pub deadline: Instant,
+    target: String,
+    c2u: Dir,
+    u2c: Dir,
+}
+
+impl Relay {
+    /// Start a non-blocking connect; the PROXY header, if any, is queued as the first bytes.
+    pub fn start(
+        settings: &ProxySettings,
+        peer: &PeerAddr,
+        local: Option<SocketAddr>,
+    ) -> io::Result<Relay> {
+        let up = match &settings.upstream {
+            Upstream::Inet(a) => {
+                let s = mio::net::TcpStream::connect(*a)?;
+                let _ = s.set_nodelay(true);
+                EvStream::Tcp(s)
+            }
+            Upstream::Unix(p) => EvStream::Unix(mio::net::UnixStream::connect(p)?),
+        };
+        let mut c2u = Dir::default();
+        if let Some(v) = settings.proxy_protocol {
+            c2u.pending.set(&header(v, peer, local));
+        }
+        let target = match &settings.upstream {
+            Upstream::Inet(a) => a.to_string(),
+            Upstream::Unix(p) => format!("unix:{}", p.display()),
+        };
+        Ok(Relay {
+            up,
+            connecting: true,
+            deadline: Instant::now() + settings.connect_timeout,
+            target,
+            c2u,
+            u2c: Dir::default(),
+        })
+    }
+
+    /// The connect did not finish in time.
+    pub fn timed_out(&self) -> Step {
+        Step::Close(Outcome::Error(format!(
+            "proxy: upstream {} did not accept within connect_timeout; closing the client",
+            self.target
+        )))
+    }
+
+    /// Move whatever can move in both directions.
+    pub fn drive(&mut self, client: &mut EvStream, scratch: &mut [u8]) -> Step {
+        if self.connecting {
+            match self.up.connected() {
+                Ok(true) => self.connecting = false,
+                Ok(false) => return Step::Wait,
+                Err(e) => {
+                    return Step::Close(Outcome::Error(format!(
+                        "proxy: upstream {} refused: {e}; closing the client",
+                        self.target
+                    )))
+                }
+            }
+        }
+        if let Err(e) = pump(client, &mut self.up, &mut self.c2u, scratch) {
+            return closed_by(e);
+        }
+        if let Err(e) = pump(&mut self.up, client, &mut self.u2c, scratch) {
+            return closed_by(e);
+        }
+        if self.c2u.shut && self.u2c.shut {
+            return Step::Close(Outcome::Ok);
+        }
+        Step::Wait
+    }
+}
+
+/// Copy `src` to `dst` until one of them would block; at `src`'s EOF, half-close `dst`.
+fn pump(
+    src: &mut EvStream,
+    dst: &mut EvStream,
+    dir: &mut Dir,
+    scratch: &mut [u8],
+) -> io::Result<()> {
+    loop {
+        if !dir.pending.flush(dst)? {
+            return Ok(()); // back-pressure: leave `src` unread until `dst` drains
+        }
+        if dir.eof {
+            if !dir.shut {
+                match dst.shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Err(e) => return Err(e),
+                }
+                dir.shut = true;
+            }
+            return Ok(());
+        }
+        match src.read(scratch) {
+            Ok(0) => dir.eof = true,
+            Ok(n) => {
+                dir.pending.write_through(dst, &scratch[..n])?;
+            }
+            Err(e) if would_block(&e) => return Ok(()),
+            Err(e) if interrupted(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One UDP client's association with the upstream.
+#[derive(Debug)]
+pub struct Assoc {
+    pub sock: mio::net::UdpSocket,
+    pub client: SocketAddr,
+    pub reply: DatagramSocket,
+    pub last: Instant,
+    pub listener: usize,
+    pub settings: Arc<ProxySettings>,
+}
+
+impl Assoc {
+    /// A fresh socket connected to the upstream for `client`.
+    pub fn open(
+        settings: Arc<ProxySettings>,
+        client: SocketAddr,
+        reply: DatagramSocket,
+        listener: usize,
+    ) -> io::Result<Assoc> {
+        let Upstream::Inet(up) = settings.upstream else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "UDP proxy needs an ip:port upstream",
+            ));
+        };
+        let bind: SocketAddr = if up.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = mio::net::UdpSocket::bind(bind)?;
+        sock.connect(up)?;
+        Ok(Assoc {
+            sock,
+            client,
+            reply,
+            last: Instant::now(),
+            listener,
+            settings,
+        })
+    }
+
+    /// Forward one client datagram upstream; a full socket drops it, as UDP may.
+    pub fn forward(&mut self, data: &[u8]) {
+        self.last = Instant::now();
+        if let Err(e) = self.sock.send(data) {
+            log::debug!("proxy: UDP to upstream for {}: {e}", self.client);
+        }
+    }
+
+    /// Relay every waiting upstream reply to the client through the listening socket.
+    pub fn relay_back(&mut self, scratch: &mut [u8]) {
+        loop {
+            match self.sock.recv(scratch) {
+                Ok(n) => {
+                    self.last = Instant::now();
+                    let sent = match &self.reply {
+                        DatagramSocket::Udp(s) => s.send_to(&scratch[..n], self.client),
+                        DatagramSocket::Unix(_) => return,
+                    };
+                    if let Err(e) = sent {
+                        log::debug!("proxy: UDP reply to {}: {e}", self.client);
+                    }
+                }
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
+                // ICMP errors (upstream port closed) surface here; the datagram is lost.
+                Err(e) => {
+                    log::debug!("proxy: UDP from upstream for {}: {e}", self.client);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! One event-loop thread: a mio `Poll`, a slab of connections (token = index * 2 + side, side 1
+//! being a proxy's upstream), a timer heap for proxy connect deadlines, and the UDP proxy's
+//! associations. It never blocks on a peer, and reports `Done` for every connection it closes.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::proxy::{Assoc, Relay};
+use super::stream::{self, EvStream, Machine, Pending, Step};
+use super::{DatagramJob, Handoff, Msg, Service};
+use crate::conn::PeerAddr;
+use crate::worker::{Done, Notifier, Outcome, Tracker};
+
+const WAKE: Token = Token(usize::MAX);
+/// Shared read buffer: the most any machine reads per call.
+const SCRATCH: usize = 64 * 1024;
+/// How often idle UDP associations are looked for while any exist.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// What a loop knows about the listener it serves.
+pub(super) struct LoopContext {
+    pub listener: usize,
+    pub name: String,
+    pub notifier: Notifier,
+    pub tracker: Arc<Tracker>,
+    pub live: Arc<AtomicUsize>,
+}
+
+struct Conn {
+    client: EvStream,
+    machine: Machine,
+    conn_id: u64,
+    peer: PeerAddr,
+    started: Instant,
+    _ticket: crate::protect::Ticket,
+}
+
+enum Entry {
+    Conn(Box<Conn>),
+    Assoc(Box<Assoc>),
+}
+
+/// Start a loop thread; returns the waker the main loop uses after sending it a message.
+pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Result<Arc<Waker>> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut l = Loop {
+            poll,
+            rx,
+            ctx,
+            slab: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            assocs: HashMap::new(),
+            scratch: vec![0; SCRATCH],
+            pattern: crate::handler::chargen::pattern(),
+            retiring: false,
+        };
+        l.run();
+    })?;
+    Ok(waker)
+}
+
+struct Loop {
+    poll: Poll,
+    rx: Receiver<Msg>,
+    ctx: LoopContext,
+    slab: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    assocs: HashMap<std::net::SocketAddr, usize>,
+    scratch: Vec<u8>,
+    pattern: Vec<u8>,
+    retiring: bool,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("listener `{}`: event loop failed: {e}", self.ctx.name);
+                return;
+            }
+            for ev in events.iter() {
+                if ev.token() == WAKE {
+                    self.receive();
+                    continue;
+                }
+                let (idx, side) = (ev.token().0 / 2, ev.token().0 % 2);
+                // Both directions closed (e.g. the stop deadline shut the socket down).
+                let hung_up = side == 0 && ev.is_read_closed() && ev.is_write_closed();
+                self.drive(idx, hung_up);
+            }
+            self.fire_timers();
+            if self.retiring && self.ctx.live.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        if !self.assocs.is_empty() {
+            let sweep = now + SWEEP;
+            next = Some(next.map_or(sweep, |n| n.min(sweep)));
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn insert(&mut self, e: Entry) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(e);
+                i
+            }
+            None => {
+                self.slab.push(Some(e));
+                self.slab.len() - 1
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Stream(h) => self.open(h),
+                Msg::Datagram(d) => self.datagram(d),
+                Msg::Retire => {
+                    self.retiring = true;
+                    let ids: Vec<usize> = self.assocs.drain().map(|(_, i)| i).collect();
+                    for i in ids {
+                        self.remove_assoc(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, h: Handoff) {
+        let Handoff { accepted, service } = h;
+        let crate::event::Accepted {
+            conn,
+            peer,
+            conn_id,
+            ticket,
+        } = accepted;
+        let local = crate::handler::proxy::local_of(&conn);
+        let started = Instant::now();
+        let client = match EvStream::from_conn(conn) {
+            Ok(c) => c,
+            Err(e) => return self.finish_early(conn_id, &peer, Outcome::Error(e.to_string())),
+        };
+        let now = std::time::SystemTime::now();
+        let machine = match &*service {
+            Service::Echo => Machine::Echo {
+                pending: Pending::default(),
+                eof: false,
+            },
+            Service::Discard => Machine::Discard,
+            Service::Chargen => Machine::Chargen { pos: 0 },
+            Service::Daytime | Service::Time => {
+                let mut pending = Pending::default();
+                match &*service {
+                    Service::Daytime => {
+                        pending.set(crate::handler::clock::daytime_line(now).as_bytes())
+                    }
+                    _ => pending.set(&crate::handler::clock::rfc868_seconds(now).to_be_bytes()),
+                }
+                Machine::Reply { pending }
+            }
+            Service::File(f) => match f.open() {
+                Ok((file, len)) => Machine::File {
+                    file,
+                    offset: 0,
+                    len,
+                },
+                Err(e) => {
+                    let why = format!("file: {e}; closing the connection");
+                    drop(client);
+                    return self.finish_early(conn_id, &peer, Outcome::Error(why));
+                }
+            },
+            Service::Proxy(p) => match Relay::start(p, &peer, local) {
+                Ok(r) => Machine::Proxy(Box::new(r)),
+                Err(e) => {
+                    let why = format!("proxy: upstream {:?}: {e}; closing the client", p.upstream);
+                    drop(client);
+                    return self.finish_early(conn_id, &peer, Outcome::Error(why));
+                }
+            },
+        };
+        let c = Box::new(Conn {
+            client,
+            machine,
+            conn_id,
+            peer,
+            started,
+            _ticket: ticket,
+        });
+        let idx = self.insert(Entry::Conn(c));
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let Some(Some(Entry::Conn(c))) = self.slab.get_mut(idx) else {
+            return;
+        };
+        let mut ok = self
+            .poll
+            .registry()
+            .register(&mut c.client, Token(idx * 2), both);
+        if let (Ok(()), Machine::Proxy(r)) = (&ok, &mut c.machine) {
+            ok = self
+                .poll
+                .registry()
+                .register(&mut r.up, Token(idx * 2 + 1), both);
+            self.timers.push(Reverse((r.deadline, idx, conn_id)));
+        }
+        if let Err(e) = ok {
+            self.close(
+                idx,
+                Outcome::Error(format!("cannot watch the connection: {e}")),
+            );
+        }
+    }
+
+    /// A connection that ended before it was registered.
+    fn finish_early(&mut self, conn_id: u64, peer: &PeerAddr, outcome: Outcome) {
+        self.ctx.tracker.remove(conn_id);
+        self.report(peer, outcome);
+    }
+
+    fn report(&self, peer: &PeerAddr, outcome: Outcome) {
+        if let Outcome::Error(e) = &outcome {
+            log::warn!("listener `{}` peer {peer}: {e}", self.ctx.name);
+        }
+        self.ctx.live.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.notifier.done(Done {
+            listener: self.ctx.listener,
+            outcome,
+        });
+    }
+
+    fn drive(&mut self, idx: usize, hung_up: bool) {
+        let scratch = &mut self.scratch;
+        let step = match self.slab.get_mut(idx) {
+            Some(Some(Entry::Conn(c))) if hung_up => {
+                let _ = c;
+                Step::Close(Outcome::Ok)
+            }
+            Some(Some(Entry::Conn(c))) => {
+                let Conn {
+                    client, machine, ..
+                } = &mut **c;
+                match machine {
+                    Machine::Echo { pending, eof } => stream::echo(client, pending, eof, scratch),
+                    Machine::Discard => stream::discard(client, scratch).unwrap_or(Step::Wait),
+                    Machine::Chargen { pos } => {
+                        stream::chargen(client, pos, &self.pattern, scratch)
+                    }
+                    Machine::Reply { pending } => stream::reply(client, pending),
+                    Machine::File { file, offset, len } => {
+                        stream::send_file(client, file, offset, *len)
+                    }
+                    Machine::Proxy(r) => r.drive(client, scratch),
+                }
+            }
+            Some(Some(Entry::Assoc(a))) => {
+                a.relay_back(scratch);
+                Step::Wait
+            }
+            _ => Step::Wait,
+        };
+        if let Step::Close(outcome) = step {
+            self.close(idx, outcome);
+        }
+    }
+
+    fn close(&mut self, idx: usize, outcome: Outcome) {
+        let Some(Some(Entry::Conn(_))) = self.slab.get(idx) else {
+            return;
+        };
+        let Some(Some(Entry::Conn(mut c))) = self.slab.get_mut(idx).map(Option::take) else {
+            return;
+        };
+        self.free.push(idx);
+        let reg = self.poll.registry();
+        let _ = reg.deregister(&mut c.client);
+        if let Machine::Proxy(r) = &mut c.machine {
+            let _ = reg.deregister(&mut r.up);
+        }
+        // The tracker entry goes before the descriptor closes (see `Tracker`).
+        self.ctx.tracker.remove(c.conn_id);
+        log::debug!(
+            "listener `{}` peer {}: closed after {:?} (fd {})",
+            self.ctx.name,
+            c.peer,
+            c.started.elapsed(),
+            c.client.as_raw_fd()
+        );
+        let peer = c.peer.clone();
+        drop(c);
+        self.report(&peer, outcome);
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, idx, conn_id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let step = match self.slab.get(idx) {
+                Some(Some(Entry::Conn(c))) if c.conn_id == conn_id => match &c.machine {
+                    Machine::Proxy(r) if r.connecting => Some(r.timed_out()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(Step::Close(o)) = step {
+                self.close(idx, o);
+            }
+        }
+        if !self.assocs.is_empty() {
+            let expired: Vec<(std::net::SocketAddr, usize)> = self
+                .assocs
+                .iter()
+                .filter(|(_, &i)| match self.slab.get(i) {
+                    Some(Some(Entry::Assoc(a))) => a.last.elapsed() >= a.settings.udp_idle,
+                    _ => true,
+                })
+                .map(|(k, &i)| (*k, i))
+                .collect();
+            for (k, i) in expired {
+                self.assocs.remove(&k);
+                self.remove_assoc(i);
+            }
+        }
+    }
+
+    fn datagram(&mut self, d: DatagramJob) {
+        if self.retiring {
+            return;
+        }
+        let idx = match self.assocs.get(&d.client) {
+            Some(&i) => i,
+            None => {
+                if self.assocs.len() >= d.max {
+                    log::warn!(
+                        "listener `{}` peer {}: UDP proxy: {} associations open (max_workers); \
+                         datagram dropped",
+                        self.ctx.name,
+                        d.client,
+                        self.assocs.len()
+                    );
+                    return;
+                }
+                let a = match Assoc::open(
+                    Arc::clone(&d.settings),
+                    d.client,
+                    d.reply.clone(),
+                    self.ctx.listener,
+                ) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::warn!(
+                            "listener `{}` peer {}: UDP proxy: {e}",
+                            self.ctx.name,
+                            d.client
+                        );
+                        return;
+                    }
+                };
+                let i = self.insert(Entry::Assoc(Box::new(a)));
+                if let Some(Some(Entry::Assoc(a))) = self.slab.get_mut(i) {
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut a.sock, Token(i * 2), Interest::READABLE)
+                    {
+                        log::warn!(
+                            "listener `{}`: UDP proxy: cannot watch socket: {e}",
+                            self.ctx.name
+                        );
+                        self.slab[i] = None;
+                        self.free.push(i);
+                        return;
+                    }
+                }
+                self.assocs.insert(d.client, i);
+                i
+            }
+        };
+        if let Some(Some(Entry::Assoc(a))) = self.slab.get_mut(idx) {
+            a.forward(&d.data);
+        }
+    }
+
+    fn remove_assoc(&mut self, i: usize) {
+        let Some(Some(Entry::Assoc(_))) = self.slab.get(i) else {
+            return;
+        };
+        if let Some(Some(Entry::Assoc(mut a))) = self.slab.get_mut(i).map(Option::take) {
+            let _ = self.poll.registry().deregister(&mut a.sock);
+            self.free.push(i);
+            log::debug!(
+                "listener `{}`: UDP association for {} (listener {}) expired",
+                self.ctx.name,
+                a.client,
+                a.listener
+            );
+        }
+    }
+}

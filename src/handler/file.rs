@@ -1,0 +1,110 @@
+//! `handler = "file"`: send one file to every connection with `sendfile(2)` (the seed's
+//! `socket.sendfile`), then close. The file is opened per connection, so an edit or a
+//! replacement is served to the next client; a file that is missing or unreadable then closes
+//! that connection and logs why, and never stops the listener.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{BuildContext, Context, Factory, Handler, Request};
+
+/// `file = { path = "..." }`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSettings {
+    /// An absolute path, opened at connection time.
+    pub path: PathBuf,
+}
+
+impl FileSettings {
+    /// Read the `file` table; only stream listeners can be sent a file.
+    pub fn from_build(ctx: &BuildContext) -> Result<FileSettings, String> {
+        if ctx.protocol.is_datagram() {
+            return Err(format!(
+                "handler `file` serves stream listeners only (tcp, unix), not {}; \
+                 use protocol = \"tcp\" or \"unix\"",
+                ctx.protocol
+            ));
+        }
+        let usage = "file = { path = \"/srv/motd.txt\" }";
+        let Some(table) = ctx.settings else {
+            return Err(format!("handler `file` needs its settings: add {usage}"));
+        };
+        for key in table.keys() {
+            if key != "path" {
+                return Err(format!("file: unknown key `{key}`; valid keys: path"));
+            }
+        }
+        let path = match table.get("path") {
+            Some(toml::Value::String(p)) => PathBuf::from(p),
+            Some(_) => return Err(format!("file: `path` must be a string, e.g. {usage}")),
+            None => return Err(format!("file: `path` is required, e.g. {usage}")),
+        };
+        if !path.is_absolute() {
+            return Err(format!(
+                "file: path {:?} must be absolute (the daemon's working directory is not \
+                 yours), e.g. {usage}",
+                path.display().to_string()
+            ));
+        }
+        Ok(FileSettings { path })
+    }
+
+    /// Open the file for one connection, with the path in the error.
+    pub fn open(&self) -> io::Result<(File, u64)> {
+        let named =
+            |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", self.path.display()));
+        let f = File::open(&self.path).map_err(named)?;
+        let meta = f.metadata().map_err(named)?;
+        if !meta.is_file() {
+            return Err(named(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        Ok((f, meta.len()))
+    }
+}
+
+/// Builds the blocking `file` handler (threaded and forked workers).
+pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
+    let settings = Arc::new(FileSettings::from_build(ctx)?);
+    Ok(Arc::new(move || {
+        Box::new(FileHandler(Arc::clone(&settings))) as Box<dyn Handler>
+    }))
+}
+
+/// Sends the file with blocking `sendfile` calls.
+struct FileHandler(Arc<FileSettings>);
+
+impl Handler for FileHandler {
+    fn handle(&mut self, req: &mut Request, ctx: &Context) -> io::Result<()> {
+        let Request::Stream(s) = req else {
+            return Ok(());
+        };
+        let (file, len) = match self.0.open() {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!(
+                    "listener `{}`: file: {e}; closing the connection",
+                    ctx.listener_name()
+                );
+                return Ok(());
+            }
+        };
+        let mut offset: libc::off_t = 0;
+        let sock = s.conn().as_fd();
+        while (offset as u64) < len {
+            let want = (len - offset as u64).min(1 << 30) as usize;
+            match nix::sys::sendfile::sendfile(sock, file.as_fd(), Some(&mut offset), want) {
+                Ok(0) => break, // the file shrank under us: send what there was
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,365 @@
+//! `handler = "proxy"`: relay each connection (or UDP client) to one upstream address,
+//! optionally prefixed with a PROXY protocol v1/v2 header naming the real client.
+//!
+//! This file holds what every worker model shares: the settings (`proxy = { upstream,
+//! connect_timeout, proxy_protocol, udp_idle }`), the header encoder, and the blocking handler
+//! for threaded and forked workers (one extra thread per connection copies upstream->client).
+//! The event-loop state machine is `event::proxy`. Upstreams are addresses, never host names:
+//! socketd does not resolve names.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{BuildContext, Context, Factory, Handler, Request};
+use crate::config::Protocol;
+use crate::conn::{Conn, PeerAddr};
+
+/// How long a connect to the upstream may take when `connect_timeout` is not given.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a UDP client's upstream association lives without traffic by default.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// Where the proxy connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    Inet(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Which PROXY protocol header, if any, goes first to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// `proxy = {...}`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub upstream: Upstream,
+    pub connect_timeout: Duration,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub udp_idle: Duration,
+}
+
+const KEYS: &str = "upstream, connect_timeout, proxy_protocol, udp_idle";
+const USAGE: &str =
+    "proxy = { upstream = \"127.0.0.1:8080\" } (or \"[::1]:8080\", \"unix:/run/app.sock\")";
+
+fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duration, String> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::String(s)) => match humantime::parse_duration(s) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(format!(
+                "proxy: `{key}` = {s:?} is not a positive duration; e.g. \"5s\", \"500ms\""
+            )),
+        },
+        Some(_) => Err(format!(
+            "proxy: `{key}` must be a duration string, e.g. \"5s\""
+        )),
+    }
+}
+
+impl ProxySettings {
+    /// Read the `proxy` table for a listener of `ctx.protocol`.
+    pub fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
+        let Some(table) = ctx.settings else {
+            return Err(format!("handler `proxy` needs its settings: add {USAGE}"));
+        };
+        for key in table.keys() {
+            if !KEYS.split(", ").any(|k| k == key) {
+                return Err(format!("proxy: unknown key `{key}`; valid keys: {KEYS}"));
+            }
+        }
+        let upstream = match table.get("upstream") {
+            Some(toml::Value::String(s)) => parse_upstream(s)?,
+            Some(_) => return Err(format!("proxy: `upstream` must be a string, e.g. {USAGE}")),
+            None => return Err(format!("proxy: `upstream` is required, e.g. {USAGE}")),
+        };
+        let proxy_protocol = match table.get("proxy_protocol") {
+            None => None,
+            Some(toml::Value::String(v)) if v == "v1" => Some(ProxyProtocol::V1),
+            Some(toml::Value::String(v)) if v == "v2" => Some(ProxyProtocol::V2),
+            Some(v) => {
+                return Err(format!(
+                    "proxy: `proxy_protocol` = {v} is not valid; valid values: \"v1\", \"v2\" \
+                     (leave it out for no header)"
+                ))
+            }
+        };
+        if ctx.protocol.is_datagram() {
+            if ctx.protocol != Protocol::Udp || !matches!(upstream, Upstream::Inet(_)) {
+                return Err(
+                    "proxy: datagram proxying is UDP to UDP only: use protocol = \"udp\" \
+                            with an ip:port upstream"
+                        .into(),
+                );
+            }
+            if proxy_protocol.is_some() {
+                return Err(
+                    "proxy: `proxy_protocol` applies to stream listeners only; remove it".into(),
+                );
+            }
+        }
+        Ok(ProxySettings {
+            upstream,
+            connect_timeout: duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
+            proxy_protocol,
+            udp_idle: duration(table, "udp_idle", DEFAULT_UDP_IDLE)?,
+        })
+    }
+
+    /// A blocking connect with the configured timeout (threaded and forked workers).
+    pub fn connect_blocking(&self) -> io::Result<Conn> {
+        match &self.upstream {
+            Upstream::Inet(a) => {
+                let s = TcpStream::connect_timeout(a, self.connect_timeout)?;
+                let _ = s.set_nodelay(true);
+                Ok(Conn::Tcp(s))
+            }
+            Upstream::Unix(p) => Ok(Conn::Unix(UnixStream::connect(p)?)),
+        }
+    }
+}
+
+/// `ip:port`, `[ipv6]:port` or `unix:/absolute/path`; never a host name.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        let path = PathBuf::from(p);
+        if !path.is_absolute() {
+            return Err(format!(
+                "proxy: upstream {s:?}: a unix path must be absolute, e.g. \"unix:/run/app.sock\""
+            ));
+        }
+        return Ok(Upstream::Unix(path));
+    }
+    s.parse::<SocketAddr>().map(Upstream::Inet).map_err(|_| {
+        format!(
+            "proxy: upstream {s:?} is not an address; use ip:port, [ipv6]:port or unix:/path \
+             (socketd never resolves host names)"
+        )
+    })
+}
+
+/// The PROXY protocol header announcing `peer` -> `local`. Clients without an IP address
+/// (Unix sockets) are announced as `UNKNOWN` (v1) or `AF_UNSPEC` (v2), as the spec says.
+pub fn header(version: ProxyProtocol, peer: &PeerAddr, local: Option<SocketAddr>) -> Vec<u8> {
+    let pair = match (peer, local) {
+        (PeerAddr::Inet(p), Some(l)) => {
+            let p = SocketAddr::new(crate::conn::canonical_ip(p.ip()), p.port());
+            let l = SocketAddr::new(crate::conn::canonical_ip(l.ip()), l.port());
+            (p.is_ipv4() == l.is_ipv4()).then_some((p, l))
+        }
+        _ => None,
+    };
+    match version {
+        ProxyProtocol::V1 => match pair {
+            Some((p, l)) => {
+                let fam = if p.is_ipv4() { "TCP4" } else { "TCP6" };
+                format!(
+                    "PROXY {fam} {} {} {} {}\r\n",
+                    p.ip(),
+                    l.ip(),
+                    p.port(),
+                    l.port()
+                )
+                .into_bytes()
+            }
+            None => b"PROXY UNKNOWN\r\n".to_vec(),
+        },
+        ProxyProtocol::V2 => {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            h.push(0x21); // version 2, command PROXY
+            let mut addrs = Vec::new();
+            let fam = match pair {
+                Some((SocketAddr::V4(p), SocketAddr::V4(l))) => {
+                    addrs.extend_from_slice(&p.ip().octets());
+                    addrs.extend_from_slice(&l.ip().octets());
+                    addrs.extend_from_slice(&p.port().to_be_bytes());
+                    addrs.extend_from_slice(&l.port().to_be_bytes());
+                    0x11 // AF_INET, STREAM
+                }
+                Some((SocketAddr::V6(p), SocketAddr::V6(l))) => {
+                    addrs.extend_from_slice(&p.ip().octets());
+                    addrs.extend_from_slice(&l.ip().octets());
+                    addrs.extend_from_slice(&p.port().to_be_bytes());
+                    addrs.extend_from_slice(&l.port().to_be_bytes());
+                    0x21 // AF_INET6, STREAM
+                }
+                _ => 0x00, // AF_UNSPEC: the receiver ignores the address block
+            };
+            h.push(fam);
+            h.extend_from_slice(&(addrs.len() as u16).to_be_bytes());
+            h.extend_from_slice(&addrs);
+            h
+        }
+    }
+}
+
+/// The local address of an accepted connection (not the listener's wildcard), for headers.
+pub fn local_of(conn: &Conn) -> Option<SocketAddr> {
+    match conn {
+        Conn::Tcp(s) => s.local_addr().ok(),
+        Conn::Unix(_) => None,
+    }
+}
+
+/// Builds the blocking `proxy` handler (threaded and forked workers).
+pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
+    let settings = Arc::new(ProxySettings::from_build(ctx)?);
+    Ok(Arc::new(move || {
+        Box::new(ProxyHandler(Arc::clone(&settings))) as Box<dyn Handler>
+    }))
+}
+
+/// Relays with blocking copies: this thread client->upstream, a helper thread the other way.
+struct ProxyHandler(Arc<ProxySettings>);
+
+impl Handler for ProxyHandler {
+    fn handle(&mut self, req: &mut Request, ctx: &Context) -> io::Result<()> {
+        match req {
+            Request::Stream(s) => {
+                let client = s.conn().try_clone()?;
+                let peer = s.peer().clone();
+                let up = match self.0.connect_blocking() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        log::warn!(
+                            "listener `{}` peer {peer}: proxy: upstream {:?} unreachable: {e}; \
+                             closing the client",
+                            ctx.listener_name(),
+                            self.0.upstream
+                        );
+                        return Ok(());
+                    }
+                };
+                if let Some(v) = self.0.proxy_protocol {
+                    let mut w = up.try_clone()?;
+                    w.write_all(&header(v, &peer, local_of(&client)))?;
+                }
+                // Bytes the handler API already buffered from the client go first.
+                let early = s.rfile.buffer().to_vec();
+                if !early.is_empty() {
+                    up.try_clone()?.write_all(&early)?;
+                }
+                relay_blocking(client, up)
+            }
+            Request::Datagram(d) => {
+                // One blocking exchange per datagram: send, wait up to the idle time for one
+                // reply. The event model keeps real per-client associations.
+                let Upstream::Inet(addr) = &self.0.upstream else {
+                    return Ok(());
+                };
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let sock = std::net::UdpSocket::bind(bind)?;
+                sock.connect(addr)?;
+                sock.set_read_timeout(Some(self.0.connect_timeout))?;
+                sock.send(d.data())?;
+                let mut buf = vec![0u8; crate::slot::MAX_DATAGRAM];
+                match sock.recv(&mut buf) {
+                    Ok(n) => d.reply(&buf[..n]).map(|_| ()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Copy both ways until both sides have finished; each EOF becomes a half-close of the other.
+fn relay_blocking(client: Conn, up: Conn) -> io::Result<()> {
+    let (mut c_read, mut u_write) = (client.try_clone()?, up.try_clone()?);
+    let (mut u_read, mut c_write) = (up, client);
+    let back = std::thread::Builder::new()
+        .name("socketd:proxy".into())
+        .spawn(move || -> io::Result<u64> {
+            let n = copy(&mut u_read, &mut c_write);
+            let _ = c_write.shutdown(Shutdown::Write);
+            n
+        })?;
+    let forward = copy(&mut c_read, &mut u_write);
+    let _ = u_write.shutdown(Shutdown::Write);
+    let backward = back
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("proxy thread panicked")));
+    forward.and(backward).map(|_| ())
+}
+
+fn copy(from: &mut Conn, to: &mut Conn) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_header_bytes() {
+        let peer = PeerAddr::Inet("192.0.2.1:5000".parse().unwrap());
+        let h = header(
+            ProxyProtocol::V1,
+            &peer,
+            Some("198.51.100.2:80".parse().unwrap()),
+        );
+        assert_eq!(h, b"PROXY TCP4 192.0.2.1 198.51.100.2 5000 80\r\n");
+        let unix = PeerAddr::Unix {
+            path: None,
+            cred: None,
+        };
+        assert_eq!(header(ProxyProtocol::V1, &unix, None), b"PROXY UNKNOWN\r\n");
+    }
+
+    #[test]
+    fn v2_header_bytes() {
+        let peer = PeerAddr::Inet("192.0.2.1:5000".parse().unwrap());
+        let h = header(
+            ProxyProtocol::V2,
+            &peer,
+            Some("198.51.100.2:80".parse().unwrap()),
+        );
+        let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80]);
+        assert_eq!(h, want);
+    }
+
+    #[test]
+    fn upstream_is_never_a_name() {
+        assert!(parse_upstream("localhost:80").is_err());
+        assert_eq!(
+            parse_upstream("[::1]:80"),
+            Ok(Upstream::Inet("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_upstream("unix:/run/a.sock"),
+            Ok(Upstream::Unix("/run/a.sock".into()))
+        );
+        assert!(parse_upstream("unix:rel.sock").is_err());
+    }
+}

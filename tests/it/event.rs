@@ -1,0 +1,241 @@
+//! `workers = "event"`: every built-in on every socket kind, many connections at once,
+//! back-pressure (a client that never reads cannot make the daemon grow), graceful stop with
+//! a connection open, and `check` refusing a registered handler in event mode.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::harness::*;
+
+const SERVICES: [&str; 5] = ["echo", "discard", "chargen", "daytime", "time"];
+
+fn event_listener(name: &str, protocol: &str, address: &str, handler: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\naddress = \"{address}\"\n\
+         handler = \"{handler}\"\nworkers = \"event\"\nthreads = 2\n"
+    )
+}
+
+fn all_services(protocol: &str, address: impl Fn(&str) -> String) -> Daemon {
+    let mut toml = String::from("[daemon]\nshutdown_timeout = \"2s\"\n");
+    for s in SERVICES {
+        toml.push_str(&event_listener(s, protocol, &address(s), s));
+    }
+    let d = Daemon::start(&toml);
+    assert_eq!(d.wait_ready(), SERVICES.len(), "{}", d.log_dump());
+    d
+}
+
+fn check_streams(d: &Daemon) {
+    // echo: a payload bigger than the loop's scratch buffer, then a half-close.
+    let mut s = d.connect("echo");
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut r = s.try_clone();
+    let reader = std::thread::spawn(move || r.read_to_end_vec());
+    s.write_all(&payload).expect("send to echo");
+    s.shutdown_write();
+    let back = reader.join().expect("reader");
+    assert!(
+        back == payload,
+        "echo returned {} bytes, want {}",
+        back.len(),
+        payload.len()
+    );
+
+    let mut s = d.connect("discard");
+    s.write_all(b"into the void\n").expect("send to discard");
+    assert!(
+        s.silent_for(Duration::from_millis(200)),
+        "discard sent something"
+    );
+    s.shutdown_write();
+    assert!(
+        s.closed_within(IO_TIMEOUT),
+        "discard did not close after EOF"
+    );
+
+    let mut s = d.connect("chargen");
+    let got = s.read_n(74 * 3);
+    let first: Vec<u8> = (0..72).map(|i| b' ' + (i % 95) as u8).collect();
+    assert_eq!(&got[..72], &first[..], "chargen first line");
+    assert_eq!(&got[72..74], b"\r\n");
+
+    let mut s = d.connect("daytime");
+    let line = String::from_utf8(s.read_to_end_vec()).expect("daytime is text");
+    assert!(
+        line.ends_with("\r\n") && line.len() > 10,
+        "daytime line {line:?}"
+    );
+
+    let mut s = d.connect("time");
+    let t = s.read_to_end_vec();
+    assert_eq!(t.len(), 4, "time sends 4 bytes");
+    let secs = u32::from_be_bytes([t[0], t[1], t[2], t[3]]) as i64 - 2_208_988_800;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!((secs - now).abs() < 60, "time is {secs}, now {now}");
+}
+
+fn check_datagrams(d: &Daemon) {
+    let c = d.dgram("echo");
+    c.send(b"ping event");
+    assert_eq!(c.recv(), b"ping event");
+    let c = d.dgram("discard");
+    c.send(b"x");
+    assert!(
+        c.try_recv(Duration::from_millis(200)).is_none(),
+        "discard answered"
+    );
+    let c = d.dgram("chargen");
+    c.send(b"x");
+    assert!(c.recv().len() <= 512);
+    let c = d.dgram("daytime");
+    c.send(b"x");
+    assert!(c.recv().ends_with(b"\r\n"));
+    let c = d.dgram("time");
+    c.send(b"x");
+    assert_eq!(c.recv().len(), 4);
+}
+
+fn stop(mut d: Daemon) {
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+#[test]
+fn event_builtins_over_tcp() {
+    let d = all_services("tcp", |_| "127.0.0.1:0".into());
+    check_streams(&d);
+    stop(d);
+}
+
+#[test]
+fn event_builtins_over_unix() {
+    let d = all_services("unix", |s| format!("{{dir}}/{s}.sock"));
+    check_streams(&d);
+    stop(d);
+}
+
+#[test]
+fn event_builtins_over_udp_and_unix_dgram() {
+    let d = all_services("udp", |_| "127.0.0.1:0".into());
+    check_datagrams(&d);
+    stop(d);
+    let d = all_services("unix-dgram", |s| format!("{{dir}}/{s}.sock"));
+    check_datagrams(&d);
+    stop(d);
+}
+
+#[test]
+fn event_serves_many_concurrent_connections() {
+    let d = Daemon::start(&event_listener("echo", "tcp", "127.0.0.1:0", "echo"));
+    d.wait_ready();
+    let mut conns: Vec<Stream> = (0..300).map(|_| d.connect("echo")).collect();
+    for round in 0..3u8 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(format!("{round}:{i}\n").as_bytes())
+                .expect("send");
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            assert_eq!(c.read_line(), format!("{round}:{i}\n"));
+        }
+    }
+    drop(conns);
+    stop(d);
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn event_echo_applies_back_pressure_to_a_client_that_never_reads() {
+    let d = Daemon::start(&event_listener("echo", "unix", "{dir}/e.sock", "echo"));
+    d.wait_ready();
+    let before = rss_kib(d.pid());
+    let s = d.connect("echo");
+    s.set_read_timeout(Duration::from_millis(100));
+    // Write 64 MiB without reading: the daemon must stop reading once the client's receive
+    // buffer and its one pending chunk are full, so our writes start timing out.
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0usize;
+    let mut raw = s.try_clone();
+    while written < 64 << 20 {
+        match raw.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < 64 << 20,
+        "the daemon kept reading {written} bytes it could not send"
+    );
+    let after = rss_kib(d.pid());
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    drop((s, raw));
+    stop(d);
+}
+
+#[test]
+fn event_graceful_stop_lets_an_open_connection_finish() {
+    let mut d = Daemon::start(
+        &("[daemon]\nshutdown_timeout = \"10s\"\n".to_string()
+            + &event_listener("echo", "tcp", "127.0.0.1:0", "echo")),
+    );
+    d.wait_ready();
+    let mut s = d.connect("echo");
+    s.write_all(b"before\n").expect("send");
+    assert_eq!(s.read_line(), "before\n");
+    d.signal(libc::SIGTERM);
+    d.wait_log("stopping:", READY_TIMEOUT);
+    s.write_all(b"during stop\n").expect("send while draining");
+    assert_eq!(s.read_line(), "during stop\n");
+    s.shutdown_write();
+    assert!(s.closed_within(IO_TIMEOUT));
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+#[test]
+fn event_stop_deadline_closes_idle_connections() {
+    let mut d = Daemon::start(
+        &("[daemon]\nshutdown_timeout = \"300ms\"\n".to_string()
+            + &event_listener("echo", "tcp", "127.0.0.1:0", "echo")),
+    );
+    d.wait_ready();
+    let mut s = d.connect("echo");
+    s.write_all(b"x").expect("send");
+    assert_eq!(s.read_n(1), b"x");
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    assert!(
+        s.closed_within(IO_TIMEOUT),
+        "connection still open after the stop"
+    );
+}
+
+#[test]
+fn check_refuses_a_registered_handler_in_event_mode() {
+    let bin = example_bin("myhandler");
+    let (out, file, _dir) = check_with(
+        &bin,
+        "[[listener]]\nname = \"my\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\n\
+         handler = \"myhandler\"\nworkers = \"event\"\n",
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let diags = out.diagnostics(&file).join("\n");
+    assert!(
+        diags.contains("key `workers`") && diags.contains("no event-loop implementation"),
+        "{}",
+        out.describe()
+    );
+}
