@@ -10,6 +10,8 @@ mod harness;
 mod concurrency;
 mod config_errors;
 mod event;
+mod file;
 mod handlers;
+mod proxy;
 mod services;
 mod stop;
