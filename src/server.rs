@@ -211,6 +211,7 @@ impl Server {
         // still has its only thread (bind, detach, privilege drop and logging start none;
         // `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool threads, event
         // loops and everything else start after this line.
+        crate::worker::forked::cloexec_all();
         let forks = crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
             .map_err(io_err("cannot start the fork server for forked workers"))?;
         self.shared.forks = Some(Arc::new(forks));

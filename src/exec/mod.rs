@@ -140,6 +140,14 @@ impl Program {
         let mut child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", self.argv[0])))?;
+        if !own_group {
+            // A forked worker and its program share a process group, which a stop signals as a
+            // whole: the program decides whether SIGTERM ends it, the worker waits for it, and
+            // the SIGKILL round ends both.
+            // SAFETY: installing SIG_IGN runs no code in signal context; the program has been
+            // started already, with the default disposition.
+            let _ = unsafe { signal::signal(Signal::SIGTERM, signal::SigHandler::SigIgn) };
+        }
         // A stop signalling between spawn and here misses this one; its SIGKILL round does not.
         if let Ok(mut g) = RUNNING.lock() {
             g.get_or_insert_with(HashMap::new)

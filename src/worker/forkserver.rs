@@ -13,9 +13,10 @@
 //! signals coalesce, and reports every exit back to the main loop. It exits when the main loop's
 //! end of the socketpair closes; `PR_SET_PDEATHSIG` is the backstop if the daemon dies hard.
 //! Each child leads its own process group, so a signal to the group reaches the programs an
-//! `exec` handler started in it too.
+//! `exec` handler started in it too. The fork server is also the subreaper of their
+//! descendants, so a program orphaned by a killed worker is reaped here rather than by init.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -52,6 +53,9 @@ struct State {
     listeners: HashMap<u64, Entry>,
     /// Running children: pid -> (job, slot).
     children: HashMap<i32, (u64, u64)>,
+    /// Process groups of finished children that still have members (a program that outlived
+    /// its worker): signalled with the children at stop, and killed when the daemon is done.
+    lingering: HashSet<i32>,
 }
 
 /// The fork server's whole life; never returns.
@@ -63,6 +67,7 @@ pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Pid) -> ! {
                 sock,
                 listeners: HashMap::new(),
                 children: HashMap::new(),
+                lingering: HashSet::new(),
             },
             sigfd,
         )
@@ -89,6 +94,8 @@ fn setup(sock: &OwnedFd, parent: Pid) -> std::io::Result<SignalFd> {
         ));
     }
     reset_signals();
+    // Programs orphaned when a worker dies (killed at stop) come here to be reaped, not to init.
+    nix::sys::prctl::set_child_subreaper(true)?;
     for sig in [
         Signal::SIGINT,
         Signal::SIGQUIT,
@@ -192,9 +199,9 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
             loop {
                 match wire::recv_in_server(st.sock.as_fd(), &mut buf) {
                     Ok(Some((msg, fds))) => st.handle(msg, fds),
-                    Ok(None) => return Ok(()),
+                    Ok(None) => return Ok(st.finish()),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(st.finish()),
                     Err(e) => return Err(e),
                 }
             }
@@ -215,6 +222,23 @@ impl State {
         }
     }
 
+    /// Signal every child, its process group, and the groups that outlived their child.
+    fn signal_all(&mut self, sig: Signal) {
+        for pid in self.children.keys() {
+            let pid = Pid::from_raw(*pid);
+            let _ = signal::killpg(pid, sig);
+            let _ = signal::kill(pid, sig);
+        }
+        self.lingering
+            .retain(|pgid| signal::killpg(Pid::from_raw(*pgid), sig).is_ok());
+    }
+
+    /// The daemon is done with us: nothing we started may outlive it.
+    fn finish(&mut self) {
+        self.signal_all(Signal::SIGKILL);
+        self.reap();
+    }
+
     fn reap(&mut self) {
         loop {
             let ending = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -229,6 +253,9 @@ impl State {
             };
             let (pid, ending) = ending;
             if let Some((job, slot)) = self.children.remove(&pid.as_raw()) {
+                if signal::killpg(pid, None).is_ok() {
+                    self.lingering.insert(pid.as_raw());
+                }
                 self.report(job, slot, pid.as_raw(), ending);
             }
         }
@@ -257,11 +284,7 @@ impl State {
                 let Ok(sig) = Signal::try_from(signo) else {
                     return;
                 };
-                for pid in self.children.keys() {
-                    let pid = Pid::from_raw(*pid);
-                    let _ = signal::killpg(pid, sig);
-                    let _ = signal::kill(pid, sig);
-                }
+                self.signal_all(sig);
             }
             ToServer::Job {
                 job,

@@ -428,7 +428,7 @@ mod tests {
         let (got, fds) = recv_in_server(b.as_fd(), &mut buf).unwrap().unwrap();
         assert_eq!(got, job);
         assert_eq!(fds.len(), 1);
-        let flags = nix::fcntl::fcntl(fds[0].as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        let flags = nix::fcntl::fcntl(&fds[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(
             flags & libc::FD_CLOEXEC,
             0,

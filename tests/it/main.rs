@@ -11,6 +11,8 @@ mod concurrency;
 mod config_errors;
 mod event;
 mod file;
+mod exec;
+mod forked;
 mod handlers;
 mod proxy;
 mod services;
