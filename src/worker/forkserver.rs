@@ -199,9 +199,15 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
             loop {
                 match wire::recv_in_server(st.sock.as_fd(), &mut buf) {
                     Ok(Some((msg, fds))) => st.handle(msg, fds),
-                    Ok(None) => return Ok(st.finish()),
+                    Ok(None) => {
+                        st.finish();
+                        return Ok(());
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(st.finish()),
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                        st.finish();
+                        return Ok(());
+                    }
                     Err(e) => return Err(e),
                 }
             }

@@ -320,9 +320,9 @@ fn fds_seen(d: &Daemon, name: &str) -> HashSet<String> {
 fn a_child_holds_only_its_own_connection() {
     let ls = "exec = { argv = [\"/bin/ls\", \"/proc/self/fd\"], stderr = \"null\" }";
     let d = Daemon::start(&format!(
-        "{}{}{}",
+        "{}{}{ls}\n{}",
         forked("f", "tcp", "127.0.0.1:0", "exec", ls),
-        format!("{}{ls}\n", listener("t", "tcp", "127.0.0.1:0", "exec")),
+        listener("t", "tcp", "127.0.0.1:0", "exec"),
         forked("fu", "udp", "127.0.0.1:0", "echo", ""),
     ));
     // Another connection open meanwhile: its descriptor must not leak into the program.
@@ -347,14 +347,11 @@ fn sigterm_gives_children_shutdown_timeout_then_kills_them() {
         "exec = { argv = [\"/bin/sh\", \"-c\", \"trap '' TERM; echo started; sleep 600\"] }";
     let polite = "exec = { argv = [\"/bin/sleep\", \"600\"] }";
     let mut d = Daemon::start(&format!(
-        "[daemon]\nshutdown_timeout = \"1s\"\n{}{}{}{}",
+        "[daemon]\nshutdown_timeout = \"1s\"\n{}{}{stubborn}\n{}{}{polite}\n",
         forked("fs", "tcp", "127.0.0.1:0", "exec", stubborn),
-        format!(
-            "{}{stubborn}\n",
-            listener("ts", "tcp", "127.0.0.1:0", "exec")
-        ),
+        listener("ts", "tcp", "127.0.0.1:0", "exec"),
         forked("fp", "tcp", "127.0.0.1:0", "exec", polite),
-        format!("{}{polite}\n", listener("tp", "tcp", "127.0.0.1:0", "exec")),
+        listener("tp", "tcp", "127.0.0.1:0", "exec"),
     ));
     let mut clients = Vec::new();
     for name in ["fs", "ts"] {
