@@ -426,3 +426,33 @@ impl ClosedSoon for Daemon {
         false
     }
 }
+
+#[test]
+fn a_reload_reaches_new_forked_children() {
+    let conf = |v: &str| {
+        forked(
+            "env",
+            "tcp",
+            "127.0.0.1:0",
+            "exec",
+            &format!("exec = {{ argv = [\"/usr/bin/env\"], env = {{ V = \"{v}\" }} }}"),
+        )
+    };
+    let d = Daemon::start(&conf("one"));
+    let read = |d: &Daemon| {
+        let mut s = d.connect("env");
+        s.shutdown_write();
+        lossy(&s.read_to_end_vec())
+    };
+    assert!(read(&d).contains("V=one\n"));
+    // The same address text keeps the very socket; only the settings change.
+    d.write_config(&conf("two"));
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", READY_TIMEOUT);
+    let out = read(&d);
+    assert!(
+        out.contains("V=two\n"),
+        "new children use the reloaded settings: {out}"
+    );
+    stop_cleanly(d);
+}
