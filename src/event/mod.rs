@@ -11,6 +11,7 @@
 //! `check` refuses them (`Registry::has_event`).
 
 pub mod proxy;
+mod splice;
 pub mod stream;
 mod thread;
 

@@ -8,6 +8,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::splice::{self, Pipe, Pumped};
 use super::stream::{closed_by, interrupted, would_block, EvStream, Pending, Step};
 use crate::conn::PeerAddr;
 use crate::handler::proxy::{header, ProxySettings, Upstream};
@@ -20,6 +21,11 @@ struct Dir {
     pending: Pending,
     eof: bool,
     shut: bool,
+    /// Bytes copied so far; past `splice::SWITCH_AFTER` the direction splices.
+    moved: u64,
+    pipe: Option<Pipe>,
+    /// A pipe could not be made: keep copying.
+    no_pipe: bool,
 }
 
 /// A proxied connection's state; the client stream is held by the loop's entry.
@@ -102,6 +108,8 @@ impl Relay {
 }
 
 /// Copy `src` to `dst` until one of them would block; at `src`'s EOF, half-close `dst`.
+/// A bulk direction moves to `splice(2)` (see `splice`); the one pending chunk or the pipe is
+/// all a direction holds, so a `dst` that cannot take more stops the reading of `src`.
 fn pump(
     src: &mut EvStream,
     dst: &mut EvStream,
@@ -109,6 +117,12 @@ fn pump(
     scratch: &mut [u8],
 ) -> io::Result<()> {
     loop {
+        if let Some(pipe) = &mut dir.pipe {
+            if !dir.eof && splice::pump(&*src, &*dst, pipe)? == Pumped::Blocked {
+                return Ok(());
+            }
+            dir.eof = true;
+        }
         if !dir.pending.flush(dst)? {
             return Ok(()); // back-pressure: leave `src` unread until `dst` drains
         }
@@ -123,9 +137,20 @@ fn pump(
             }
             return Ok(());
         }
+        if dir.moved >= splice::SWITCH_AFTER && !dir.no_pipe && dir.pending.is_empty() {
+            match Pipe::new() {
+                Ok(p) => dir.pipe = Some(p),
+                Err(e) => {
+                    log::debug!("proxy: no pipe for splice ({e}); copying");
+                    dir.no_pipe = true;
+                }
+            }
+            continue;
+        }
         match src.read(scratch) {
             Ok(0) => dir.eof = true,
             Ok(n) => {
+                dir.moved += n as u64;
                 dir.pending.write_through(dst, &scratch[..n])?;
             }
             Err(e) if would_block(&e) => return Ok(()),

@@ -60,7 +60,7 @@ fn parse() -> Result<Args, String> {
     let mut mode = None;
     let mut target = None;
     let (mut conns, mut msg, mut dur, mut io, mut bytes) = (
-        16usize,
+        0usize,
         64u64,
         "5s".to_string(),
         "2s".to_string(),

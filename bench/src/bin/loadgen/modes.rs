@@ -263,8 +263,19 @@ pub fn datagram(load: &Load, client: usize) -> Outcome {
 
 const BULK_CHUNK: usize = 64 * 1024;
 
-fn bulk_byte(offset: u64) -> u8 {
-    (offset % 251) as u8
+const BULK_PERIOD: usize = 251;
+
+/// The bulk stream's bytes: byte `i` is `i % 251`, a period no power-of-two chunking aligns
+/// with, so a lost, repeated or reordered chunk shows. Long enough to slice any chunk from.
+fn bulk_pattern() -> Vec<u8> {
+    (0..BULK_CHUNK + BULK_PERIOD)
+        .map(|i| (i % BULK_PERIOD) as u8)
+        .collect()
+}
+
+fn bulk_slice(pattern: &[u8], offset: u64, n: usize) -> &[u8] {
+    let start = (offset % BULK_PERIOD as u64) as usize;
+    &pattern[start..start + n]
 }
 
 /// One stream of `load.bytes` written while a second thread reads the echo and checks every
@@ -289,22 +300,20 @@ pub fn bulk(load: &Load, _client: usize) -> Outcome {
     let total = load.bytes;
     let deadline = load.deadline;
     let writer = std::thread::spawn(move || -> io::Result<()> {
-        let mut chunk = vec![0u8; BULK_CHUNK];
+        let pattern = bulk_pattern();
         let mut off = 0u64;
         while off < total {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "bulk deadline"));
             }
             let n = (total - off).min(BULK_CHUNK as u64) as usize;
-            for (i, b) in chunk[..n].iter_mut().enumerate() {
-                *b = bulk_byte(off + i as u64);
-            }
-            w.write_all(&chunk[..n])?;
+            w.write_all(bulk_slice(&pattern, off, n))?;
             off += n as u64;
         }
         w.shutdown_write()
     });
     let mut r = s;
+    let pattern = bulk_pattern();
     let mut buf = vec![0u8; BULK_CHUNK];
     let mut got = 0u64;
     loop {
@@ -315,11 +324,7 @@ pub fn bulk(load: &Load, _client: usize) -> Outcome {
         match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if buf[..n]
-                    .iter()
-                    .enumerate()
-                    .any(|(i, &b)| b != bulk_byte(got + i as u64))
-                {
+                if buf[..n] != *bulk_slice(&pattern, got, n) {
                     out.corrupt += 1;
                     break;
                 }
