@@ -371,8 +371,12 @@ pub fn idle(load: &Load, conns: usize) -> Outcome {
     let mut back = vec![0u8; load.size];
     for (client, s) in open.iter_mut().enumerate() {
         fill(&mut msg, client, 0);
+        let t0 = Instant::now();
         match s.write_all(&msg).and_then(|_| s.read_exact(&mut back)) {
-            Ok(()) if back == msg => out.ops += 1,
+            Ok(()) if back == msg => {
+                out.hist.record(nanos(t0));
+                out.ops += 1;
+            }
             Ok(()) => out.corrupt += 1,
             Err(e) => out.error("echo after idle", &e),
         }

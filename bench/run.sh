@@ -1,0 +1,26 @@
+#!/bin/sh
+# socketd's benchmark against its peers (xinetd, socat, haproxy, Python socketserver and a
+# minimal epoll echo). Needs root (for a private network namespace), cargo, python3, and the
+# Debian packages xinetd socat haproxy iproute2 util-linux. Not run by CI.
+#
+#   bench/run.sh                 # 3 rounds of 5 s per load and server, ~8 minutes
+#   BENCH_SECS=2 ROUNDS=1 bench/run.sh    # a quick look
+#   BENCH_NO_BUILD=1 bench/run.sh         # use the release binaries already built
+#
+# Everything runs inside `unshare -n` with only loopback up, so no packet can leave the
+# machine whatever a peer does (xinetd resolves client addresses other than 127.0.0.1).
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+if [ "${SOCKETD_BENCH_NETNS:-}" != 1 ]; then
+    if [ "${BENCH_NO_BUILD:-}" != 1 ]; then
+        (cd "$here/.." && cargo build --release --quiet --bin socketd)
+        (cd "$here" && cargo build --release --quiet)
+    fi
+    for tool in xinetd socat haproxy python3 ip unshare; do
+        command -v "$tool" >/dev/null || { echo "run.sh: $tool is missing (apt-get install xinetd socat haproxy iproute2)" >&2; exit 1; }
+    done
+    export SOCKETD_BENCH_NETNS=1
+    exec timeout --signal=TERM --kill-after=30 3600 unshare -n -- "$0" "$@"
+fi
+ip link set lo up
+exec python3 "$here/bench.py" "$@"
