@@ -1,9 +1,13 @@
 //! The connection variables a program gets: the UCSPI convention (`PROTO`, `TCPREMOTEIP`, …,
 //! `UNIXREMOTEUID`, …) that tcpserver and s6 programs read, plus systemd's `REMOTE_ADDR` and
 //! `REMOTE_PORT`. Addresses are numeric (socketd never resolves names) and IPv4-mapped IPv6
-//! addresses are shown as plain IPv4.
+//! addresses are shown as plain IPv4. Datagram programs get the UDP twins (`PROTO=UDP`,
+//! `UDPREMOTEIP`, `UDPREMOTEPORT`, `UDPLOCALIP`, `UDPLOCALPORT`), as udpsocket and nosh's UDP
+//! tools set them; the local address is the one the listener is bound to (`0.0.0.0` for a
+//! wildcard, as udpsocket documents it).
 
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 
 use crate::conn::{canonical_ip, PeerAddr};
 
@@ -46,6 +50,21 @@ pub fn connection_env(stream: bool, peer: &PeerAddr, local: Option<SocketAddr>) 
     vars
 }
 
+/// The variables for a `wait` program handed the listening socket `fd` itself: there is no
+/// peer yet (the program reads the first datagram), so a UDP socket gives `PROTO=UDP` with
+/// `UDPLOCALIP` and `UDPLOCALPORT`, and a Unix datagram socket `PROTO=UNIX`.
+pub fn socket_env(fd: BorrowedFd<'_>) -> Vec<Var> {
+    let local = socket2::SockRef::from(&fd).local_addr().ok();
+    match local.as_ref().and_then(socket2::SockAddr::as_socket) {
+        Some(l) => vec![
+            var("PROTO", "UDP"),
+            var("UDPLOCALIP", canonical_ip(l.ip())),
+            var("UDPLOCALPORT", l.port()),
+        ],
+        None => vec![var("PROTO", "UNIX")],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +103,31 @@ mod tests {
         assert_eq!(get(&vars, "UNIXREMOTEUID"), Some("6"));
         assert_eq!(get(&vars, "UNIXREMOTEGID"), Some("7"));
         assert_eq!(get(&vars, "REMOTE_ADDR"), None);
+    }
+
+    #[test]
+    fn udp_datagram_gets_udp_variables_with_the_local_address() {
+        let peer = PeerAddr::Inet("10.0.0.9:53000".parse().unwrap());
+        let vars = connection_env(false, &peer, Some("0.0.0.0:69".parse().unwrap()));
+        assert_eq!(get(&vars, "PROTO"), Some("UDP"));
+        assert_eq!(get(&vars, "UDPREMOTEIP"), Some("10.0.0.9"));
+        assert_eq!(get(&vars, "UDPREMOTEPORT"), Some("53000"));
+        assert_eq!(get(&vars, "UDPLOCALIP"), Some("0.0.0.0"));
+        assert_eq!(get(&vars, "UDPLOCALPORT"), Some("69"));
+        assert_eq!(get(&vars, "REMOTE_ADDR"), Some("10.0.0.9"));
+        assert_eq!(get(&vars, "TCPREMOTEIP"), None);
+    }
+
+    #[test]
+    fn wait_sockets_are_told_apart() {
+        use std::os::fd::AsFd;
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port().to_string();
+        let vars = socket_env(udp.as_fd());
+        assert_eq!(get(&vars, "PROTO"), Some("UDP"));
+        assert_eq!(get(&vars, "UDPLOCALIP"), Some("127.0.0.1"));
+        assert_eq!(get(&vars, "UDPLOCALPORT"), Some(port.as_str()));
+        let (unix, _other) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        assert_eq!(socket_env(unix.as_fd()), vec![var("PROTO", "UNIX")]);
     }
 }

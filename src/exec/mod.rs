@@ -8,14 +8,23 @@
 //! reaches what it started too), inside a forked worker it stays in the child's group, which the
 //! fork server signals. The waiter never reaps before removing the pid from the table (it waits
 //! with `WNOWAIT` first), so a stop can never signal a pid the kernel has already reused.
+//!
+//! Under `workers = "forked"` a stream connection's or a `wait` listener's program is not started
+//! with `Command` at all: the forked child becomes the program itself (`direct`), and the fork
+//! server logs its stderr and exit status (`worker::programs`). One process per connection
+//! instead of two. Both paths build the environment with `Program::environment` and switch
+//! accounts with `switch_account`, which sets the account's supplementary groups (std's `uid`
+//! would drop them all).
 
+pub mod direct;
 mod env;
 mod output;
 pub mod wait;
 
-pub use env::{connection_env, Var};
+pub use env::{connection_env, socket_env, Var};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -60,6 +69,9 @@ pub struct Program {
     pub cwd: PathBuf,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// The supplementary groups to set when `user` or `group` is given: the user's groups as
+    /// `initgroups` would set them, or just `group`; resolved when the config is loaded.
+    pub groups: Option<Vec<u32>>,
     pub stderr: StderrMode,
     /// inetd `wait` mode (datagram listeners only).
     pub wait: bool,
@@ -95,6 +107,23 @@ pub fn running() -> usize {
 }
 
 impl Program {
+    /// The program's whole environment, sorted by name, later sources overriding earlier ones:
+    /// `PATH`, then `pass_env`, `env`, the connection's variables and `SOCKETD_LISTENER`.
+    pub fn environment(&self, listener: &str, conn_env: &[Var]) -> BTreeMap<OsString, OsString> {
+        let mut vars = BTreeMap::new();
+        vars.insert("PATH".into(), DEFAULT_PATH.into());
+        for name in &self.pass_env {
+            if let Some(v) = std::env::var_os(name) {
+                vars.insert(name.into(), v);
+            }
+        }
+        for (k, v) in self.env.iter().chain(conn_env) {
+            vars.insert(k.into(), v.into());
+        }
+        vars.insert("SOCKETD_LISTENER".into(), listener.into());
+        vars
+    }
+
     /// The command with argv, environment, directory and account set; stdio left to the caller.
     pub fn command(&self, listener: &str, conn_env: &[Var]) -> io::Result<Command> {
         let (path, args) = self
@@ -102,26 +131,17 @@ impl Program {
             .split_first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "exec: empty argv"))?;
         let mut cmd = Command::new(path);
-        cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
-        for name in &self.pass_env {
-            if let Some(v) = std::env::var_os(name) {
-                cmd.env(name, v);
-            }
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        for (k, v) in conn_env {
-            cmd.env(k, v);
-        }
-        cmd.env("SOCKETD_LISTENER", listener);
+        cmd.args(args)
+            .env_clear()
+            .envs(self.environment(listener, conn_env));
         cmd.current_dir(&self.cwd);
-        if let Some(gid) = self.gid {
-            cmd.gid(gid);
-        }
-        if let Some(uid) = self.uid {
-            // std drops supplementary groups (setgroups(0)) before setuid when running as root.
-            cmd.uid(uid);
+        if self.uid.is_some() || self.gid.is_some() {
+            // Not `cmd.uid()`: std then drops every supplementary group (setgroups(0)), and its
+            // own `groups()` is unstable. Everything the closure uses is allocated here.
+            let account = Account::of(self);
+            // SAFETY: the closure runs in the child between fork and exec and only makes the
+            // setgroups, setgid and setuid system calls on memory allocated before the fork.
+            unsafe { cmd.pre_exec(move || account.switch()) };
         }
         if !crate::worker::forked::in_forked_child() {
             cmd.process_group(0);
@@ -198,32 +218,31 @@ impl Running {
         if let Some(l) = self.logger.take() {
             l.finish();
         }
-        match (status.code(), status.signal()) {
-            (Some(0), _) => log::info!(
-                "listener `{}`: {} (pid {pid}) exited with status 0",
-                self.listener,
-                self.name
-            ),
-            (Some(c), _) => log::warn!(
-                "listener `{}`: {} (pid {pid}) exited with status {c}",
-                self.listener,
-                self.name
-            ),
-            (None, Some(s)) => {
-                let sig = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
-                log::warn!(
-                    "listener `{}`: {} (pid {pid}) killed by signal {s} ({sig})",
-                    self.listener,
-                    self.name
-                )
-            }
-            (None, None) => log::warn!(
-                "listener `{}`: {} (pid {pid}) ended: {status}",
-                self.listener,
-                self.name
-            ),
-        }
+        log_exit(
+            &self.listener,
+            &self.name,
+            pid,
+            status.code(),
+            status.signal(),
+        );
         Ok(status)
+    }
+}
+
+/// Log how a program ended: status 0 at info, anything else at warn.
+pub fn log_exit(listener: &str, name: &str, pid: i32, code: Option<i32>, signal: Option<i32>) {
+    match (code, signal) {
+        (Some(0), _) => {
+            log::info!("listener `{listener}`: {name} (pid {pid}) exited with status 0")
+        }
+        (Some(c), _) => {
+            log::warn!("listener `{listener}`: {name} (pid {pid}) exited with status {c}")
+        }
+        (None, Some(s)) => {
+            let sig = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
+            log::warn!("listener `{listener}`: {name} (pid {pid}) killed by signal {s} ({sig})")
+        }
+        (None, None) => log::warn!("listener `{listener}`: {name} (pid {pid}) ended"),
     }
 }
 
@@ -232,5 +251,48 @@ fn untrack(pid: i32) {
         if let Some(m) = g.as_mut() {
             m.remove(&pid);
         }
+    }
+}
+
+/// The account a program runs as, in the form the system calls take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    groups: Option<Vec<libc::gid_t>>,
+    gid: Option<libc::gid_t>,
+    uid: Option<libc::uid_t>,
+}
+
+impl Account {
+    /// `program`'s `user`/`group`; `switch` does nothing when neither is set.
+    pub fn of(program: &Program) -> Account {
+        Account {
+            groups: program.groups.clone(),
+            gid: program.gid,
+            uid: program.uid,
+        }
+    }
+
+    /// Set the supplementary groups, then the group, then the user (the order that keeps the
+    /// right to make each call). Only system calls: safe between fork and exec.
+    pub fn switch(&self) -> io::Result<()> {
+        if let Some(groups) = &self.groups {
+            // SAFETY: the pointer and length describe `groups`, which outlives the call.
+            if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(gid) = self.gid {
+            // SAFETY: setgid has no memory preconditions.
+            if unsafe { libc::setgid(gid) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(uid) = self.uid {
+            // SAFETY: setuid has no memory preconditions.
+            if unsafe { libc::setuid(uid) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 }

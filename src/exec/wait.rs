@@ -5,7 +5,9 @@
 //!
 //! The loop only peeks (`MSG_PEEK | MSG_DONTWAIT`) to see that a datagram is waiting, so none is
 //! consumed before the program runs. The socket is handed over blocking, as inetd does, and made
-//! non-blocking again before the job reports done, since the loop and the program share it.
+//! non-blocking again before the job reports done, since the loop and the program share it
+//! (under forked workers the fork server does that when it reaps the program, see
+//! `worker::programs`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -16,7 +18,6 @@ use std::time::Instant;
 use mio::Registry as PollRegistry;
 use nix::sys::socket::{recv, MsgFlags};
 
-use crate::config::ListenerConfig;
 use crate::conn::PeerAddr;
 use crate::exec::Program;
 use crate::handler::DatagramSocket;
@@ -26,14 +27,15 @@ use crate::worker::forked::ForkJob;
 use crate::worker::wire::JobKind;
 use crate::worker::{Done, Outcome};
 
-fn set_blocking(fd: &OwnedFd, blocking: bool) -> io::Result<()> {
+/// Switch a shared socket between the blocking mode programs expect and the loop's mode.
+pub(crate) fn set_blocking(fd: &OwnedFd, blocking: bool) -> io::Result<()> {
     let sock = socket2::SockRef::from(fd);
     sock.set_nonblocking(!blocking)
 }
 
 /// Run the program with `socket` as stdin and stdout and wait for it.
 pub fn run(program: &Program, listener: &str, socket: OwnedFd) -> io::Result<()> {
-    let vars = [("PROTO".to_string(), "UDP".to_string())];
+    let vars = crate::exec::socket_env(socket.as_fd());
     let mut cmd = program.command(listener, &vars)?;
     set_blocking(&socket, true)?;
     cmd.stdin(Stdio::from(socket.try_clone()?));
@@ -41,14 +43,6 @@ pub fn run(program: &Program, listener: &str, socket: OwnedFd) -> io::Result<()>
     let result = program.spawn(cmd, listener).and_then(|r| r.wait());
     set_blocking(&socket, false)?;
     result.map(drop)
-}
-
-/// In a forked worker: the job of a `wait` listener.
-pub fn serve_in_child(cfg: &ListenerConfig, socket: OwnedFd) -> io::Result<Outcome> {
-    let program = crate::handler::exec::wait_program(cfg)
-        .ok_or_else(|| io::Error::other("the listener is no longer in exec wait mode"))?;
-    run(&program, &cfg.name, socket)?;
-    Ok(Outcome::Ok)
 }
 
 /// Whether a datagram is waiting, without taking it.

@@ -72,7 +72,7 @@ fn run_stream(program: &Program, listener: &str, req: &StreamRequest) -> io::Res
 }
 
 fn run_datagram(program: &Program, listener: &str, req: &DatagramRequest) -> io::Result<()> {
-    let vars = connection_env(false, req.peer(), None);
+    let vars = connection_env(false, req.peer(), req.local_addr());
     let mut cmd = program.command(listener, &vars)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut running = program.spawn(cmd, listener)?;
@@ -179,7 +179,7 @@ pub fn parse(ctx: &BuildContext) -> Result<Program, String> {
             PathBuf::from("/")
         }
     };
-    let (uid, gid) = accounts(t, &mut errors);
+    let (uid, gid, groups) = accounts(t, &mut errors);
     let stderr = match t.get("stderr").map(|v| v.as_str()) {
         None => StderrMode::Log,
         Some(Some(s)) => StderrMode::from_name(s).unwrap_or_else(|| {
@@ -221,6 +221,7 @@ pub fn parse(ctx: &BuildContext) -> Result<Program, String> {
         cwd,
         uid,
         gid,
+        groups,
         stderr,
         wait,
     })
@@ -256,8 +257,14 @@ fn check_program(path: &str) -> Result<(), String> {
     }
 }
 
-/// `user` and `group` to ids; both need root to switch to.
-fn accounts(t: &toml::Table, errors: &mut Vec<String>) -> (Option<u32>, Option<u32>) {
+/// `user` and `group` to ids and the supplementary groups to set; both need root to switch to.
+/// With `user`, the groups are the account's (from the group database, as `initgroups` reads
+/// them) plus the group it runs as; with `group` alone, just that group, so the daemon's own
+/// supplementary groups never reach the program.
+fn accounts(
+    t: &toml::Table,
+    errors: &mut Vec<String>,
+) -> (Option<u32>, Option<u32>, Option<Vec<u32>>) {
     let name = |key: &str, errors: &mut Vec<String>| match t.get(key).map(|v| v.as_str()) {
         None => None,
         Some(Some(s)) if !s.is_empty() => Some(s.to_string()),
@@ -268,7 +275,7 @@ fn accounts(t: &toml::Table, errors: &mut Vec<String>) -> (Option<u32>, Option<u
     };
     let (user, group) = (name("user", errors), name("group", errors));
     if user.is_none() && group.is_none() {
-        return (None, None);
+        return (None, None, None);
     }
     let euid = nix::unistd::geteuid();
     if !euid.is_root() {
@@ -276,7 +283,7 @@ fn accounts(t: &toml::Table, errors: &mut Vec<String>) -> (Option<u32>, Option<u
             "`user`/`group` need socketd to run as root to switch accounts, but it runs as uid {euid}; \
              remove them or start socketd as root"
         ));
-        return (None, None);
+        return (None, None, None);
     }
     let mut uid = None;
     let mut gid = None;
@@ -295,7 +302,26 @@ fn accounts(t: &toml::Table, errors: &mut Vec<String>) -> (Option<u32>, Option<u
             _ => errors.push(format!("`group` {g:?}: no such group")),
         }
     }
-    (uid, gid)
+    let groups = match (&user, gid) {
+        (Some(u), Some(g)) => match supplementary_groups(u, g) {
+            Ok(list) => Some(list),
+            Err(e) => {
+                errors.push(format!("`user` {u:?}: cannot read its groups: {e}"));
+                None
+            }
+        },
+        (None, Some(g)) => Some(vec![g]),
+        _ => None,
+    };
+    (uid, gid, groups)
+}
+
+/// What `initgroups(user, gid)` would set: every group listing `user` as a member, and `gid`.
+fn supplementary_groups(user: &str, gid: u32) -> Result<Vec<u32>, String> {
+    let name = std::ffi::CString::new(user).map_err(|e| e.to_string())?;
+    let list = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .map_err(|e| e.to_string())?;
+    Ok(list.into_iter().map(|g| g.as_raw()).collect())
 }
 
 #[cfg(test)]

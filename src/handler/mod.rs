@@ -285,6 +285,15 @@ impl DatagramRequest {
         &self.peer
     }
 
+    /// The address the listener's socket is bound to (UDP only): an exec program's
+    /// `UDPLOCALIP` and `UDPLOCALPORT`.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            DatagramSocket::Udp(s) => s.local_addr().ok(),
+            DatagramSocket::Unix(_) => None,
+        }
+    }
+
     /// Send one datagram back to the sender. A Unix sender that did not bind an address
     /// cannot be answered; that is an error the handler may ignore.
     pub fn reply(&self, buf: &[u8]) -> io::Result<usize> {

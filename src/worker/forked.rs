@@ -311,6 +311,7 @@ fn outcome(pid: i32, ending: &Ending) -> Outcome {
             log::error!("forked job not started: {why}");
             Outcome::Error(why.clone())
         }
+        Ending::Program => Outcome::Ok,
     }
 }
 

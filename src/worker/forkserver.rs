@@ -15,13 +15,19 @@
 //! Each child leads its own process group, so a signal to the group reaches the programs an
 //! `exec` handler started in it too. The fork server is also the subreaper of their
 //! descendants, so a program orphaned by a killed worker is reaped here rather than by init.
+//!
+//! An `exec` listener's connection (and a `wait` listener's socket) skips the worker: the child
+//! becomes the program (`exec::direct`), so the pid reaped here is the program's and its exit
+//! status is the program's own. Its stderr pipe and exit are logged from this loop
+//! (`programs`), which therefore also polls those pipes and wakes for their drain deadlines.
+//! A datagram for an `exec` listener without `wait` still goes through a worker, which relays
+//! the program's stdout as the reply.
 
 use std::collections::{HashMap, HashSet};
-use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::sync::atomic::AtomicBool;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
@@ -29,30 +35,46 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
+use super::child::Child;
+use super::programs::{self, Programs, Started};
 use super::wire::{self, Ending, FromServer, JobKind, ToServer};
 use crate::config::{ListenerConfig, Protocol};
 use crate::conn::Conn;
-use crate::handler::{Context, DatagramSocket, Factory, Registry};
+use crate::exec::direct::Prepared;
+use crate::exec::StderrMode;
+use crate::handler::{BuildContext, Factory, Registry};
 
 /// Exit codes of a forked worker, read back into an `Outcome` by the main loop.
 pub const CHILD_OK: i32 = 0;
 pub const CHILD_ERROR: i32 = 1;
 pub const CHILD_PANIC: i32 = 2;
 
+/// The daemon's signals, ignored here (see `setup`) and restored in every child.
+const IGNORED: [Signal; 5] = [
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
 /// One listener as the fork server knows it.
-struct Entry {
-    cfg: Arc<ListenerConfig>,
-    factory: Result<Factory, String>,
+pub(super) struct Entry {
+    pub cfg: Arc<ListenerConfig>,
+    pub factory: Result<Factory, String>,
+    /// `handler = "exec"`: the program, ready for a child to become it.
+    pub exec: Option<Result<Arc<Prepared>, String>>,
     /// A datagram listener's socket, for replies and for `wait` mode.
-    socket: Option<OwnedFd>,
+    pub socket: Option<OwnedFd>,
 }
 
 struct State {
     registry: Registry,
     sock: OwnedFd,
     listeners: HashMap<u64, Entry>,
-    /// Running children: pid -> (job, slot).
-    children: HashMap<i32, (u64, u64)>,
+    /// Running children: pid -> (job, slot, whether it holds a `wait` listener's socket).
+    children: HashMap<i32, (u64, u64, bool)>,
+    programs: Programs,
     /// Process groups of finished children that still have members (a program that outlived
     /// its worker): signalled with the children at stop, and killed when the daemon is done.
     lingering: HashSet<i32>,
@@ -67,6 +89,7 @@ pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Pid) -> ! {
                 sock,
                 listeners: HashMap::new(),
                 children: HashMap::new(),
+                programs: Programs::new()?,
                 lingering: HashSet::new(),
             },
             sigfd,
@@ -96,17 +119,12 @@ fn setup(sock: &OwnedFd, parent: Pid) -> std::io::Result<SignalFd> {
     reset_signals();
     // Programs orphaned when a worker dies (killed at stop) come here to be reaped, not to init.
     nix::sys::prctl::set_child_subreaper(true)?;
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGQUIT,
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
+    for sig in IGNORED {
         // SAFETY: installing SIG_IGN runs no code in signal context.
         unsafe { signal::signal(sig, SigHandler::SigIgn) }?;
     }
     close_all_but(&[sock.as_raw_fd()]);
+    open_standard_fds()?;
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
@@ -134,8 +152,36 @@ fn reset_signals() {
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
+/// Point any of fds 0, 1, 2 the daemon was started without at /dev/null, so every descriptor
+/// this process opens or receives later is above 2 and a child can `dup2` it onto 0, 1 or 2
+/// without clobbering another one it still needs.
+fn open_standard_fds() -> std::io::Result<()> {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // Opens the lowest free descriptor, which is `fd`; kept open for good.
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
+            std::mem::forget(OwnedFd::from(null));
+        }
+    }
+    Ok(())
+}
+
+/// In a new child: the daemon's signals back to their defaults (SIGPIPE stays ignored for
+/// Rust code; a program gets the default in `exec::direct`) and nothing blocked.
+pub(super) fn child_signals() {
+    for sig in IGNORED {
+        // SAFETY: installing SIG_DFL runs no code in signal context.
+        let _ = unsafe { signal::signal(sig, SigHandler::SigDfl) };
+    }
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
 /// Close every descriptor above stderr except `keep` (sorted or not).
-fn close_all_but(keep: &[RawFd]) {
+pub(super) fn close_all_but(keep: &[RawFd]) {
     let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd > 2).collect();
     keep.sort_unstable();
     let mut from: libc::c_uint = 3;
@@ -176,20 +222,33 @@ fn close_listed(from: libc::c_uint, to: libc::c_uint) {
 
 fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
     let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    let mut pipes_ready = Vec::new();
     loop {
         let (sock_ready, sig_ready) = {
-            let mut fds = [
+            let mut fds = vec![
                 PollFd::new(st.sock.as_fd(), PollFlags::POLLIN),
                 PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            fds.extend(
+                st.programs
+                    .fds()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, timeout(st.programs.next_deadline())) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            pipes_ready.clear();
+            pipes_ready.extend(fds[2..].iter().map(ready));
             (ready(&fds[0]), ready(&fds[1]))
         };
+        // Pipes before reaping, so a program's last stderr lines come before its exit line.
+        if pipes_ready.contains(&true) {
+            st.programs.readable(&pipes_ready);
+        }
+        st.programs.expire(Instant::now());
         if sig_ready {
             while let Ok(Some(_)) = sigfd.read_signal() {}
         }
@@ -211,6 +270,20 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
+        }
+    }
+}
+
+/// Sleep until `deadline` (rounded up to the next millisecond), or for ever.
+fn timeout(deadline: Option<Instant>) -> PollTimeout {
+    match deadline {
+        None => PollTimeout::NONE,
+        Some(t) => {
+            let ms = t
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         }
     }
 }
@@ -243,6 +316,7 @@ impl State {
     fn finish(&mut self) {
         self.signal_all(Signal::SIGKILL);
         self.reap();
+        self.programs.finish();
     }
 
     fn reap(&mut self) {
@@ -257,10 +331,21 @@ impl State {
                     return;
                 }
             };
-            let (pid, ending) = ending;
-            if let Some((job, slot)) = self.children.remove(&pid.as_raw()) {
+            let (pid, mut ending) = ending;
+            if let Some((job, slot, wait)) = self.children.remove(&pid.as_raw()) {
                 if signal::killpg(pid, None).is_ok() {
                     self.lingering.insert(pid.as_raw());
+                }
+                if self.programs.ended(pid.as_raw(), &ending) {
+                    ending = Ending::Program;
+                }
+                if wait {
+                    // The program had the socket blocking; the loop watches it again after this.
+                    let socket = self.listeners.get(&slot).and_then(|e| e.socket.as_ref());
+                    if let Some(Err(e)) = socket.map(|s| crate::exec::wait::set_blocking(s, false))
+                    {
+                        log::error!("fork server: slot {slot}: cannot make the socket non-blocking again: {e}");
+                    }
                 }
                 self.report(job, slot, pid.as_raw(), ending);
             }
@@ -273,6 +358,7 @@ impl State {
                 let entry = match toml::from_str::<ListenerConfig>(&config) {
                     Ok(cfg) => Entry {
                         factory: self.registry.build_for(&cfg),
+                        exec: prepare_exec(&cfg),
                         cfg: Arc::new(cfg),
                         socket: fds.pop(),
                     },
@@ -311,6 +397,33 @@ impl State {
                     );
                     return;
                 };
+                let program = match (&entry.exec, kind) {
+                    (Some(Ok(p)), JobKind::Stream) => Some(Arc::clone(p)),
+                    (Some(Ok(p)), JobKind::Wait) if p.wait => Some(Arc::clone(p)),
+                    (Some(Err(e)), JobKind::Stream | JobKind::Wait) => {
+                        log::error!("listener `{}`: {e}", entry.cfg.name);
+                        self.report(job, slot, 0, Ending::NotStarted(e.clone()));
+                        return;
+                    }
+                    (_, JobKind::Wait) => {
+                        let why = "the listener is no longer in exec wait mode";
+                        self.report(job, slot, 0, Ending::NotStarted(why.into()));
+                        return;
+                    }
+                    _ => None,
+                };
+                let pipe = match program.as_ref().map(|p| p.stderr) {
+                    Some(StderrMode::Log) => match programs::stderr_pipe() {
+                        Ok(pipe) => Some(pipe),
+                        Err(e) => {
+                            let why = format!("cannot make a stderr pipe: {e}");
+                            log::error!("listener `{}`: {why}", entry.cfg.name);
+                            self.report(job, slot, 0, Ending::NotStarted(why));
+                            return;
+                        }
+                    },
+                    _ => None,
+                };
                 let child = Child {
                     entry,
                     kind,
@@ -320,13 +433,42 @@ impl State {
                     data,
                 };
                 // SAFETY: this process has a single thread (it never starts one), so the child
-                // starts with every lock free; it ends with `_exit` and never returns here.
+                // starts with every lock free; it ends with `_exit` or `execve` and never
+                // returns here.
                 match unsafe { nix::unistd::fork() } {
-                    Ok(ForkResult::Child) => child.run(),
+                    Ok(ForkResult::Child) => match &program {
+                        Some(p) => {
+                            let stderr = match p.stderr {
+                                StderrMode::Log => pipe.as_ref().map(|(_, w)| w.as_fd()),
+                                StderrMode::Null => Some(self.programs.null()),
+                                StderrMode::Inherit => None,
+                            };
+                            child.exec(p, stderr)
+                        }
+                        None => child.run(),
+                    },
                     Ok(ForkResult::Parent { child: pid }) => {
                         // Both sides set the group, so a signal right after fork still reaches it.
                         let _ = nix::unistd::setpgid(pid, pid);
-                        self.children.insert(pid.as_raw(), (job, slot));
+                        self.children
+                            .insert(pid.as_raw(), (job, slot, kind == JobKind::Wait));
+                        if let Some(p) = program {
+                            let conn = (kind == JobKind::Stream).then(|| {
+                                (
+                                    child.peer,
+                                    child.conn.and_then(|c| access_copy(&entry.cfg, c)),
+                                )
+                            });
+                            let started = Started {
+                                listener: entry.cfg.name.as_str().into(),
+                                name: p.name.as_str().into(),
+                                conn,
+                                at: Instant::now(),
+                            };
+                            // The write end closes here: the program holds the only one.
+                            self.programs
+                                .started(pid.as_raw(), started, pipe.map(|(r, _)| r));
+                        }
                     }
                     Err(e) => {
                         log::error!("listener `{}`: cannot fork a worker: {e}", entry.cfg.name);
@@ -343,68 +485,35 @@ impl State {
     }
 }
 
-/// What a new child needs, borrowed from the fork server's state before the fork.
-struct Child<'a> {
-    entry: &'a Entry,
-    kind: JobKind,
-    conn: Option<OwnedFd>,
-    peer: crate::conn::PeerAddr,
-    local: Option<std::net::SocketAddr>,
-    data: Vec<u8>,
+/// `handler = "exec"`: the program a child becomes, or why it cannot be run.
+fn prepare_exec(cfg: &ListenerConfig) -> Option<Result<Arc<Prepared>, String>> {
+    if cfg.handler != "exec" {
+        return None;
+    }
+    let ctx = BuildContext {
+        listener: &cfg.name,
+        protocol: cfg.protocol,
+        settings: cfg.handler_settings.as_ref(),
+    };
+    let program = match crate::handler::exec::parse(&ctx) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(
+        Prepared::new(&program, &cfg.name)
+            .map(Arc::new)
+            .map_err(|e| e.to_string()),
+    )
 }
 
-impl Child<'_> {
-    fn run(self) -> ! {
-        let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-        reset_signals();
-        super::forked::mark_child();
-        let (name, peer) = (self.entry.cfg.name.clone(), self.peer.clone());
-        let code = match self.serve() {
-            Ok(super::Outcome::Ok) => CHILD_OK,
-            Ok(super::Outcome::Error(_)) => CHILD_ERROR,
-            Ok(super::Outcome::Panic(_)) => CHILD_PANIC,
-            Err(e) => {
-                log::error!("listener `{name}` peer {peer}: forked worker: {e}");
-                CHILD_ERROR
-            }
-        };
-        // SAFETY: end the child without running the fork server's destructors.
-        unsafe { libc::_exit(code) }
+/// The fork server's copy of a program's connection, kept for the access line's byte counters
+/// only when access lines are logged at all.
+fn access_copy(cfg: &ListenerConfig, fd: OwnedFd) -> Option<Conn> {
+    if !log::log_enabled!(log::Level::Info) {
+        return None;
     }
-
-    /// Keep only this job's socket, then serve it like a worker thread would.
-    fn serve(self) -> std::io::Result<super::Outcome> {
-        let cfg = &self.entry.cfg;
-        let fd: OwnedFd = match (self.kind, self.conn, &self.entry.socket) {
-            (JobKind::Stream, Some(c), _) => c,
-            (JobKind::Datagram | JobKind::Wait, None, Some(s)) => s.try_clone()?,
-            _ => return Err(std::io::Error::other("no socket was passed for this job")),
-        };
-        close_all_but(&[fd.as_raw_fd()]);
-        if self.kind == JobKind::Wait {
-            return crate::exec::wait::serve_in_child(cfg, fd);
-        }
-        let factory = self
-            .entry
-            .factory
-            .as_ref()
-            .map_err(|e| std::io::Error::other(e.clone()))?;
-        let ctx = Context::new(Arc::clone(cfg), Arc::new(AtomicBool::new(false)));
-        Ok(match self.kind {
-            JobKind::Stream => {
-                let conn = match cfg.protocol {
-                    Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
-                    _ => Conn::Unix(UnixStream::from(fd)),
-                };
-                super::serve_stream(factory, &ctx, conn, self.peer, self.local, ())
-            }
-            _ => {
-                let socket = match cfg.protocol {
-                    Protocol::Udp => DatagramSocket::Udp(Arc::new(UdpSocket::from(fd))),
-                    _ => DatagramSocket::Unix(Arc::new(UnixDatagram::from(fd))),
-                };
-                super::serve_datagram(factory, &ctx, self.data, self.peer, socket)
-            }
-        })
-    }
+    Some(match cfg.protocol {
+        Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
+        _ => Conn::Unix(UnixStream::from(fd)),
+    })
 }

@@ -6,7 +6,9 @@
 
 pub mod access;
 pub mod forked;
+mod child;
 mod forkserver;
+mod programs;
 pub mod threaded;
 pub mod wire;
 

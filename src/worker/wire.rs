@@ -57,6 +57,9 @@ pub enum Ending {
     Signaled(i32),
     /// No child was started (fork failed, unknown listener, handler could not be built).
     NotStarted(String),
+    /// The child was an exec'd program (`exec::direct`); the fork server has logged how it
+    /// ended, and a program's own exit status is not a worker failure.
+    Program,
 }
 
 /// Fork server -> main loop.
@@ -272,6 +275,7 @@ impl FromServer {
             Ending::Exited(c) => w.u8(0).i32(*c),
             Ending::Signaled(s) => w.u8(1).i32(*s),
             Ending::NotStarted(why) => w.u8(2).bytes(why.as_bytes()),
+            Ending::Program => w.u8(3),
         };
         w.0
     }
@@ -286,6 +290,7 @@ impl FromServer {
             0 => Ending::Exited(r.i32()?),
             1 => Ending::Signaled(r.i32()?),
             2 => Ending::NotStarted(r.string()?),
+            3 => Ending::Program,
             _ => return Err(garbled("ending")),
         };
         Ok(FromServer::Done {
@@ -454,6 +459,14 @@ mod tests {
         };
         send_to_main(b.as_fd(), &done).unwrap();
         assert_eq!(recv_in_main(a.as_fd()).unwrap(), Some(done));
+        let program = FromServer::Done {
+            job: 8,
+            slot: 3,
+            pid: 43,
+            ending: Ending::Program,
+        };
+        send_to_main(b.as_fd(), &program).unwrap();
+        assert_eq!(recv_in_main(a.as_fd()).unwrap(), Some(program));
         drop(b);
         assert_eq!(
             recv_in_main(a.as_fd()).unwrap(),

@@ -1,0 +1,297 @@
+//! The fork server's books on the programs its children became (`exec::direct`): their
+//! `stderr = "log"` pipes and their exits.
+//!
+//! The fork server stays single-threaded, so nothing here blocks: each pipe's read end is
+//! non-blocking and watched by the fork server's `poll` next to its socket and signalfd; lines
+//! are logged as `listener `name` pid N: text`, cut at `MAX_LINE` bytes so a program cannot make
+//! the fork server buffer without limit, and each pass reads a bounded amount per pipe so a
+//! chatty program cannot starve the others. When a program is reaped, what it left in its pipe is
+//! logged first, then its exit status (`exec::log_exit`) and, for a connection, the access line
+//! (bytes from the kernel's TCP counters of the fork server's copy of the connection, kept until
+//! then only when info lines are logged at all). A pipe a descendant still holds open is read
+//! for `DRAIN_WAIT` more, then closed.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+
+use super::wire::Ending;
+use crate::conn::{Conn, PeerAddr};
+
+/// The longest stderr line logged in one piece.
+pub const MAX_LINE: usize = 4096;
+
+/// How long a reaped program's stderr pipe stays watched when something else still holds it.
+const DRAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// Reads per pipe per pass of the poll loop.
+const READS_PER_PASS: usize = 16;
+
+/// A program started for a job.
+#[derive(Debug)]
+pub(super) struct Started {
+    pub listener: Arc<str>,
+    /// `argv[0]`, for the log.
+    pub name: Arc<str>,
+    /// For a connection: the peer and (when access lines are logged) the fork server's copy of
+    /// the connection, for its byte counters.
+    pub conn: Option<(PeerAddr, Option<Conn>)>,
+    pub at: Instant,
+}
+
+#[derive(Debug)]
+struct Pipe {
+    fd: OwnedFd,
+    listener: Arc<str>,
+    pid: i32,
+    buf: Vec<u8>,
+    /// Set once the program is reaped: stop reading then.
+    until: Option<Instant>,
+}
+
+/// Programs running now and the stderr pipes still open.
+#[derive(Debug)]
+pub(super) struct Programs {
+    running: HashMap<i32, Started>,
+    pipes: Vec<Pipe>,
+    null: OwnedFd,
+}
+
+/// A new pipe for a program's stderr: (our non-blocking read end, the program's write end).
+pub(super) fn stderr_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // Only our end: the program gets an ordinary blocking stderr.
+    socket2::SockRef::from(&r).set_nonblocking(true)?;
+    Ok((r, w))
+}
+
+impl Programs {
+    pub fn new() -> io::Result<Programs> {
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        Ok(Programs {
+            running: HashMap::new(),
+            pipes: Vec::new(),
+            null: null.into(),
+        })
+    }
+
+    /// `/dev/null`, for `stderr = "null"`.
+    pub fn null(&self) -> BorrowedFd<'_> {
+        self.null.as_fd()
+    }
+
+    /// Book a program just forked, with the read end of its stderr pipe if it has one.
+    pub fn started(&mut self, pid: i32, program: Started, stderr: Option<OwnedFd>) {
+        if let Some(fd) = stderr {
+            self.pipes.push(Pipe {
+                fd,
+                listener: Arc::clone(&program.listener),
+                pid,
+                buf: Vec::new(),
+                until: None,
+            });
+        }
+        self.running.insert(pid, program);
+    }
+
+    /// The pipes to watch, in the order `readable` expects.
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.pipes.iter().map(|p| p.fd.as_fd())
+    }
+
+    /// Read the pipes `poll` marked (`ready[i]` for the i-th of `fds`).
+    pub fn readable(&mut self, ready: &[bool]) {
+        let mut i = 0;
+        self.pipes.retain_mut(|p| {
+            let keep = !ready.get(i).copied().unwrap_or(false) || p.read();
+            i += 1;
+            keep
+        });
+    }
+
+    /// When the next lingering pipe is due to be closed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pipes.iter().filter_map(|p| p.until).min()
+    }
+
+    /// Close the pipes whose wait ran out, logging what they held.
+    pub fn expire(&mut self, now: Instant) {
+        self.pipes.retain_mut(|p| match p.until {
+            Some(t) if t <= now => {
+                p.read();
+                p.flush();
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// A reaped child: if it was a program, log its last stderr lines, how it ended and its
+    /// access line, and return true.
+    pub fn ended(&mut self, pid: i32, ending: &Ending) -> bool {
+        let Some(p) = self.running.remove(&pid) else {
+            return false;
+        };
+        let now = Instant::now();
+        self.pipes.retain_mut(|pipe| {
+            if pipe.pid != pid {
+                return true;
+            }
+            let open = pipe.read();
+            if open {
+                pipe.until = Some(now + DRAIN_WAIT);
+            }
+            open
+        });
+        let (code, signal) = match ending {
+            Ending::Exited(c) => (Some(*c), None),
+            Ending::Signaled(s) => (None, Some(*s)),
+            _ => (None, None),
+        };
+        crate::exec::log_exit(&p.listener, &p.name, pid, code, signal);
+        if let Some((peer, conn)) = &p.conn {
+            let bytes = conn.as_ref().map(super::access::bytes).unwrap_or_default();
+            super::access::log_stream(
+                &p.listener,
+                peer,
+                now.duration_since(p.at),
+                bytes,
+                &super::Outcome::Ok,
+            );
+        }
+        true
+    }
+
+    /// The daemon is done: log what the pipes hold and close them.
+    pub fn finish(&mut self) {
+        for mut p in self.pipes.drain(..) {
+            p.read();
+            p.flush();
+        }
+    }
+}
+
+impl Pipe {
+    /// Read what is there, logging complete lines; false at end of file or on an error (the
+    /// rest is logged then).
+    fn read(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        for _ in 0..READS_PER_PASS {
+            match nix::unistd::read(self.fd.as_fd(), &mut chunk) {
+                Ok(0) => {
+                    self.flush();
+                    return false;
+                }
+                Ok(n) => self.take(&chunk[..n]),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return true,
+                Err(e) => {
+                    self.flush();
+                    log::warn!(
+                        "listener `{}` pid {}: reading stderr (fd {}): {e}",
+                        self.listener,
+                        self.pid,
+                        self.fd.as_raw_fd()
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn take(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let room = MAX_LINE - self.buf.len();
+            let nl = data[..data.len().min(room)]
+                .iter()
+                .position(|b| *b == b'\n');
+            match nl {
+                Some(i) => {
+                    self.buf.extend_from_slice(&data[..i]);
+                    data = &data[i + 1..];
+                    self.flush();
+                }
+                None if data.len() >= room => {
+                    self.buf.extend_from_slice(&data[..room]);
+                    data = &data[room..];
+                    self.flush();
+                }
+                None => {
+                    self.buf.extend_from_slice(data);
+                    data = &[];
+                }
+            }
+        }
+    }
+
+    /// Log the buffered line, if any.
+    fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.buf);
+        log::info!(
+            "listener `{}` pid {}: {}",
+            self.listener,
+            self.pid,
+            text.trim_end()
+        );
+        self.buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe_with(data: &[u8]) -> Pipe {
+        let (r, w) = stderr_pipe().unwrap();
+        nix::unistd::write(&w, data).unwrap();
+        drop(w);
+        Pipe {
+            fd: r,
+            listener: "t".into(),
+            pid: 1,
+            buf: Vec::new(),
+            until: None,
+        }
+    }
+
+    #[test]
+    fn lines_are_cut_at_max_line_and_the_buffer_stays_bounded() {
+        let mut long = vec![b'x'; MAX_LINE * 2 + 10];
+        long.extend_from_slice(b"\nshort\npartial");
+        let mut p = pipe_with(&long);
+        // Everything fits in one pass; end of file flushes the partial last line.
+        assert!(!p.read(), "end of file closes the pipe");
+        assert!(p.buf.is_empty());
+        let mut q = pipe_with(b"");
+        q.take(&vec![b'y'; MAX_LINE * 3 + 5]);
+        assert_eq!(q.buf.len(), 5, "three whole lines logged, the rest kept");
+        q.take(b"z\n");
+        assert!(q.buf.is_empty());
+    }
+
+    #[test]
+    fn an_open_pipe_with_nothing_to_read_stays_open() {
+        let (r, _w) = stderr_pipe().unwrap();
+        let mut p = Pipe {
+            fd: r,
+            listener: "t".into(),
+            pid: 1,
+            buf: Vec::new(),
+            until: None,
+        };
+        assert!(p.read(), "EAGAIN: still open, the poll loop waits");
+        p.take(b"half a line");
+        assert_eq!(p.buf, b"half a line");
+    }
+}
