@@ -86,6 +86,8 @@ pub struct Accepted {
 struct Handoff {
     accepted: Accepted,
     service: Arc<Service>,
+    /// `idle_timeout`: no byte either way for this long closes the connection.
+    idle: Option<std::time::Duration>,
 }
 
 /// A UDP client's datagram for the proxy's associations.
@@ -207,7 +209,11 @@ impl SlotEvents {
         self.next = pick;
         let l = &self.loops[pick];
         l.live.fetch_add(1, Ordering::Relaxed);
-        if l.send(Msg::Stream(Handoff { accepted, service })) {
+        if l.send(Msg::Stream(Handoff {
+            accepted,
+            service,
+            idle: cfg.protect.idle_timeout,
+        })) {
             Ok(())
         } else {
             l.live.fetch_sub(1, Ordering::Relaxed);

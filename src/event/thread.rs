@@ -40,6 +40,9 @@ struct Conn {
     conn_id: u64,
     peer: PeerAddr,
     started: Instant,
+    /// `idle_timeout`, and when the connection last had an event.
+    idle: Option<Duration>,
+    last: Instant,
     _ticket: crate::protect::Ticket,
 }
 
@@ -64,6 +67,7 @@ pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Re
             scratch: vec![0; SCRATCH],
             pattern: crate::handler::chargen::pattern(),
             retiring: false,
+            idle_sweep: None,
         };
         l.run();
     })?;
@@ -81,6 +85,8 @@ struct Loop {
     scratch: Vec<u8>,
     pattern: Vec<u8>,
     retiring: bool,
+    /// When to look for connections past their `idle_timeout`, while any have one.
+    idle_sweep: Option<Instant>,
 }
 
 impl Loop {
@@ -115,6 +121,9 @@ impl Loop {
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let mut next = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        if let Some(t) = self.idle_sweep {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         if !self.assocs.is_empty() {
             let sweep = now + SWEEP;
             next = Some(next.map_or(sweep, |n| n.min(sweep)));
@@ -152,7 +161,11 @@ impl Loop {
     }
 
     fn open(&mut self, h: Handoff) {
-        let Handoff { accepted, service } = h;
+        let Handoff {
+            accepted,
+            service,
+            idle,
+        } = h;
         let crate::event::Accepted {
             conn,
             peer,
@@ -210,6 +223,8 @@ impl Loop {
             conn_id,
             peer,
             started,
+            idle,
+            last: started,
             _ticket: ticket,
         });
         let idx = self.insert(Entry::Conn(c));
@@ -227,6 +242,10 @@ impl Loop {
                 .registry()
                 .register(&mut r.up, Token(idx * 2 + 1), both);
             self.timers.push(Reverse((r.deadline, idx, conn_id)));
+        }
+        if let Some(i) = idle {
+            let t = started + (i / 4).clamp(Duration::from_millis(10), SWEEP);
+            self.idle_sweep = Some(self.idle_sweep.map_or(t, |s| s.min(t)));
         }
         if let Err(e) = ok {
             self.close(
@@ -261,6 +280,9 @@ impl Loop {
                 Step::Close(Outcome::Ok)
             }
             Some(Some(Entry::Conn(c))) => {
+                if c.idle.is_some() {
+                    c.last = Instant::now();
+                }
                 let Conn {
                     client, machine, ..
                 } = &mut **c;
@@ -315,8 +337,37 @@ impl Loop {
         self.report(&peer, outcome);
     }
 
+    /// Close connections that had no event for their `idle_timeout`; check again in a
+    /// quarter of the shortest one (at most `SWEEP`) while any connection has one.
+    fn sweep_idle(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut tick: Option<Duration> = None;
+        for (i, e) in self.slab.iter().enumerate() {
+            if let Some(Entry::Conn(c)) = e {
+                if let Some(idle) = c.idle {
+                    if now.duration_since(c.last) >= idle {
+                        expired.push((i, idle));
+                    }
+                    tick = Some(tick.map_or(idle, |t| t.min(idle)));
+                }
+            }
+        }
+        for (i, idle) in expired {
+            log::info!(
+                "listener `{}`: connection idle for {}, closed (idle_timeout)",
+                self.ctx.name,
+                humantime::format_duration(idle)
+            );
+            self.close(i, Outcome::Ok);
+        }
+        self.idle_sweep = tick.map(|t| now + (t / 4).clamp(Duration::from_millis(10), SWEEP));
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
+        if self.idle_sweep.is_some_and(|t| t <= now) {
+            self.sweep_idle(now);
+        }
         while let Some(Reverse((t, idx, conn_id))) = self.timers.peek().copied() {
             if t > now {
                 break;

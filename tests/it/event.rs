@@ -2,7 +2,7 @@
 //! back-pressure (a client that never reads cannot make the daemon grow), graceful stop with
 //! a connection open, and `check` refusing a registered handler in event mode.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::harness::*;
@@ -238,4 +238,41 @@ fn check_refuses_a_registered_handler_in_event_mode() {
         "{}",
         out.describe()
     );
+}
+
+#[test]
+fn event_idle_timeout_and_max_duration_close_connections() {
+    let d = Daemon::start(
+        &(event_listener("idle", "tcp", "127.0.0.1:0", "echo")
+            + "idle_timeout = \"400ms\"\n"
+            + &event_listener("long", "unix", "{dir}/long.sock", "chargen")
+            + "max_duration = \"500ms\"\n"),
+    );
+    d.wait_ready();
+    // An active client outlives idle_timeout several times over.
+    let mut busy = d.connect("idle");
+    for i in 0..10 {
+        busy.write_all(format!("{i}\n").as_bytes()).expect("send");
+        assert_eq!(busy.read_line(), format!("{i}\n"));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // A silent one is closed.
+    let mut quiet = d.connect("idle");
+    quiet.write_all(b"x").expect("send");
+    assert_eq!(quiet.read_n(1), b"x");
+    assert!(quiet.closed_within(IO_TIMEOUT), "idle connection left open");
+    // chargen never stops by itself: max_duration cuts it.
+    let mut s = d.connect("long");
+    let mut buf = vec![0u8; 64 * 1024];
+    let cut = std::time::Instant::now() + IO_TIMEOUT;
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break true,
+            Ok(_) if std::time::Instant::now() > cut => break false,
+            Ok(_) => {}
+        }
+    };
+    assert!(ended, "chargen ran past max_duration");
+    drop((busy, quiet, s));
+    stop(d);
 }
