@@ -115,9 +115,36 @@ fn clash(a: (Protocol, &ListenAddr), b: (Protocol, &ListenAddr)) -> Option<Strin
 }
 
 fn inet_clash(x: &SocketAddr, y: &SocketAddr) -> bool {
-    let same_family = x.is_ipv4() == y.is_ipv4();
-    let wildcard = x.ip().is_unspecified() || y.ip().is_unspecified();
-    x.port() != 0 && x.port() == y.port() && same_family && (x.ip() == y.ip() || wildcard)
+    // `[::]` is bound dual-stack (IPV6_V6ONLY off, the Linux default), so it also takes
+    // every IPv4 address on its port; `0.0.0.0` covers IPv4 only.
+    let covers =
+        |w: &SocketAddr, o: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    x.port() != 0 && x.port() == y.port() && (x.ip() == y.ip() || covers(x, y) || covers(y, x))
+}
+
+#[cfg(test)]
+mod clash_tests {
+    use super::*;
+
+    fn clash(a: &str, b: &str) -> bool {
+        let (a, b) = (a.parse().expect("addr"), b.parse().expect("addr"));
+        inet_clash(&a, &b) && inet_clash(&b, &a)
+    }
+
+    #[test]
+    fn wildcards_cover_what_the_kernel_would_refuse() {
+        assert!(clash("127.0.0.1:7", "127.0.0.1:7"));
+        assert!(clash("0.0.0.0:7", "127.0.0.1:7"));
+        assert!(clash("[::]:7", "[::1]:7"));
+        // Dual-stack `[::]` takes IPv4 too.
+        assert!(clash("[::]:7", "0.0.0.0:7"));
+        assert!(clash("[::]:7", "127.0.0.1:7"));
+        assert!(!clash("0.0.0.0:7", "[::1]:7"));
+        assert!(!clash("127.0.0.1:7", "[::1]:7"));
+        assert!(!clash("127.0.0.1:7", "127.0.0.2:7"));
+        assert!(!clash("[::]:0", "0.0.0.0:0"));
+        assert!(!clash("[::]:7", "0.0.0.0:8"));
+    }
 }
 
 fn same_path(p: &Path, q: &Path) -> bool {

@@ -157,6 +157,17 @@ fn same_protocol_and_address_twice() {
             "already used by listener `echo` at line 4",
         ],
     );
+    // `[::]` is dual-stack, so it takes IPv4 on its port too: the daemon could not bind
+    // both, so check must not pass them.
+    let v4 = GOOD_LISTENER.replace("127.0.0.1:0", "0.0.0.0:7007");
+    let v6 = v4
+        .replace("0.0.0.0:7007", "[::]:7007")
+        .replace("\"echo\"\nprotocol", "\"echo6\"\nprotocol");
+    assert_rejected(
+        &format!("{v4}\n{v6}"),
+        10,
+        &["listener `echo6`", "key `address`", "0.0.0.0:7007"],
+    );
     // The same address on tcp and udp is fine (different protocols) — checked in good_files.
     let unix = "[[listener]]\nname = \"a\"\nprotocol = \"unix\"\naddress = \"{dir}/s.sock\"\nhandler = \"echo\"\n";
     let toml = format!(

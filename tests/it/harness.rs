@@ -24,7 +24,9 @@
 //!   `POLL` up to a deadline and panic with the daemon's log when it passes;
 //! - every client socket has read and write timeouts (`IO_TIMEOUT`);
 //! - signals go through `kill(2)`; `Drop` SIGKILLs a daemon that is still running and prints
-//!   its log when the test is panicking.
+//!   its log when the test is panicking;
+//! - a watchdog SIGKILLs any daemon still alive after `WATCHDOG`, so even a test stuck in its
+//!   own loop on a daemon socket ends.
 //!
 //! Custom daemons built from `examples/` (handlers the `socketd` binary does not have) run
 //! through `example_bin("name")`, which builds the example once per test run.
@@ -40,7 +42,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -56,6 +58,12 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const STOP_BUDGET: Duration = Duration::from_secs(5);
 /// Polling interval for every wait.
 pub const POLL: Duration = Duration::from_millis(10);
+/// Longest one whole client operation (`read_to_end_vec`, `read_line`) may take, however
+/// the data trickles in: an endless stream (chargen) cannot hang a test.
+pub const OP_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest a daemon may live in one test. Then a watchdog SIGKILLs it, so a test blocked on
+/// one of its sockets gets EOF and fails (printing the log) instead of hanging the suite.
+pub const WATCHDOG: Duration = Duration::from_secs(60);
 
 /// Environment that would change how the daemon behaves (journald log format, socket
 /// activation, sd_notify); removed so tests behave the same under systemd or CI.
@@ -226,6 +234,52 @@ pub struct Daemon {
     log: PathBuf,
     status: Option<ExitStatus>,
     clients: AtomicUsize,
+    watch: Arc<Watch>,
+}
+
+/// Shared between a `Daemon` and its watchdog thread. The pid is reaped only with `state`
+/// locked and `reaped` set, and the watchdog kills only with it locked and `reaped` unset, so
+/// it can never signal a recycled pid.
+#[derive(Default)]
+struct Watch {
+    state: Mutex<WatchState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct WatchState {
+    reaped: bool,
+    dropped: bool,
+    fired: bool,
+}
+
+impl Watch {
+    fn lock(&self) -> MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// SIGKILL `pid` at `WATCHDOG` unless it was reaped or its `Daemon` dropped first.
+    fn start(self: &Arc<Watch>, pid: i32) {
+        let watch = Arc::clone(self);
+        let deadline = Instant::now() + WATCHDOG;
+        std::thread::spawn(move || {
+            let mut state = watch.lock();
+            while !state.reaped && !state.dropped {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // SAFETY: kill(2) has no memory effects; the pid is unreaped (see above).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    state.fired = true;
+                    eprintln!("watchdog: daemon {pid} still running after {WATCHDOG:?}; killed it");
+                    return;
+                }
+                state = watch
+                    .wake
+                    .wait_timeout(state, left)
+                    .map_or_else(|p| p.into_inner().0, |r| r.0);
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Daemon {
@@ -273,6 +327,8 @@ impl Daemon {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let watch = Arc::new(Watch::default());
+        watch.start(i32::try_from(child.id()).expect("pid fits in i32"));
         Daemon {
             child,
             dir,
@@ -280,6 +336,34 @@ impl Daemon {
             log,
             status: None,
             clients: AtomicUsize::new(0),
+            watch,
+        }
+    }
+
+    /// Start a daemon from a command the caller builds, given the temp dir and the config
+    /// path: for wrappers (`systemd-socket-activate`), extra environment (`NOTIFY_SOCKET`) or
+    /// sockets the test must create in the dir first. Output goes to the log as for `spawn`.
+    pub fn spawn_with(config_toml: &str, build: impl FnOnce(&Path, &Path) -> Command) -> Daemon {
+        let dir = TestDir::new();
+        let config = dir.write("socketd.toml", config_toml);
+        let log = dir.path().join("daemon.log");
+        let out = File::create(&log).expect("create the log file");
+        let err = out.try_clone().expect("clone the log file");
+        let mut cmd = build(dir.path(), &config);
+        cmd.current_dir(dir.path()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let watch = Arc::new(Watch::default());
+        watch.start(i32::try_from(child.id()).expect("pid fits in i32"));
+        Daemon {
+            child,
+            dir,
+            config,
+            log,
+            status: None,
+            clients: AtomicUsize::new(0),
+            watch,
         }
     }
 
@@ -465,22 +549,46 @@ impl Daemon {
         if let Some(s) = self.status {
             return s;
         }
-        match wait_child(&mut self.child, timeout) {
-            Some(s) => {
-                self.status = Some(s);
-                s
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.reap() {
+                return s;
             }
-            None => panic!(
+            assert!(
+                Instant::now() < deadline,
                 "daemon still running {timeout:?} after being asked to exit\n{}",
                 self.log_dump()
-            ),
+            );
+            std::thread::sleep(POLL);
         }
+    }
+
+    /// Reap the process if it has exited (see `Watch` for why under the lock).
+    fn reap(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let mut state = self.watch.lock();
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    state.reaped = true;
+                    self.status = Some(s);
+                    self.watch.wake.notify_all();
+                }
+                Ok(None) => {}
+                Err(e) => panic!("cannot wait for the daemon: {e}"),
+            }
+        }
+        self.status
     }
 
     /// The log framed for a failure message.
     pub fn log_dump(&self) -> String {
+        let killed = if self.watch.lock().fired {
+            format!("(the test watchdog SIGKILLed the daemon after {WATCHDOG:?})\n")
+        } else {
+            String::new()
+        };
         format!(
-            "=== daemon log ({}) ===\n{}=== end of daemon log ===",
+            "=== daemon log ({}) ===\n{}{killed}=== end of daemon log ===",
             self.log.display(),
             self.log()
         )
@@ -489,11 +597,18 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.status.is_none() {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill(); // SIGKILL: only for leftovers, never as the test's stop
+        {
+            let mut state = self.watch.lock();
+            if self.status.is_none() {
+                if let Ok(None) = self.child.try_wait() {
+                    // SIGKILL: only for leftovers, never as a test's way to stop the daemon.
+                    let _ = self.child.kill();
+                }
+                let _ = self.child.wait();
+                state.reaped = true;
             }
-            let _ = self.child.wait();
+            state.dropped = true;
+            self.watch.wake.notify_all();
         }
         if std::thread::panicking() {
             eprintln!("{}", self.log_dump());
@@ -561,9 +676,15 @@ impl Stream {
 
     /// Read up to and including the next `\n` (panics on timeout; stops early at EOF).
     pub fn read_line(&mut self) -> String {
+        let deadline = Instant::now() + OP_DEADLINE;
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "no newline within {OP_DEADLINE:?} (got {:?})",
+                lossy(&line)
+            );
             match self.read(&mut byte) {
                 Ok(0) => break,
                 Ok(_) => {
@@ -579,12 +700,25 @@ impl Stream {
         String::from_utf8_lossy(&line).into_owned()
     }
 
-    /// Read until the server closes (panics on timeout).
+    /// Read until the server closes (panics on timeout, or if EOF has not come within
+    /// `OP_DEADLINE` while data kept arriving).
     pub fn read_to_end_vec(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + OP_DEADLINE;
         let mut all = Vec::new();
-        self.read_to_end(&mut all)
-            .unwrap_or_else(|e| panic!("reading to EOF (got {} bytes): {e}", all.len()));
-        all
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return all,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading to EOF (got {} bytes): {e}", all.len()),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no EOF within {OP_DEADLINE:?} ({} bytes so far)",
+                all.len()
+            );
+        }
     }
 
     /// Whether the server has closed the connection: EOF (or a reset) within `timeout`.

@@ -16,4 +16,5 @@ mod forked;
 mod handlers;
 mod proxy;
 mod services;
+mod start;
 mod stop;

@@ -101,7 +101,7 @@ fn ipv6_udp_services() {
 
 // ---- stream services ----
 
-fn stream_echo(d: &Daemon, name: &str) {
+pub fn stream_echo(d: &Daemon, name: &str) {
     let mut s = d.connect(name);
     // Round trips, one at a time: each reply comes before the client stops sending.
     for msg in [
@@ -116,14 +116,14 @@ fn stream_echo(d: &Daemon, name: &str) {
     assert_eq!(s.read_to_end_vec(), b"", "nothing after the echo, then EOF");
 }
 
-fn stream_discard(d: &Daemon, name: &str) {
+pub fn stream_discard(d: &Daemon, name: &str) {
     let mut s = d.connect(name);
     s.write_all(&pseudo_random(256 * 1024, 7)).expect("send");
     s.shutdown_write();
     assert_eq!(s.read_to_end_vec(), b"", "discard sends nothing and closes");
 }
 
-fn stream_chargen(d: &Daemon, name: &str) {
+pub fn stream_chargen(d: &Daemon, name: &str) {
     let mut s = d.connect(name);
     // Three whole periods and a bit: every line, including the wrap past `~`.
     let n = 3 * 95 * 74 + 10;
@@ -148,7 +148,7 @@ fn stream_chargen_again(d: &Daemon, name: &str) {
     assert_bytes_eq(&chargen_pattern(74, 0), &s.read_n(74));
 }
 
-fn stream_daytime(d: &Daemon, name: &str) {
+pub fn stream_daytime(d: &Daemon, name: &str) {
     let mut s = d.connect(name);
     let reply = s.read_to_end_vec();
     let text = lossy(&reply);
@@ -156,7 +156,7 @@ fn stream_daytime(d: &Daemon, name: &str) {
     assert_daytime_now(&text);
 }
 
-fn stream_time(d: &Daemon, name: &str) {
+pub fn stream_time(d: &Daemon, name: &str) {
     let mut s = d.connect(name);
     let reply = s.read_to_end_vec();
     assert_eq!(reply.len(), 4, "four bytes then close, got {reply:02x?}");
@@ -165,7 +165,7 @@ fn stream_time(d: &Daemon, name: &str) {
 
 // ---- datagram services ----
 
-fn dgram_echo(d: &Daemon, name: &str) {
+pub fn dgram_echo(d: &Daemon, name: &str) {
     let c = d.dgram(name);
     for msg in [&b"hello"[..], b"\x00\xff binary\r\n", b""] {
         assert_bytes_eq(msg, &c.request(msg));
@@ -174,14 +174,14 @@ fn dgram_echo(d: &Daemon, name: &str) {
     assert_bytes_eq(&big, &c.request(&big));
 }
 
-fn dgram_discard(d: &Daemon, name: &str) {
+pub fn dgram_discard(d: &Daemon, name: &str) {
     let c = d.dgram(name);
     c.send(b"into the void");
     let reply = c.try_recv(Duration::from_millis(300));
     assert_eq!(reply, None, "discard never replies");
 }
 
-fn dgram_chargen(d: &Daemon, name: &str) {
+pub fn dgram_chargen(d: &Daemon, name: &str) {
     let c = d.dgram(name);
     let period = chargen_pattern(2 * 95 * 74, 0);
     for _ in 0..20 {
@@ -200,13 +200,13 @@ fn dgram_chargen(d: &Daemon, name: &str) {
     }
 }
 
-fn dgram_daytime(d: &Daemon, name: &str) {
+pub fn dgram_daytime(d: &Daemon, name: &str) {
     let c = d.dgram(name);
     let reply = c.request(b"?");
     assert_daytime_now(&lossy(&reply));
 }
 
-fn dgram_time(d: &Daemon, name: &str) {
+pub fn dgram_time(d: &Daemon, name: &str) {
     let c = d.dgram(name);
     let reply = c.request(b"");
     assert_eq!(reply.len(), 4, "four bytes, got {reply:02x?}");
@@ -389,4 +389,23 @@ fn stream_reads_are_bounded() {
     s.set_read_timeout(Duration::from_millis(50));
     let e = s.read(&mut buf).expect_err("times out");
     assert!(is_timeout(&e), "{e}");
+}
+
+/// Check that listener `name` of `d` serves `service` correctly, over whatever kind of
+/// socket it is (for topic files that start their own daemons).
+pub fn check_listener(d: &Daemon, name: &str, service: &str) {
+    let stream = matches!(d.bound(name).protocol.as_str(), "tcp" | "unix");
+    match (service, stream) {
+        ("echo", true) => stream_echo(d, name),
+        ("discard", true) => stream_discard(d, name),
+        ("chargen", true) => stream_chargen(d, name),
+        ("daytime", true) => stream_daytime(d, name),
+        ("time", true) => stream_time(d, name),
+        ("echo", false) => dgram_echo(d, name),
+        ("discard", false) => dgram_discard(d, name),
+        ("chargen", false) => dgram_chargen(d, name),
+        ("daytime", false) => dgram_daytime(d, name),
+        ("time", false) => dgram_time(d, name),
+        _ => panic!("no check for service {service:?}"),
+    }
 }

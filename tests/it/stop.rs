@@ -247,3 +247,30 @@ fn a_stuck_handler_does_not_block_the_stop() {
     );
     assert_contains(&d.log(), &["shutdown_timeout reached"]);
 }
+
+/// A handler that polls the shutting-down flag (chargen does) ends its endless stream when a
+/// stop begins, so the daemon need not wait for `shutdown_timeout`.
+#[test]
+fn endless_chargen_ends_when_a_stop_begins() {
+    let mut d = Daemon::start(&format!(
+        "[daemon]\nshutdown_timeout = \"30s\"\n{}",
+        listener("chargen", "tcp", "127.0.0.1:0", "chargen")
+    ));
+    let mut s = d.connect("chargen");
+    assert_bytes_eq(
+        &crate::services::chargen_pattern(74 * 10, 0),
+        &s.read_n(74 * 10),
+    );
+    let started = Instant::now();
+    d.signal(libc::SIGTERM);
+    // Keep reading so the handler is never blocked on a full buffer; the stream must end.
+    let rest = s.read_to_end_vec();
+    assert!(!rest.is_empty());
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "stop took {took:?}\n{}",
+        d.log_dump()
+    );
+}
