@@ -154,7 +154,17 @@ impl Slot {
         if let Some(program) = crate::handler::exec::wait_program(&self.cfg) {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
+        // After EMFILE, accept again only with room to serve: at the margin an accept would
+        // succeed and the handler then fail for want of its next descriptor, every retry.
+        if self.fd_starved && !crate::protect::fd_headroom() {
+            self.unwatch(poll);
+            return Drained::RetryAt(Instant::now() + FD_RETRY);
+        }
+        let mut low_fds = false;
         for _ in 0..FAIR_BATCH {
+            if low_fds {
+                return self.pause_low_fds(poll);
+            }
             if !self.has_capacity() {
                 self.unwatch(poll);
                 return Drained::Full;
@@ -164,6 +174,7 @@ impl Slot {
             };
             match listener.next(buf) {
                 Ok(Incoming::Stream(conn, peer)) => {
+                    low_fds = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut self.fd_starved) {
                         log::info!("listener `{}`: accepting again", self.cfg.name);
                     }
@@ -211,7 +222,26 @@ impl Slot {
                 }
             }
         }
+        if low_fds {
+            return self.pause_low_fds(poll);
+        }
         Drained::More
+    }
+
+    /// The last accept left fewer than `FD_HEADROOM` descriptors: serve what was accepted but
+    /// accept no more until there is room, so accepted connections are not starved of the
+    /// descriptors their handlers need (the same episode as EMFILE, logged once).
+    fn pause_low_fds(&mut self, poll: &PollRegistry) -> Drained {
+        if !self.fd_starved {
+            log::error!(
+                "listener `{}`: accept failed: descriptors nearly exhausted (RLIMIT_NOFILE); pausing, retrying every {}ms",
+                self.cfg.name,
+                FD_RETRY.as_millis()
+            );
+            self.fd_starved = true;
+        }
+        self.unwatch(poll);
+        Drained::RetryAt(Instant::now() + FD_RETRY)
     }
 
     fn dispatch_stream(

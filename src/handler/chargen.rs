@@ -59,20 +59,29 @@ fn chargen_stream(s: &mut StreamRequest, ctx: &Context) -> io::Result<()> {
     // the loop notice a stop. Restore what the worker had set on the way out.
     let previous = socket2::SockRef::from(s.conn()).write_timeout()?;
     s.conn().set_write_timeout(Some(STOP_POLL))?;
-    let sent = send_pattern(s, ctx);
+    let sent = send_pattern(s, ctx, previous);
     let restored = s.conn().set_write_timeout(previous);
     sent.and(restored.or_else(|e| if peer_gone(&e) { Ok(()) } else { Err(e) }))
 }
 
-/// Write the pattern until the client goes away or a stop begins.
-fn send_pattern(s: &mut StreamRequest, ctx: &Context) -> io::Result<()> {
+/// Write the pattern until the client goes away or a stop begins. `stalled` is the write
+/// timeout the worker set (the listener's `idle_timeout`): no progress for that long fails
+/// with `TimedOut`, as a plain write would have.
+fn send_pattern(s: &mut StreamRequest, ctx: &Context, stalled: Option<std::time::Duration>) -> io::Result<()> {
     let pattern = pattern();
     let conn = s.wfile.get_mut();
     let mut at = 0;
+    let mut progress = std::time::Instant::now();
     while !ctx.shutting_down() {
+        if stalled.is_some_and(|t| progress.elapsed() >= t) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no byte accepted for the write timeout"));
+        }
         match conn.write(&pattern[at..at + PERIOD]) {
             Ok(0) => return Ok(()),
-            Ok(n) => at = (at + n) % PERIOD,
+            Ok(n) => {
+                at = (at + n) % PERIOD;
+                progress = std::time::Instant::now();
+            }
             Err(e) if peer_gone(&e) => return Ok(()),
             Err(e)
                 if matches!(

@@ -182,6 +182,30 @@ fn udp_source(addr: &SocketAddr, min_port: u16) -> Result<IpAddr, Reason> {
     Ok(ip)
 }
 
+/// Descriptors that must be free before a listener starved by EMFILE accepts again: the
+/// connection, its second handle, and a few for what a handler opens (files, pipes, stdio).
+pub const FD_HEADROOM: usize = 8;
+
+/// Whether twice `FD_HEADROOM` descriptors can be opened now (twice, so a listener that
+/// resumes does not pause again at once); probed by opening /dev/null (close-on-exec, closed
+/// at once), only while a listener is starved.
+pub fn fd_headroom() -> bool {
+    let probe: Result<Vec<std::fs::File>, _> = (0..2 * FD_HEADROOM)
+        .map(|_| std::fs::File::open("/dev/null"))
+        .collect();
+    probe.is_ok()
+}
+
+/// Whether a just-accepted descriptor number says fewer than `FD_HEADROOM` are left: the
+/// kernel hands out the lowest free number, so every lower one is in use.
+pub fn near_fd_limit(fd: std::os::fd::RawFd) -> bool {
+    use nix::sys::resource::{getrlimit, Resource};
+    match (getrlimit(Resource::RLIMIT_NOFILE), u64::try_from(fd)) {
+        (Ok((soft, _)), Ok(fd)) => fd.saturating_add(FD_HEADROOM as u64) >= soft,
+        _ => false,
+    }
+}
+
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit, so the daemon can hold as many
 /// connections as the administrator allows before accept ever sees EMFILE.
 pub fn raise_fd_limit() {
