@@ -88,7 +88,7 @@ fn deny_and_allow_by_source_address() {
 pub struct Wrapped {
     pub child: std::process::Child,
     pub log: std::path::PathBuf,
-    pub dir: TestDir,
+    pub _dir: TestDir,
 }
 
 impl Wrapped {
@@ -111,7 +111,11 @@ impl Wrapped {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {wrapper}: {e}"));
-        Wrapped { child, log, dir }
+        Wrapped {
+            child,
+            log,
+            _dir: dir,
+        }
     }
 
     /// Wait for `socketd ready` in the log.
