@@ -227,7 +227,17 @@ pub enum Machine {
 }
 
 /// Echo until EOF, then close once everything read has been written back.
-pub fn echo(s: &mut EvStream, pending: &mut Pending, eof: &mut bool, scratch: &mut [u8]) -> Step {
+///
+/// `peer_shut` is the event's read-closed flag. Without it, a read shorter than the buffer
+/// means the socket is drained (edge-triggered: new bytes bring a new event), which saves the
+/// `EAGAIN` read per request; with it, reading goes on to see the EOF.
+pub fn echo(
+    s: &mut EvStream,
+    pending: &mut Pending,
+    eof: &mut bool,
+    scratch: &mut [u8],
+    peer_shut: bool,
+) -> Step {
     loop {
         match pending.flush(s) {
             Ok(true) => {}
@@ -240,6 +250,7 @@ pub fn echo(s: &mut EvStream, pending: &mut Pending, eof: &mut bool, scratch: &m
         match s.read(scratch) {
             Ok(0) => *eof = true,
             Ok(n) => match pending.write_through(s, &scratch[..n]) {
+                Ok(true) if n < scratch.len() && !peer_shut => return Step::Wait,
                 Ok(_) => {}
                 Err(e) => return closed_by(e),
             },

@@ -109,7 +109,7 @@ impl Loop {
                 let (idx, side) = (ev.token().0 / 2, ev.token().0 % 2);
                 // Both directions closed (e.g. the stop deadline shut the socket down).
                 let hung_up = side == 0 && ev.is_read_closed() && ev.is_write_closed();
-                self.drive(idx, hung_up);
+                self.drive(idx, hung_up, ev.is_read_closed());
             }
             self.fire_timers();
             if self.retiring && self.ctx.live.load(Ordering::Relaxed) == 0 {
@@ -272,7 +272,7 @@ impl Loop {
         });
     }
 
-    fn drive(&mut self, idx: usize, hung_up: bool) {
+    fn drive(&mut self, idx: usize, hung_up: bool, peer_shut: bool) {
         let scratch = &mut self.scratch;
         let step = match self.slab.get_mut(idx) {
             Some(Some(Entry::Conn(c))) if hung_up => {
@@ -287,7 +287,9 @@ impl Loop {
                     client, machine, ..
                 } = &mut **c;
                 match machine {
-                    Machine::Echo { pending, eof } => stream::echo(client, pending, eof, scratch),
+                    Machine::Echo { pending, eof } => {
+                        stream::echo(client, pending, eof, scratch, peer_shut)
+                    }
                     Machine::Discard => stream::discard(client, scratch).unwrap_or(Step::Wait),
                     Machine::Chargen { pos } => {
                         stream::chargen(client, pos, &self.pattern, scratch)
