@@ -164,7 +164,7 @@ fn ipv4_mapped_peers_on_a_dual_stack_listener_are_matched_as_ipv4() {
         .expect("addr")
         .port();
     let any = format!("[::]:{port}");
-    let toml = format!("{}", echo_tcp("any", "[::]:0", "deny = [\"127.0.0.2\"]"));
+    let toml = echo_tcp("any", "[::]:0", "deny = [\"127.0.0.2\"]");
     let d = Wrapped::spawn(
         "systemd-socket-activate",
         &["-l", &any, "--fdname=any"],
