@@ -37,7 +37,7 @@ impl Pidfile {
             Ok(file) => Ok(Pidfile {
                 file,
                 path: path.to_path_buf(),
-                owner: None,
+                owner: Some(std::process::id()), // until a detach hands it to the daemon
             }),
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();

@@ -53,8 +53,14 @@ fn tcp_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<Bytes> {
     // sent once (retransmissions excluded) plus those still queued, unsent (Linux 4.19+), or
     // else those acknowledged (4.1+), which can trail the last write by a round trip.
     let has = |end: usize| len as usize >= end;
+    // The counter follows the receive sequence number, which the peer's FIN advances by one.
+    // CLOSE is also where a reset ends, so a reset connection may show one byte too few.
+    let fin_in = matches!(
+        u32::from(info.tcpi_state),
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT | TCP_CLOSE
+    );
     let received = has(std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8)
-        .then_some(info.tcpi_bytes_received);
+        .then(|| info.tcpi_bytes_received.saturating_sub(u64::from(fin_in)));
     let sent = if has(std::mem::offset_of!(libc::tcp_info, tcpi_bytes_retrans) + 8) {
         Some(
             info.tcpi_bytes_sent - info.tcpi_bytes_retrans.min(info.tcpi_bytes_sent)
@@ -66,6 +72,13 @@ fn tcp_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<Bytes> {
     };
     Some(Bytes { received, sent })
 }
+
+// TCP states (include/net/tcp_states.h) after the peer's FIN has arrived (CLOSE: normally).
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 
 fn count(n: Option<u64>) -> String {
     n.map_or_else(|| "-".to_string(), |n| n.to_string())

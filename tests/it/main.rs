@@ -22,3 +22,4 @@ mod start;
 mod stop;
 mod reload;
 mod systemd;
+mod daemon_mode;
