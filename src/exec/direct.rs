@@ -1,5 +1,7 @@
 //! Direct exec in a forked worker: the child the fork server forked for a connection becomes
 //! the program itself, so each connection costs one process, not a worker plus its program.
+//! This is the fork path, for programs that switch accounts; the others are started with
+//! `posix_spawn` (`spawn`), which does the same without copying the fork server's memory map.
 //!
 //! `Prepared` is built once per listener config, in the fork server, when the config arrives
 //! (argv and the fixed part of the environment as C strings, the account, the directory); the
@@ -25,12 +27,12 @@ pub const CANNOT_RUN: i32 = 127;
 /// One listener's program, ready to exec without further parsing.
 #[derive(Debug)]
 pub struct Prepared {
-    path: CString,
-    argv: Vec<CString>,
+    pub(super) path: CString,
+    pub(super) argv: Vec<CString>,
     /// `PATH`, `pass_env`, `env` and `SOCKETD_LISTENER`; the connection's variables go on top.
     env: BTreeMap<OsString, OsString>,
-    cwd: CString,
-    account: Account,
+    pub(super) cwd: CString,
+    pub(super) account: Account,
     /// Where the program's stderr goes.
     pub stderr: StderrMode,
     /// inetd `wait` mode: the program is handed the listening socket.
@@ -73,7 +75,7 @@ impl Prepared {
     }
 
     /// The environment as `NAME=value` strings, with `conn_env` added.
-    fn envp(&self, conn_env: &[Var]) -> Vec<CString> {
+    pub(super) fn envp(&self, conn_env: &[Var]) -> Vec<CString> {
         let mut env = self.env.clone();
         for (k, v) in conn_env {
             env.insert(k.into(), v.into());
@@ -160,7 +162,7 @@ impl Prepared {
 }
 
 /// A NULL-terminated array of pointers into `strings`, as execve takes them.
-fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+pub(super) fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings
         .iter()
         .map(|s| s.as_ptr())

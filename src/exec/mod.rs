@@ -19,6 +19,7 @@
 pub mod direct;
 mod env;
 mod output;
+pub mod spawn;
 pub mod wait;
 
 pub use env::{connection_env, socket_env, Var};
@@ -270,6 +271,11 @@ impl Account {
             gid: program.gid,
             uid: program.uid,
         }
+    }
+
+    /// True when the program runs as the daemon's own account.
+    pub fn is_none(&self) -> bool {
+        self.groups.is_none() && self.gid.is_none() && self.uid.is_none()
     }
 
     /// Set the supplementary groups, then the group, then the user (the order that keeps the

@@ -25,7 +25,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,16 +32,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
-use super::child::Child;
-use super::programs::{self, Programs, Started};
-use super::wire::{self, Ending, FromServer, JobKind, ToServer};
-use crate::config::{ListenerConfig, Protocol};
-use crate::conn::Conn;
+use super::programs::Programs;
+use super::start::{prepare_exec, Job};
+use super::wire::{self, Ending, FromServer, ToServer};
+use crate::config::ListenerConfig;
 use crate::exec::direct::Prepared;
-use crate::exec::StderrMode;
-use crate::handler::{BuildContext, Factory, Registry};
+use crate::handler::{Factory, Registry};
 
 /// Exit codes of a forked worker, read back into an `Outcome` by the main loop.
 pub const CHILD_OK: i32 = 0;
@@ -50,7 +47,7 @@ pub const CHILD_ERROR: i32 = 1;
 pub const CHILD_PANIC: i32 = 2;
 
 /// The daemon's signals, ignored here (see `setup`) and restored in every child.
-const IGNORED: [Signal; 5] = [
+pub(super) const IGNORED: [Signal; 5] = [
     Signal::SIGINT,
     Signal::SIGQUIT,
     Signal::SIGHUP,
@@ -68,13 +65,13 @@ pub(super) struct Entry {
     pub socket: Option<OwnedFd>,
 }
 
-struct State {
+pub(super) struct State {
     registry: Registry,
     sock: OwnedFd,
-    listeners: HashMap<u64, Entry>,
+    pub listeners: HashMap<u64, Entry>,
     /// Running children: pid -> (job, slot, whether it holds a `wait` listener's socket).
-    children: HashMap<i32, (u64, u64, bool)>,
-    programs: Programs,
+    pub children: HashMap<i32, (u64, u64, bool)>,
+    pub programs: Programs,
     /// Process groups of finished children that still have members (a program that outlived
     /// its worker): signalled with the children at stop, and killed when the daemon is done.
     lingering: HashSet<i32>,
@@ -289,7 +286,7 @@ fn timeout(deadline: Option<Instant>) -> PollTimeout {
 }
 
 impl State {
-    fn report(&self, job: u64, slot: u64, pid: i32, ending: Ending) {
+    pub(super) fn report(&self, job: u64, slot: u64, pid: i32, ending: Ending) {
         let msg = FromServer::Done {
             job,
             slot,
@@ -388,132 +385,17 @@ impl State {
             } => {
                 let conn = fds.pop();
                 drop(fds);
-                let Some(entry) = self.listeners.get(&slot) else {
-                    self.report(
-                        job,
-                        slot,
-                        0,
-                        Ending::NotStarted("the listener is unknown to the fork server".into()),
-                    );
-                    return;
-                };
-                let program = match (&entry.exec, kind) {
-                    (Some(Ok(p)), JobKind::Stream) => Some(Arc::clone(p)),
-                    (Some(Ok(p)), JobKind::Wait) if p.wait => Some(Arc::clone(p)),
-                    (Some(Err(e)), JobKind::Stream | JobKind::Wait) => {
-                        log::error!("listener `{}`: {e}", entry.cfg.name);
-                        self.report(job, slot, 0, Ending::NotStarted(e.clone()));
-                        return;
-                    }
-                    (_, JobKind::Wait) => {
-                        let why = "the listener is no longer in exec wait mode";
-                        self.report(job, slot, 0, Ending::NotStarted(why.into()));
-                        return;
-                    }
-                    _ => None,
-                };
-                let pipe = match program.as_ref().map(|p| p.stderr) {
-                    Some(StderrMode::Log) => match programs::stderr_pipe() {
-                        Ok(pipe) => Some(pipe),
-                        Err(e) => {
-                            let why = format!("cannot make a stderr pipe: {e}");
-                            log::error!("listener `{}`: {why}", entry.cfg.name);
-                            self.report(job, slot, 0, Ending::NotStarted(why));
-                            return;
-                        }
-                    },
-                    _ => None,
-                };
-                let child = Child {
-                    entry,
+                let job = Job {
+                    job,
+                    slot,
                     kind,
                     conn,
                     peer,
                     local,
                     data,
                 };
-                // SAFETY: this process has a single thread (it never starts one), so the child
-                // starts with every lock free; it ends with `_exit` or `execve` and never
-                // returns here.
-                match unsafe { nix::unistd::fork() } {
-                    Ok(ForkResult::Child) => match &program {
-                        Some(p) => {
-                            let stderr = match p.stderr {
-                                StderrMode::Log => pipe.as_ref().map(|(_, w)| w.as_fd()),
-                                StderrMode::Null => Some(self.programs.null()),
-                                StderrMode::Inherit => None,
-                            };
-                            child.exec(p, stderr)
-                        }
-                        None => child.run(),
-                    },
-                    Ok(ForkResult::Parent { child: pid }) => {
-                        // Both sides set the group, so a signal right after fork still reaches it.
-                        let _ = nix::unistd::setpgid(pid, pid);
-                        self.children
-                            .insert(pid.as_raw(), (job, slot, kind == JobKind::Wait));
-                        if let Some(p) = program {
-                            let conn = (kind == JobKind::Stream).then(|| {
-                                (
-                                    child.peer,
-                                    child.conn.and_then(|c| access_copy(&entry.cfg, c)),
-                                )
-                            });
-                            let started = Started {
-                                listener: entry.cfg.name.as_str().into(),
-                                name: p.name.as_str().into(),
-                                conn,
-                                at: Instant::now(),
-                            };
-                            // The write end closes here: the program holds the only one.
-                            self.programs
-                                .started(pid.as_raw(), started, pipe.map(|(r, _)| r));
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("listener `{}`: cannot fork a worker: {e}", entry.cfg.name);
-                        self.report(
-                            job,
-                            slot,
-                            0,
-                            Ending::NotStarted(format!("fork failed: {e}")),
-                        );
-                    }
-                }
+                self.start(job);
             }
         }
     }
-}
-
-/// `handler = "exec"`: the program a child becomes, or why it cannot be run.
-fn prepare_exec(cfg: &ListenerConfig) -> Option<Result<Arc<Prepared>, String>> {
-    if cfg.handler != "exec" {
-        return None;
-    }
-    let ctx = BuildContext {
-        listener: &cfg.name,
-        protocol: cfg.protocol,
-        settings: cfg.handler_settings.as_ref(),
-    };
-    let program = match crate::handler::exec::parse(&ctx) {
-        Ok(p) => p,
-        Err(e) => return Some(Err(e)),
-    };
-    Some(
-        Prepared::new(&program, &cfg.name)
-            .map(Arc::new)
-            .map_err(|e| e.to_string()),
-    )
-}
-
-/// The fork server's copy of a program's connection, kept for the access line's byte counters
-/// only when access lines are logged at all.
-fn access_copy(cfg: &ListenerConfig, fd: OwnedFd) -> Option<Conn> {
-    if !log::log_enabled!(log::Level::Info) {
-        return None;
-    }
-    Some(match cfg.protocol {
-        Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
-        _ => Conn::Unix(UnixStream::from(fd)),
-    })
 }

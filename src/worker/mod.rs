@@ -9,6 +9,7 @@ pub mod forked;
 mod child;
 mod forkserver;
 mod programs;
+mod start;
 pub mod threaded;
 pub mod wire;
 
