@@ -15,7 +15,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::proxy::{Assoc, Relay};
 use super::stream::{self, EvStream, Machine, Pending, Step};
-use super::{DatagramJob, Handoff, Msg, Service};
+use super::{Handoff, Msg, Service};
+
+mod timers;
+mod udp;
 use crate::conn::PeerAddr;
 use crate::worker::{Done, Notifier, Outcome, Tracker};
 
@@ -337,143 +340,5 @@ impl Loop {
         let peer = c.peer.clone();
         drop(c);
         self.report(&peer, outcome);
-    }
-
-    /// Close connections that had no event for their `idle_timeout`; check again in a
-    /// quarter of the shortest one (at most `SWEEP`) while any connection has one.
-    fn sweep_idle(&mut self, now: Instant) {
-        let mut expired = Vec::new();
-        let mut tick: Option<Duration> = None;
-        for (i, e) in self.slab.iter().enumerate() {
-            if let Some(Entry::Conn(c)) = e {
-                if let Some(idle) = c.idle {
-                    if now.duration_since(c.last) >= idle {
-                        expired.push((i, idle));
-                    }
-                    tick = Some(tick.map_or(idle, |t| t.min(idle)));
-                }
-            }
-        }
-        for (i, idle) in expired {
-            log::info!(
-                "listener `{}`: connection idle for {}, closed (idle_timeout)",
-                self.ctx.name,
-                humantime::format_duration(idle)
-            );
-            self.close(i, Outcome::Ok);
-        }
-        self.idle_sweep = tick.map(|t| now + (t / 4).clamp(Duration::from_millis(10), SWEEP));
-    }
-
-    fn fire_timers(&mut self) {
-        let now = Instant::now();
-        if self.idle_sweep.is_some_and(|t| t <= now) {
-            self.sweep_idle(now);
-        }
-        while let Some(Reverse((t, idx, conn_id))) = self.timers.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
-            let step = match self.slab.get(idx) {
-                Some(Some(Entry::Conn(c))) if c.conn_id == conn_id => match &c.machine {
-                    Machine::Proxy(r) if r.connecting => Some(r.timed_out()),
-                    _ => None,
-                },
-                _ => None,
-            };
-            if let Some(Step::Close(o)) = step {
-                self.close(idx, o);
-            }
-        }
-        if !self.assocs.is_empty() {
-            let expired: Vec<(std::net::SocketAddr, usize)> = self
-                .assocs
-                .iter()
-                .filter(|(_, &i)| match self.slab.get(i) {
-                    Some(Some(Entry::Assoc(a))) => a.last.elapsed() >= a.settings.udp_idle,
-                    _ => true,
-                })
-                .map(|(k, &i)| (*k, i))
-                .collect();
-            for (k, i) in expired {
-                self.assocs.remove(&k);
-                self.remove_assoc(i);
-            }
-        }
-    }
-
-    fn datagram(&mut self, d: DatagramJob) {
-        if self.retiring {
-            return;
-        }
-        let idx = match self.assocs.get(&d.client) {
-            Some(&i) => i,
-            None => {
-                if self.assocs.len() >= d.max {
-                    log::warn!(
-                        "listener `{}` peer {}: UDP proxy: {} associations open (max_workers); \
-                         datagram dropped",
-                        self.ctx.name,
-                        d.client,
-                        self.assocs.len()
-                    );
-                    return;
-                }
-                let a = match Assoc::open(
-                    Arc::clone(&d.settings),
-                    d.client,
-                    d.reply.clone(),
-                    self.ctx.listener,
-                ) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        log::warn!(
-                            "listener `{}` peer {}: UDP proxy: {e}",
-                            self.ctx.name,
-                            d.client
-                        );
-                        return;
-                    }
-                };
-                let i = self.insert(Entry::Assoc(Box::new(a)));
-                if let Some(Some(Entry::Assoc(a))) = self.slab.get_mut(i) {
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .register(&mut a.sock, Token(i * 2), Interest::READABLE)
-                    {
-                        log::warn!(
-                            "listener `{}`: UDP proxy: cannot watch socket: {e}",
-                            self.ctx.name
-                        );
-                        self.slab[i] = None;
-                        self.free.push(i);
-                        return;
-                    }
-                }
-                self.assocs.insert(d.client, i);
-                i
-            }
-        };
-        if let Some(Some(Entry::Assoc(a))) = self.slab.get_mut(idx) {
-            a.forward(&d.data);
-        }
-    }
-
-    fn remove_assoc(&mut self, i: usize) {
-        let Some(Some(Entry::Assoc(_))) = self.slab.get(i) else {
-            return;
-        };
-        if let Some(Some(Entry::Assoc(mut a))) = self.slab.get_mut(i).map(Option::take) {
-            let _ = self.poll.registry().deregister(&mut a.sock);
-            self.free.push(i);
-            log::debug!(
-                "listener `{}`: UDP association for {} (listener {}) expired",
-                self.ctx.name,
-                a.client,
-                a.listener
-            );
-        }
     }
 }
