@@ -212,12 +212,19 @@ fn bad_enum_values_list_the_valid_ones() {
         ],
     );
     assert_has(&all[2], &["socketd.toml:6:12: listener `x`: key `protocol`: unknown protocol \"sctp\"; valid values: tcp, udp, unix, unix-dgram"]);
-    assert_has(&all[3], &["socketd.toml:8:11:", "key `handler`: unknown handler \"ech\"; did you mean \"echo\"? valid values: chargen, daytime, discard, echo, greet, time"]);
+    let handlers = format!(
+        "key `handler`: unknown handler \"ech\"; did you mean \"echo\"? valid values: {}",
+        registry().names().join(", ")
+    );
+    assert_has(&all[3], &["socketd.toml:8:11:", &handlers]);
     assert_has(
         &all[4],
         &[
             "socketd.toml:9:11:",
-            "key `workers`: unknown worker model \"pool\"; valid values: threaded, forked",
+            &format!(
+                "key `workers`: unknown worker model \"pool\"; valid values: {}",
+                WorkerModel::NAMES.join(", ")
+            ),
         ],
     );
 }
