@@ -276,3 +276,55 @@ fn event_idle_timeout_and_max_duration_close_connections() {
     drop((busy, quiet, s));
     stop(d);
 }
+
+#[test]
+fn event_reload_applies_to_new_connections_only() {
+    let cfg = |handler: &str, threads: u32| {
+        format!(
+            "[daemon]\nshutdown_timeout = \"2s\"\n[[listener]]\nname = \"svc\"\nprotocol = \"unix\"\n\
+             address = \"{{dir}}/svc.sock\"\nhandler = \"{handler}\"\nworkers = \"event\"\n\
+             threads = {threads}\n"
+        )
+    };
+    let d = Daemon::start(&cfg("echo", 2));
+    d.wait_ready();
+    let mut old = d.connect("svc");
+    old.write_all(b"one\n").expect("send");
+    assert_eq!(old.read_line(), "one\n");
+    d.write_config(&cfg("time", 1));
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", READY_TIMEOUT);
+    // The open connection keeps its echo (its loop retires only once it closes)...
+    old.write_all(b"two\n").expect("send after reload");
+    assert_eq!(old.read_line(), "two\n");
+    // ...and a new one gets the new handler, on the new loop.
+    let mut new = d.connect("svc");
+    assert_eq!(new.read_to_end_vec().len(), 4, "time after reload");
+    drop((old, new));
+    stop(d);
+}
+
+#[test]
+fn event_max_workers_bounds_open_connections() {
+    let d = Daemon::start(
+        &(event_listener("echo", "tcp", "127.0.0.1:0", "echo") + "max_workers = 2\n"),
+    );
+    d.wait_ready();
+    let mut a = d.connect("echo");
+    let mut b = d.connect("echo");
+    for s in [&mut a, &mut b] {
+        s.write_all(b"hi\n").expect("send");
+        assert_eq!(s.read_line(), "hi\n");
+    }
+    // A third client waits in the backlog: connected by the kernel, not served.
+    let mut c = d.connect("echo");
+    c.write_all(b"third\n").expect("send");
+    assert!(
+        c.silent_for(Duration::from_millis(300)),
+        "served past max_workers"
+    );
+    drop(a);
+    assert_eq!(c.read_line(), "third\n", "served once a place freed");
+    drop((b, c));
+    stop(d);
+}
