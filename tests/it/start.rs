@@ -8,15 +8,21 @@ use crate::harness::*;
 use crate::services::{check_listener, listener};
 
 /// `config/socketd.toml` with every address moved somewhere private: IP listeners to port 0
-/// on the same IP, unix sockets into `{dir}`. Everything else (comments, defaults) as shipped.
+/// on the same IP, unix sockets into `{dir}` (only listeners' addresses: `[daemon.syslog]` has
+/// one too). Everything else (comments, defaults) as shipped.
 fn shipped_config_made_private() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/socketd.toml");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut out = String::new();
+    let mut in_listener = false;
     for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            in_listener = line.trim() == "[[listener]]";
+        }
         let value = line
             .strip_prefix("address")
+            .filter(|_| in_listener)
             .and_then(|rest| rest.trim_start().strip_prefix('='))
             .map(|v| v.trim().trim_matches('"'));
         match value {
