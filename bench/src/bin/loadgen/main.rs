@@ -12,6 +12,7 @@
 
 mod hist;
 mod modes;
+mod mux;
 mod target;
 
 use modes::{Load, Outcome};
@@ -20,13 +21,15 @@ use std::time::{Duration, Instant};
 use target::Target;
 
 const USAGE: &str = "usage: loadgen --mode rr|cps|udp|bulk|idle --target tcp:IP:PORT|unix:PATH|udp:IP:PORT|unix-dgram:PATH
-       [--conns N (16; bulk 1)] [--size BYTES (64)] [--duration 5s] [--io-timeout 2s] [--bytes 1G (bulk)]";
+       [--conns N (16; bulk 1)] [--size BYTES (64)] [--duration 5s] [--io-timeout 2s] [--bytes 1G (bulk)]
+       [--mux T (rr: the connections on T epoll threads instead of one blocking thread each)]";
 
 struct Args {
     mode: String,
     load: Load,
     conns: usize,
     duration: Duration,
+    mux: usize,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -58,6 +61,7 @@ fn size(s: &str) -> Result<u64, String> {
 
 fn parse() -> Result<Args, String> {
     let mut mode = None;
+    let mut mux = 0usize;
     let mut target = None;
     let (mut conns, mut msg, mut dur, mut io, mut bytes) = (
         0usize,
@@ -77,6 +81,7 @@ fn parse() -> Result<Args, String> {
             "--duration" => dur = val()?,
             "--io-timeout" => io = val()?,
             "--bytes" => bytes = size(&val()?)?,
+            "--mux" => mux = val()?.parse().map_err(|_| "bad --mux".to_string())?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -97,6 +102,12 @@ fn parse() -> Result<Args, String> {
     if msg == 0 {
         return Err("--size must be at least 1".into());
     }
+    if mux > 0 && (mode != "rr" || msg as usize > mux::MAX_SIZE) {
+        return Err(format!(
+            "--mux goes with --mode rr and --size <= {}",
+            mux::MAX_SIZE
+        ));
+    }
     let run_for = duration(&dur)?;
     let load = Load {
         target,
@@ -110,6 +121,7 @@ fn parse() -> Result<Args, String> {
         load,
         conns,
         duration: run_for,
+        mux,
     })
 }
 
@@ -131,12 +143,30 @@ fn main() -> ExitCode {
             "udp" => modes::datagram,
             _ => modes::bulk,
         };
-        let threads: Vec<_> = (0..args.conns)
-            .map(|c| {
-                let load = args.load.clone();
+        type Job = Box<dyn FnOnce() -> Outcome + Send>;
+        let jobs: Vec<Job> = if args.mux > 0 {
+            let (t, n) = (args.mux.min(args.conns), args.conns);
+            (0..t)
+                .map(|i| {
+                    let (first, end) = (i * n / t, (i + 1) * n / t);
+                    let load = args.load.clone();
+                    Box::new(move || mux::request_response(&load, first, end - first)) as Job
+                })
+                .collect()
+        } else {
+            (0..args.conns)
+                .map(|c| {
+                    let load = args.load.clone();
+                    Box::new(move || run(&load, c)) as Job
+                })
+                .collect()
+        };
+        let threads: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
                 std::thread::Builder::new()
                     .stack_size(256 * 1024)
-                    .spawn(move || run(&load, c))
+                    .spawn(job)
             })
             .collect();
         let mut total: Option<Outcome> = None;

@@ -20,7 +20,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new() -> Outcome {
+    pub fn new() -> Outcome {
         Outcome {
             hist: Hist::new(),
             ops: 0,
@@ -32,7 +32,7 @@ impl Outcome {
         }
     }
 
-    fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
+    pub fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.errors += 1;
         if self.first_error.is_none() {
             self.first_error = Some(format!("{what}: {e}"));
@@ -64,7 +64,7 @@ pub struct Load {
 
 /// The message a client sends for its `seq`-th operation: different every time, so a reply
 /// meant for another request (or a stale datagram) cannot pass for this one.
-fn fill(buf: &mut [u8], client: usize, seq: u64) {
+pub fn fill(buf: &mut [u8], client: usize, seq: u64) {
     let base = (seq as usize)
         .wrapping_mul(31)
         .wrapping_add(client.wrapping_mul(7));
@@ -76,7 +76,7 @@ fn fill(buf: &mut [u8], client: usize, seq: u64) {
     }
 }
 
-fn nanos(since: Instant) -> u64 {
+pub fn nanos(since: Instant) -> u64 {
     since.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
 

@@ -1,0 +1,189 @@
+//! `--mux T`: request/response with the connections multiplexed over T mio (epoll) threads
+//! instead of one blocking thread each, so the load generator spends as little CPU as it can
+//! and, on a small machine, the server under test gets the rest.
+
+use crate::hist::Hist;
+use crate::modes::{fill, nanos, Load, Outcome};
+use crate::target::Target;
+use mio::net::{TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// The largest message a multiplexed client sends: it must fit the socket buffer in one write.
+pub const MAX_SIZE: usize = 16 * 1024;
+
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn connect(t: &Target, timeout: Duration) -> io::Result<Sock> {
+        Ok(match t {
+            Target::Tcp(a) => {
+                let s = std::net::TcpStream::connect_timeout(a, timeout)?;
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)?;
+                Sock::Tcp(TcpStream::from_std(s))
+            }
+            Target::Unix(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p)?;
+                s.set_nonblocking(true)?;
+                Sock::Unix(UnixStream::from_std(s))
+            }
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "stream target")),
+        })
+    }
+
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Sock::Tcp(s) => s,
+            Sock::Unix(s) => s,
+        }
+    }
+
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(b),
+            Sock::Unix(s) => s.read(b),
+        }
+    }
+
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(b),
+            Sock::Unix(s) => s.write(b),
+        }
+    }
+}
+
+struct Client {
+    sock: Sock,
+    id: usize,
+    seq: u64,
+    msg: Vec<u8>,
+    back: Vec<u8>,
+    got: usize,
+    sent_at: Instant,
+}
+
+impl Client {
+    fn send(&mut self) -> io::Result<()> {
+        fill(&mut self.msg, self.id, self.seq);
+        self.got = 0;
+        self.sent_at = Instant::now();
+        match self.sock.write(&self.msg) {
+            Ok(n) if n == self.msg.len() => Ok(()),
+            Ok(_) => Err(io::Error::other(
+                "short write: use --size <= 16384 with --mux",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Run clients `first..first + n` on this thread until the deadline.
+pub fn request_response(load: &Load, first: usize, n: usize) -> Outcome {
+    let mut out = Outcome::new();
+    let mut poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => {
+            out.error("poll", &e);
+            return out;
+        }
+    };
+    let mut clients = Vec::with_capacity(n);
+    for id in first..first + n {
+        let mut sock = match Sock::connect(&load.target, load.io_timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                out.error("connect", &e);
+                return out;
+            }
+        };
+        let token = Token(clients.len());
+        if let Err(e) = poll
+            .registry()
+            .register(sock.source(), token, Interest::READABLE)
+        {
+            out.error("register", &e);
+            return out;
+        }
+        let mut c = Client {
+            sock,
+            id,
+            seq: 0,
+            msg: vec![0; load.size],
+            back: vec![0; load.size],
+            got: 0,
+            sent_at: Instant::now(),
+        };
+        if let Err(e) = c.send() {
+            out.error("send", &e);
+            return out;
+        }
+        clients.push(c);
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut hist = Hist::new();
+    let mut last_progress = Instant::now();
+    while Instant::now() < load.deadline {
+        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            out.error("poll", &e);
+            break;
+        }
+        if events.is_empty() && last_progress.elapsed() > load.io_timeout {
+            out.error("request", &"no reply within --io-timeout");
+            break;
+        }
+        for ev in events.iter() {
+            let Some(c) = clients.get_mut(ev.token().0) else {
+                continue;
+            };
+            loop {
+                let got = c.got;
+                match c.sock.read(&mut c.back[got..]) {
+                    Ok(0) => {
+                        out.error("read", &"server closed the connection");
+                        out.hist = hist;
+                        return out;
+                    }
+                    Ok(k) => {
+                        c.got += k;
+                        if c.got < c.back.len() {
+                            continue;
+                        }
+                        if c.back != c.msg {
+                            out.corrupt += 1;
+                            out.hist = hist;
+                            return out;
+                        }
+                        hist.record(nanos(c.sent_at));
+                        out.ops += 1;
+                        out.bytes += c.msg.len() as u64;
+                        last_progress = Instant::now();
+                        c.seq += 1;
+                        if let Err(e) = c.send() {
+                            out.error("send", &e);
+                            out.hist = hist;
+                            return out;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        out.error("read", &e);
+                        out.hist = hist;
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+    out.hist = hist;
+    out
+}
