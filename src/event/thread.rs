@@ -175,7 +175,13 @@ impl Loop {
             conn_id,
             ticket,
         } = accepted;
-        let local = crate::handler::proxy::local_of(&conn);
+        // getsockname only when a PROXY header will need the local address.
+        let local = match &*service {
+            Service::Proxy(p) if p.proxy_protocol.is_some() => {
+                crate::handler::proxy::local_of(&conn)
+            }
+            _ => None,
+        };
         let started = Instant::now();
         let client = match EvStream::from_conn(conn) {
             Ok(c) => c,
@@ -319,15 +325,12 @@ impl Loop {
         let Some(Some(Entry::Conn(_))) = self.slab.get(idx) else {
             return;
         };
-        let Some(Some(Entry::Conn(mut c))) = self.slab.get_mut(idx).map(Option::take) else {
+        let Some(Some(Entry::Conn(c))) = self.slab.get_mut(idx).map(Option::take) else {
             return;
         };
         self.free.push(idx);
-        let reg = self.poll.registry();
-        let _ = reg.deregister(&mut c.client);
-        if let Machine::Proxy(r) = &mut c.machine {
-            let _ = reg.deregister(&mut r.up);
-        }
+        // No deregister: these descriptors are never duplicated, so closing them removes
+        // them from the epoll set; that saves an epoll_ctl per connection.
         // The tracker entry goes before the descriptor closes (see `Tracker`).
         self.ctx.tracker.remove(c.conn_id);
         log::debug!(
