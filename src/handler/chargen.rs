@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::echo::peer_gone;
+use super::util::is_peer_gone;
 use super::{Context, DatagramRequest, Handler, Request, StreamRequest};
 
 /// Printable ASCII: space (32) through tilde (126).
@@ -52,7 +52,7 @@ pub(crate) fn pattern() -> Vec<u8> {
 fn chargen_stream(s: &mut StreamRequest, ctx: &Context) -> io::Result<()> {
     // Anything `setup` queued goes first; the pattern then goes straight to the socket.
     match s.wfile.flush() {
-        Err(e) if peer_gone(&e) => return Ok(()),
+        Err(e) if is_peer_gone(&e) => return Ok(()),
         other => other?,
     }
     // A client that stops reading would block a plain write forever; a write timeout lets
@@ -61,20 +61,27 @@ fn chargen_stream(s: &mut StreamRequest, ctx: &Context) -> io::Result<()> {
     s.conn().set_write_timeout(Some(STOP_POLL))?;
     let sent = send_pattern(s, ctx, previous);
     let restored = s.conn().set_write_timeout(previous);
-    sent.and(restored.or_else(|e| if peer_gone(&e) { Ok(()) } else { Err(e) }))
+    sent.and(restored.or_else(|e| if is_peer_gone(&e) { Ok(()) } else { Err(e) }))
 }
 
 /// Write the pattern until the client goes away or a stop begins. `stalled` is the write
 /// timeout the worker set (the listener's `idle_timeout`): no progress for that long fails
 /// with `TimedOut`, as a plain write would have.
-fn send_pattern(s: &mut StreamRequest, ctx: &Context, stalled: Option<std::time::Duration>) -> io::Result<()> {
+fn send_pattern(
+    s: &mut StreamRequest,
+    ctx: &Context,
+    stalled: Option<std::time::Duration>,
+) -> io::Result<()> {
     let pattern = pattern();
     let conn = s.wfile.get_mut();
     let mut at = 0;
     let mut progress = std::time::Instant::now();
     while !ctx.shutting_down() {
         if stalled.is_some_and(|t| progress.elapsed() >= t) {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no byte accepted for the write timeout"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no byte accepted for the write timeout",
+            ));
         }
         match conn.write(&pattern[at..at + PERIOD]) {
             Ok(0) => return Ok(()),
@@ -82,7 +89,7 @@ fn send_pattern(s: &mut StreamRequest, ctx: &Context, stalled: Option<std::time:
                 at = (at + n) % PERIOD;
                 progress = std::time::Instant::now();
             }
-            Err(e) if peer_gone(&e) => return Ok(()),
+            Err(e) if is_peer_gone(&e) => return Ok(()),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -125,7 +132,7 @@ fn random_u64() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::echo::test_support::*;
+    use super::super::util::test_support::*;
     use super::*;
     use crate::config::Protocol;
     use std::io::{BufRead, BufReader, Read};

@@ -4,11 +4,11 @@
 //! Datagram: the line is the reply. The format is the RFC's own example, in UTC
 //! (`Thursday, November 26, 2026 14:40:51-UTC`), built by `clock` without a date crate.
 
-use std::io::{self, Write};
+use std::io;
 use std::time::SystemTime;
 
 use super::clock::daytime_line;
-use super::echo::{linger_close, peer_gone};
+use super::util::reply_once;
 use super::{Context, Handler, Request};
 
 /// The RFC 867 daytime service; answers once, with the UTC wall clock.
@@ -19,18 +19,7 @@ impl Handler for Daytime {
     fn handle(&mut self, req: &mut Request, _ctx: &Context) -> io::Result<()> {
         let line = daytime_line(SystemTime::now());
         match req {
-            Request::Stream(s) => {
-                match s
-                    .wfile
-                    .write_all(line.as_bytes())
-                    .and_then(|()| s.wfile.flush())
-                {
-                    Ok(()) => {}
-                    Err(e) if peer_gone(&e) => return Ok(()),
-                    Err(e) => return Err(e),
-                }
-                linger_close(s)
-            }
+            Request::Stream(s) => reply_once(s, line.as_bytes()),
             Request::Datagram(d) => d.reply(line.as_bytes()).map(drop),
         }
     }
@@ -38,7 +27,7 @@ impl Handler for Daytime {
 
 #[cfg(test)]
 mod tests {
-    use super::super::echo::test_support::*;
+    use super::super::util::test_support::*;
     use super::*;
     use crate::config::Protocol;
     use std::io::Read;

@@ -5,7 +5,7 @@
 
 use std::io::{self, BufRead};
 
-use super::echo::peer_gone;
+use super::util::is_peer_gone;
 use super::{Context, Handler, Request, StreamRequest};
 
 /// The RFC 863 discard service; a sink that never replies.
@@ -29,7 +29,7 @@ fn discard_stream(s: &mut StreamRequest) -> io::Result<()> {
             Ok([]) => return Ok(()),
             Ok(chunk) => chunk.len(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if peer_gone(&e) => return Ok(()),
+            Err(e) if is_peer_gone(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         s.rfile.consume(len);
@@ -38,7 +38,7 @@ fn discard_stream(s: &mut StreamRequest) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::echo::test_support::*;
+    use super::super::util::test_support::*;
     use super::*;
     use crate::config::Protocol;
     use std::io::{Read, Write};

@@ -15,6 +15,7 @@ pub mod exec;
 pub mod file;
 pub mod proxy;
 pub mod time;
+pub mod util;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter};

@@ -4,11 +4,11 @@
 //! four bytes. The count is taken modulo 2^32 so the service keeps answering past 2036, as the
 //! clients that handle the wrap expect.
 
-use std::io::{self, Write};
+use std::io;
 use std::time::SystemTime;
 
 use super::clock::rfc868_seconds;
-use super::echo::{linger_close, peer_gone};
+use super::util::reply_once;
 use super::{Context, Handler, Request};
 
 /// The RFC 868 time service; answers once, in network byte order.
@@ -19,14 +19,7 @@ impl Handler for Time {
     fn handle(&mut self, req: &mut Request, _ctx: &Context) -> io::Result<()> {
         let stamp = rfc868_seconds(SystemTime::now()).to_be_bytes();
         match req {
-            Request::Stream(s) => {
-                match s.wfile.write_all(&stamp).and_then(|()| s.wfile.flush()) {
-                    Ok(()) => {}
-                    Err(e) if peer_gone(&e) => return Ok(()),
-                    Err(e) => return Err(e),
-                }
-                linger_close(s)
-            }
+            Request::Stream(s) => reply_once(s, &stamp),
             Request::Datagram(d) => d.reply(&stamp).map(drop),
         }
     }
@@ -34,7 +27,7 @@ impl Handler for Time {
 
 #[cfg(test)]
 mod tests {
-    use super::super::echo::test_support::*;
+    use super::super::util::test_support::*;
     use super::*;
     use crate::config::Protocol;
     use std::io::Read;

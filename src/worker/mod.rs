@@ -198,14 +198,9 @@ fn is_idle_timeout(e: &std::io::Error, ctx: &Context) -> bool {
     ctx.config().protect.idle_timeout.is_some() && matches!(e.kind(), WouldBlock | TimedOut)
 }
 
-/// A peer that hangs up mid-conversation is the normal end of many connections, not a fault.
-pub fn is_peer_gone(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
-    )
-}
+/// A peer that hangs up mid-conversation is the normal end of many connections, not a fault
+/// (one predicate for handlers and worker models alike).
+pub use crate::handler::util::is_peer_gone;
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
