@@ -15,7 +15,7 @@ mod splice;
 pub mod stream;
 mod thread;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
@@ -111,11 +111,20 @@ struct LoopHandle {
     tx: Sender<Msg>,
     waker: Arc<Waker>,
     live: Arc<AtomicUsize>,
+    /// Set by the loop just before it drains its channel and blocks in `poll`.
+    sleeping: Arc<AtomicBool>,
 }
 
 impl LoopHandle {
+    /// Queue a message; wake the loop only if it may be blocked in `poll`. A busy loop drains
+    /// its channel on every turn, so under load hand-offs cost no eventfd write. (The loop
+    /// stores `sleeping` before its last drain and we store the message before reading it,
+    /// both SeqCst, so a message is never left behind a sleeping loop.)
     fn send(&self, msg: Msg) -> bool {
-        self.tx.send(msg).is_ok() && self.waker.wake().is_ok()
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        !self.sleeping.swap(false, Ordering::SeqCst) || self.waker.wake().is_ok()
     }
 }
 
@@ -171,15 +180,22 @@ impl SlotEvents {
         for i in 0..want {
             let (tx, rx) = channel();
             let live = Arc::new(AtomicUsize::new(0));
+            let sleeping = Arc::new(AtomicBool::new(false));
             let ctx = thread::LoopContext {
                 listener,
                 name: cfg.name.clone(),
                 notifier: shared.notifier.clone(),
                 tracker: Arc::clone(&shared.tracker),
                 live: Arc::clone(&live),
+                sleeping: Arc::clone(&sleeping),
             };
             let waker = thread::spawn(format!("socketd:{}:ev{i}", cfg.name), rx, ctx)?;
-            fresh.push(LoopHandle { tx, waker, live });
+            fresh.push(LoopHandle {
+                tx,
+                waker,
+                live,
+                sleeping,
+            });
         }
         for old in std::mem::replace(&mut self.loops, fresh) {
             old.send(Msg::Retire);

@@ -35,6 +35,8 @@ pub(super) struct LoopContext {
     pub notifier: Notifier,
     pub tracker: Arc<Tracker>,
     pub live: Arc<AtomicUsize>,
+    /// True while the loop may be blocked in `poll` (see `LoopHandle::send`).
+    pub sleeping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Conn {
@@ -96,8 +98,16 @@ impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
+            // Announce the sleep, then take what was queued before it (see `LoopHandle`).
+            self.ctx.sleeping.store(true, Ordering::SeqCst);
+            self.receive();
+            if self.retiring && self.ctx.live.load(Ordering::Relaxed) == 0 {
+                return;
+            }
             let timeout = self.next_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            self.ctx.sleeping.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -106,8 +116,7 @@ impl Loop {
             }
             for ev in events.iter() {
                 if ev.token() == WAKE {
-                    self.receive();
-                    continue;
+                    continue; // the channel is drained at the top of every turn
                 }
                 let (idx, side) = (ev.token().0 / 2, ev.token().0 % 2);
                 // Both directions closed (e.g. the stop deadline shut the socket down).
@@ -115,9 +124,6 @@ impl Loop {
                 self.drive(idx, hung_up, ev.is_read_closed());
             }
             self.fire_timers();
-            if self.retiring && self.ctx.live.load(Ordering::Relaxed) == 0 {
-                return;
-            }
         }
     }
 
