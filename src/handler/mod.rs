@@ -303,12 +303,28 @@ impl DatagramRequest {
             (DatagramSocket::Unix(s), PeerAddr::Unix { path: Some(p), .. }) => {
                 s.send_to(buf, Path::new(p))
             }
-            _ => Err(io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                "the sender has no address to reply to",
-            )),
+            _ => Err(io::Error::new(io::ErrorKind::AddrNotAvailable, NoReplyAddress)),
         }
     }
+}
+
+/// The error `DatagramRequest::reply` gives for a sender with no address (a Unix datagram
+/// socket that never bound a path). Any local user can send such datagrams as fast as they
+/// like, so workers log it at debug level, never as a handler failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoReplyAddress;
+
+impl std::fmt::Display for NoReplyAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the sender has no address to reply to")
+    }
+}
+
+impl std::error::Error for NoReplyAddress {}
+
+/// Whether `e` is `NoReplyAddress`: the reply was impossible, not the handler at fault.
+pub fn is_no_reply_address(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NoReplyAddress>())
 }
 
 /// Run one request through a handler, in socketserver's order. Returns the first error.

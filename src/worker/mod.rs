@@ -182,6 +182,11 @@ fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {
     })) {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(e)) if is_peer_gone(&e) => Outcome::Ok,
+        Ok(Err(e)) if crate::handler::is_no_reply_address(&e) => {
+            // Any local user can send these from an unbound socket: debug, not warn.
+            log::debug!("listener `{}` peer {}: {e}", ctx.listener_name(), req.peer());
+            Outcome::Ok
+        }
         Ok(Err(e)) if is_idle_timeout(&e, ctx) => {
             // Expected under slow or silent clients; per-connection, so debug, not warn.
             log::debug!("listener `{}` peer {}: closed at idle_timeout", ctx.listener_name(), req.peer());
@@ -229,4 +234,30 @@ fn report(ctx: &Context, peer: &PeerAddr, outcome: Outcome) -> Outcome {
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+    use crate::handler::util::test_support::context;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
+
+    /// A datagram from an unbound Unix socket cannot be answered; that is the sender's choice,
+    /// not a handler failure (which `report` would log at warn for every such datagram).
+    #[test]
+    fn unanswerable_unix_sender_is_not_a_handler_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = UnixDatagram::bind(dir.path().join("s.sock")).expect("bind");
+        let factory: Factory = Arc::new(|| Box::new(crate::handler::echo::Echo) as _);
+        let (ctx, _) = context(Protocol::UnixDgram);
+        let peer = PeerAddr::Unix {
+            path: None,
+            cred: None,
+        };
+        let socket = DatagramSocket::Unix(Arc::new(server));
+        let outcome = serve_datagram(&factory, &ctx, b"hi".to_vec(), peer, socket);
+        assert_eq!(outcome, Outcome::Ok);
+    }
 }

@@ -23,3 +23,4 @@ mod stop;
 mod reload;
 mod systemd;
 mod daemon_mode;
+mod log_lines;
