@@ -7,11 +7,17 @@
 //! a line that cannot go out at once is dropped (and counted), never waited for; TCP lines are
 //! framed by octet counting (RFC 6587) and queued up to `TCP_QUEUE` bytes while the connection
 //! is being made. When the syslog daemon is unreachable lines go to stderr instead, with one
-//! warning, and a reconnect is tried at most every `RETRY`. Built after detaching, so the pid
-//! in every line is the daemon's.
+//! warning, and a reconnect is tried at most every `RETRY`.
+//!
+//! Forked processes (the fork server, forked workers) inherit the logger. Each line carries
+//! the pid of the process that logs it, read per line. A process that finds itself forked
+//! (its pid changed) never touches the inherited socket again: forked workers close every
+//! descriptor they do not need, so its number may be closed or, worse, reused by the client's
+//! connection; it is forgotten (not closed) and a socket of the process's own is made.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -30,7 +36,6 @@ pub const TCP_QUEUE: usize = 256 * 1024;
 /// A syslog destination shared by every thread that logs.
 #[derive(Debug)]
 pub struct Syslog {
-    format: Format,
     target: SyslogAddr,
     state: Mutex<State>,
 }
@@ -41,6 +46,25 @@ enum Format {
     Rfc5424(Formatter5424),
 }
 
+impl Format {
+    /// One formatted message, or `None` if the formatter refused it.
+    fn line(&self, severity: Severity, text: &str) -> Option<Vec<u8>> {
+        let mut line = Vec::with_capacity(128);
+        let done = match self {
+            Format::Rfc3164(f) => f.format(&mut line, severity, text),
+            Format::Rfc5424(f) => f.format(&mut line, severity, (0, Default::default(), text)),
+        };
+        done.ok().map(|()| line)
+    }
+
+    fn set_pid(&mut self, pid: u32) {
+        match self {
+            Format::Rfc3164(f) => f.pid = pid,
+            Format::Rfc5424(f) => f.pid = pid,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Conn {
     Unix(UnixDatagram),
@@ -49,8 +73,23 @@ enum Conn {
     Tcp(TcpStream, Vec<u8>),
 }
 
+impl Conn {
+    /// Let go of the descriptor without closing it: it belongs to another process's past and
+    /// its number may be someone else's now.
+    fn forget(self) {
+        let _ = match self {
+            Conn::Unix(s) => s.into_raw_fd(),
+            Conn::Udp(s) => s.into_raw_fd(),
+            Conn::Tcp(s, _) => s.into_raw_fd(),
+        };
+    }
+}
+
 #[derive(Debug)]
 struct State {
+    format: Format,
+    /// The process the connection and the formatter's pid belong to.
+    pid: u32,
     conn: Option<Conn>,
     /// When to try connecting again while `conn` is `None`.
     retry_at: Instant,
@@ -87,9 +126,10 @@ impl Syslog {
             }),
         };
         let s = Syslog {
-            format,
             target: cfg.address.clone(),
             state: Mutex::new(State {
+                format,
+                pid,
                 conn: None,
                 retry_at: Instant::now(),
                 dropped: 0,
@@ -104,21 +144,14 @@ impl Syslog {
 
     /// Send one record; falls back to stderr when the syslog daemon cannot be reached.
     pub fn log(&self, r: &Record) {
-        let mut line = Vec::with_capacity(128);
         let text = r.args().to_string();
-        let formatted = match &self.format {
-            Format::Rfc3164(f) => f.format(&mut line, severity(r.level()), &text),
-            Format::Rfc5424(f) => f.format(
-                &mut line,
-                severity(r.level()),
-                (0, Default::default(), &text),
-            ),
-        };
-        if formatted.is_err() {
+        let Ok(mut st) = self.state.lock() else {
             crate::logging::write_stderr(r.level(), &text);
             return;
-        }
-        let Ok(mut st) = self.state.lock() else {
+        };
+        st.follow_fork(std::process::id());
+        let Some(line) = st.format.line(severity(r.level()), &text) else {
+            drop(st);
             crate::logging::write_stderr(r.level(), &text);
             return;
         };
@@ -134,7 +167,13 @@ impl Syslog {
             Ok(true) => {}
             Ok(false) => st.dropped += 1,
             Err(e) => {
-                st.conn = None;
+                if let Some(conn) = st.conn.take() {
+                    // EBADF: someone closed it under us (a forked worker's descriptor sweep);
+                    // the number is not ours to close again.
+                    if e.raw_os_error() == Some(libc::EBADF) {
+                        conn.forget();
+                    }
+                }
                 st.retry_at = Instant::now() + RETRY;
                 let first = !st.down;
                 st.down = true;
@@ -178,16 +217,7 @@ impl Syslog {
                     );
                     st.down = false;
                     st.dropped = 0;
-                    let mut again = Vec::new();
-                    let ok = match &self.format {
-                        Format::Rfc3164(f) => f.format(&mut again, Severity::LOG_NOTICE, &note),
-                        Format::Rfc5424(f) => f.format(
-                            &mut again,
-                            Severity::LOG_NOTICE,
-                            (0, Default::default(), &note),
-                        ),
-                    };
-                    if ok.is_ok() {
+                    if let Some(again) = st.format.line(Severity::LOG_NOTICE, &note) {
                         let _ = self.send(st, &again);
                     }
                 }
@@ -209,7 +239,13 @@ impl Syslog {
         match connect(&self.target) {
             Ok(conn) => st.conn = Some(conn),
             Err(e) => {
-                st.conn = None;
+                if let Some(conn) = st.conn.take() {
+                    // EBADF: someone closed it under us (a forked worker's descriptor sweep);
+                    // the number is not ours to close again.
+                    if e.raw_os_error() == Some(libc::EBADF) {
+                        conn.forget();
+                    }
+                }
                 st.retry_at = Instant::now() + RETRY;
                 if !st.down {
                     st.down = true;
@@ -223,6 +259,24 @@ impl Syslog {
                 }
             }
         }
+    }
+}
+
+impl State {
+    /// In a process forked since the last line: take the new pid, and forget the parent's
+    /// socket (and what it had queued) so a fresh one is made for this process.
+    fn follow_fork(&mut self, pid: u32) {
+        if pid == self.pid {
+            return;
+        }
+        self.pid = pid;
+        self.format.set_pid(pid);
+        if let Some(conn) = self.conn.take() {
+            conn.forget();
+        }
+        self.retry_at = Instant::now();
+        self.dropped = 0;
+        self.down = false;
     }
 }
 
@@ -307,4 +361,59 @@ fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn record_line(syslog: &Syslog, text: &str) {
+        syslog.log(
+            &Record::builder()
+                .args(format_args!("{text}"))
+                .level(Level::Info)
+                .build(),
+        );
+    }
+
+    /// A logger inherited across fork (simulated: it believes another process built it) tags
+    /// lines with the current pid and never closes the inherited descriptor, whose number a
+    /// forked worker may have closed and reused.
+    #[test]
+    fn after_a_fork_lines_carry_the_new_pid_and_the_old_socket_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.sock");
+        let sink = UnixDatagram::bind(&path).expect("bind the sink");
+        sink.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let syslog = Syslog::new(&SyslogConfig {
+            address: SyslogAddr::Unix(path.clone()),
+            facility: 3,
+            format: SyslogFormat::Rfc3164,
+        });
+        let inherited = {
+            let mut st = syslog.state.lock().expect("lock");
+            st.pid = 1;
+            st.format.set_pid(1);
+            match &st.conn {
+                Some(Conn::Unix(s)) => s.as_raw_fd(),
+                other => panic!("not connected: {other:?}"),
+            }
+        };
+        record_line(&syslog, "hello from the child");
+        let mut buf = [0u8; 1024];
+        let n = sink.recv(&mut buf).expect("a line");
+        let line = String::from_utf8_lossy(&buf[..n]);
+        let tag = format!("socketd[{}]: hello from the child", std::process::id());
+        assert!(line.contains(&tag), "{line:?} lacks {tag:?}");
+        // The inherited descriptor was forgotten, not closed: it is still open here.
+        assert!(
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            unsafe { libc::fcntl(inherited, libc::F_GETFD) } >= 0,
+            "the inherited socket was closed"
+        );
+        // SAFETY: the descriptor was forgotten by the logger; this test owns it now.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(inherited) });
+    }
 }
