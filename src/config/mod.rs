@@ -22,6 +22,8 @@ pub use protection::{
     parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,
 };
 pub use types::*;
+/// The one duration format (`"500ms"`, `"10s"`), for handler tables that take durations.
+pub use values::parse_duration;
 
 use std::path::Path;
 

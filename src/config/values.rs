@@ -14,7 +14,7 @@ const DURATION_FORMAT: &str =
      (units: ms, s, m, h; combine as \"1m30s\")";
 
 /// A duration such as "500ms", "10s", "5m" or "1h30m" (humantime's units, no spaces).
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let plain = !text.is_empty()
         && text.starts_with(|c: char| c.is_ascii_digit())
         && !text.contains(|c: char| c.is_whitespace() || c == '.');
@@ -23,8 +23,19 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     } else {
         None
     };
-    parsed.ok_or_else(|| format!("{text:?} is not a duration; {DURATION_FORMAT}"))
+    let d = parsed.ok_or_else(|| format!("{text:?} is not a duration; {DURATION_FORMAT}"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{text:?} is longer than socketd can count from now (at most 100 years, \"36500d\"); \
+             write a shorter duration"
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a config may give: deadlines are `now + duration`, which overflows
+/// (a panic, at SIGTERM for `shutdown_timeout`) somewhere past 290 billion years.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// An `ip:port` or `[ipv6]:port` for tcp and udp listeners; names are refused, never resolved.
 pub(super) fn parse_inet(text: &str) -> Result<SocketAddr, String> {
@@ -177,6 +188,15 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_before_they_overflow_a_deadline() {
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+        for huge in ["36501d", "300000000000y"] {
+            let e = parse_duration(huge).expect_err(huge);
+            assert!(e.contains("at most 100 years"), "{huge}: {e}");
+        }
     }
 
     #[test]

@@ -53,11 +53,12 @@ const USAGE: &str =
 fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duration, String> {
     match table.get(key) {
         None => Ok(default),
-        Some(toml::Value::String(s)) => match humantime::parse_duration(s) {
+        Some(toml::Value::String(s)) => match crate::config::parse_duration(s) {
             Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(format!(
+            Ok(_) => Err(format!(
                 "proxy: `{key}` = {s:?} is not a positive duration; e.g. \"5s\", \"500ms\""
             )),
+            Err(why) => Err(format!("proxy: `{key}`: {why}")),
         },
         Some(_) => Err(format!(
             "proxy: `{key}` must be a duration string, e.g. \"5s\""
@@ -347,6 +348,26 @@ mod tests {
         let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
         want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80]);
         assert_eq!(h, want);
+    }
+
+    #[test]
+    fn durations_use_the_config_format_and_its_bounds() {
+        let settings = |extra: &str| {
+            let table: toml::Table = format!("upstream = \"127.0.0.1:9\"\n{extra}")
+                .parse()
+                .expect("toml");
+            ProxySettings::from_build(&BuildContext {
+                listener: "p",
+                protocol: Protocol::Udp,
+                settings: Some(&table),
+            })
+        };
+        let ok = settings("udp_idle = \"90s\"").expect("valid");
+        assert_eq!(ok.udp_idle, Duration::from_secs(90));
+        let e = settings("udp_idle = \"300000000000y\"").expect_err("overflows a deadline");
+        assert!(e.contains("at most 100 years"), "{e}");
+        let e = settings("connect_timeout = \"0s\"").expect_err("zero");
+        assert!(e.contains("not a positive duration"), "{e}");
     }
 
     #[test]
