@@ -295,8 +295,13 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
             ),
         ));
     }
-    let live = match UnixStream::connect(path) {
-        Ok(_) => true,
+    // A non-blocking probe: a blocking connect to a listener whose backlog is full waits for
+    // room, and this runs on the main loop (a reload that adds a listener).
+    let probe = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+    let live = match probe.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => true,
+        // EAGAIN: a listener whose backlog is full is alive all the same.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
         Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => UnixDatagram::unbound()
             .and_then(|d| d.connect(path))
             .is_ok(),
@@ -323,5 +328,44 @@ fn unix_peer(s: &UnixStream, path: Option<&Path>) -> PeerAddr {
     PeerAddr::Unix {
         path: path.map(Path::to_path_buf),
         cred,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Binding a unix path probes whether someone listens there. A listener with a full
+    /// backlog must count as alive, and the probe must not wait for room: it runs on the loop.
+    #[test]
+    fn a_live_listener_with_a_full_backlog_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("busy.sock");
+        let busy = Socket::new(Domain::UNIX, Type::STREAM, None).expect("socket");
+        busy.bind(&socket2::SockAddr::unix(&path).expect("addr"))
+            .expect("bind");
+        busy.listen(0).expect("listen");
+        let mut pending = Vec::new();
+        loop {
+            let c = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).expect("socket");
+            match c.connect(&socket2::SockAddr::unix(&path).expect("addr")) {
+                Ok(()) => pending.push(c),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(pending.len() < 1000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probe_path = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(clear_stale_socket(&probe_path));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the stale-socket probe blocked on a full backlog");
+        let e = result.expect_err("a live listener must not be removed");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(path.exists(), "the live listener's socket file was removed");
     }
 }
