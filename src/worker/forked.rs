@@ -1,5 +1,6 @@
-//! `workers = "forked"` on the daemon's side: starting the fork server, handing it jobs, and
-//! turning its exit reports into the same `Done` a worker thread sends.
+//! `workers = "forked"` on the daemon's side: starting the fork servers (one per CPU, see
+//! `ForkServer`), handing them jobs, and turning their exit reports into the same `Done` a
+//! worker thread sends.
 //!
 //! The main loop keeps the counting (a job is busy from dispatch until its child's exit is
 //! reported), so back-pressure works exactly as with threads. A listener's config goes to the
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,15 +51,30 @@ pub fn in_forked_child() -> bool {
     IN_CHILD.load(Ordering::Relaxed)
 }
 
-/// The daemon's handle on its fork server.
+/// The most fork servers started, whatever the number of CPUs.
+const MAX_FORK_SERVERS: usize = 4;
+
+/// The daemon's handle on its fork servers: one per CPU (up to `MAX_FORK_SERVERS`), each a
+/// single-threaded process. Jobs go to the one with the fewest in flight, so a fork server
+/// that is busy starting one program (`posix_spawn` holds it until the program's `execve`)
+/// never holds up the next connection while another CPU is free. Listener configs, signals
+/// and the stop go to all of them.
 #[derive(Debug)]
 pub struct ForkServer {
-    sock: OwnedFd,
-    pid: Pid,
+    servers: Vec<Process>,
     next_job: AtomicU64,
     /// Jobs in flight, so a dead fork server's jobs can still be booked.
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
+}
+
+/// One fork server process.
+#[derive(Debug)]
+struct Process {
+    sock: OwnedFd,
+    pid: Pid,
     alive: Arc<AtomicBool>,
+    /// Jobs in flight in this process.
+    load: Arc<AtomicUsize>,
 }
 
 /// The number of threads this process has, from /proc.
@@ -66,9 +82,50 @@ pub fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
 
+/// How many fork servers to start: one per CPU this process may use, at most `MAX_FORK_SERVERS`.
+fn server_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_FORK_SERVERS)
+}
+
+/// Fork one fork server (the caller is single-threaded).
+fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Process> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: the caller checked that this process has a single thread, so the child inherits
+    // no lock held by another thread; it runs the fork server and `_exit`s.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Child => {
+            drop(ours);
+            super::forkserver::run(theirs, registry.clone(), parent)
+        }
+        ForkResult::Parent { child } => {
+            drop(theirs);
+            setsockopt(
+                &ours,
+                sockopt::SendTimeout,
+                &TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0),
+            )?;
+            Ok(Process {
+                sock: ours,
+                pid: child,
+                alive: Arc::new(AtomicBool::new(true)),
+                load: Arc::new(AtomicUsize::new(0)),
+            })
+        }
+    }
+}
+
 impl ForkServer {
-    /// Fork the fork server. The caller must still be single-threaded: that is the whole
-    /// point, and it is checked here rather than trusted.
+    /// Fork the fork servers. The caller must still be single-threaded: that is the whole
+    /// point, and it is checked here rather than trusted. All of them are forked before the
+    /// first reader thread starts.
     pub fn start(registry: &Registry, notifier: Notifier) -> io::Result<ForkServer> {
         let threads = thread_count()?;
         if threads != 1 {
@@ -77,49 +134,40 @@ impl ForkServer {
                  start no thread before Server::serve"
             )));
         }
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
         let parent = nix::unistd::getpid();
-        // SAFETY: checked just above that this process has a single thread, so the child
-        // inherits no lock held by another thread; it runs the fork server and `_exit`s.
-        match unsafe { nix::unistd::fork() }? {
-            ForkResult::Child => {
-                drop(ours);
-                super::forkserver::run(theirs, registry.clone(), parent)
-            }
-            ForkResult::Parent { child } => {
-                drop(theirs);
-                setsockopt(
-                    &ours,
-                    sockopt::SendTimeout,
-                    &TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0),
-                )?;
-                let server = ForkServer {
-                    sock: ours,
-                    pid: child,
-                    next_job: AtomicU64::new(0),
-                    pending: Arc::new(Mutex::new(HashMap::new())),
-                    alive: Arc::new(AtomicBool::new(true)),
-                };
-                server.spawn_reader(notifier)?;
-                log::debug!("fork server started, pid {child}");
-                Ok(server)
+        let mut servers = Vec::new();
+        for _ in 0..server_count() {
+            match fork_one(registry, parent) {
+                Ok(p) => servers.push(p),
+                // Ones already started see their socket close when `servers` drops, and exit.
+                Err(e) => return Err(e),
             }
         }
+        let server = ForkServer {
+            servers,
+            next_job: AtomicU64::new(0),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        };
+        for index in 0..server.servers.len() {
+            server.spawn_reader(index, notifier.clone())?;
+        }
+        log::debug!("fork servers started, pids {:?}", server.pids());
+        Ok(server)
     }
 
-    /// The fork server's pid, for status and tests.
-    pub fn pid(&self) -> i32 {
-        self.pid.as_raw()
+    /// The fork servers' pids, for status and tests.
+    pub fn pids(&self) -> Vec<i32> {
+        self.servers.iter().map(|p| p.pid.as_raw()).collect()
     }
 
-    fn spawn_reader(&self, notifier: Notifier) -> io::Result<()> {
-        let sock = self.sock.try_clone()?;
-        let (pending, alive) = (Arc::clone(&self.pending), Arc::clone(&self.alive));
+    fn spawn_reader(&self, index: usize, notifier: Notifier) -> io::Result<()> {
+        let process = &self.servers[index];
+        let sock = process.sock.try_clone()?;
+        let (pending, alive, load) = (
+            Arc::clone(&self.pending),
+            Arc::clone(&process.alive),
+            Arc::clone(&process.load),
+        );
         std::thread::Builder::new()
             .name("socketd:forkserver".into())
             .spawn(move || {
@@ -135,6 +183,7 @@ impl ForkServer {
                             let known = pending.lock().ok().and_then(|mut p| p.remove(&job));
                             if known.is_some() {
                                 drop(known);
+                                load.fetch_sub(1, Ordering::Relaxed);
                                 notifier.done(Done {
                                     listener: slot as usize,
                                     outcome: outcome(pid, &ending),
@@ -148,13 +197,20 @@ impl ForkServer {
                         }
                     }
                 }
-                // The fork server is gone: every job it had will never report, so book them now.
+                // This fork server is gone: its jobs will never report, so book them now.
                 alive.store(false, Ordering::Relaxed);
-                let lost: Vec<(u64, Pending)> = pending
+                let lost: Vec<Pending> = pending
                     .lock()
-                    .map(|mut p| p.drain().collect())
+                    .map(|mut p| {
+                        let ids: Vec<u64> = p
+                            .iter()
+                            .filter(|(_, v)| v.server == index)
+                            .map(|(k, _)| *k)
+                            .collect();
+                        ids.into_iter().filter_map(|id| p.remove(&id)).collect()
+                    })
                     .unwrap_or_default();
-                for (_, p) in lost {
+                for p in lost {
                     let slot = p.slot;
                     drop(p);
                     notifier.done(Done {
@@ -171,14 +227,26 @@ impl ForkServer {
         self.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
 
-    fn send(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        if !self.alive.load(Ordering::Relaxed) {
+    fn send_to(&self, index: usize, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let process = &self.servers[index];
+        if !process.alive.load(Ordering::Relaxed) {
             return Err(io::Error::other("the fork server is not running"));
         }
-        wire::send_to_server(self.sock.as_fd(), msg, fd)
+        wire::send_to_server(process.sock.as_fd(), msg, fd)
     }
 
-    /// Tell the fork server a listener's current config (and its datagram socket).
+    /// Send to every fork server still running; the first error, if any.
+    fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let mut result = Ok(());
+        for index in 0..self.servers.len() {
+            if let Err(e) = self.send_to(index, msg, fd) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+
+    /// Tell the fork servers a listener's current config (and its datagram socket).
     pub fn send_listener(
         &self,
         slot: usize,
@@ -186,7 +254,7 @@ impl ForkServer {
         socket: Option<BorrowedFd<'_>>,
     ) -> io::Result<()> {
         let config = toml::to_string(cfg).map_err(io::Error::other)?;
-        self.send(
+        self.broadcast(
             &ToServer::Listener {
                 slot: slot as u64,
                 config,
@@ -195,12 +263,32 @@ impl ForkServer {
         )
     }
 
+    /// The running fork server with the fewest jobs in flight.
+    fn least_loaded(&self) -> io::Result<usize> {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.alive.load(Ordering::Relaxed))
+            .min_by_key(|(_, p)| p.load.load(Ordering::Relaxed))
+            .map(|(i, _)| i)
+            .ok_or_else(|| io::Error::other("no fork server is running"))
+    }
+
     /// Hand one job to a new child; returns its id. On error nothing is in flight.
     pub fn dispatch(&self, slot: usize, job: ForkJob<'_>) -> io::Result<u64> {
+        let index = self.least_loaded()?;
         let id = self.next_job.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut p) = self.pending.lock() {
-            p.insert(id, Pending { slot, hold: None });
+            p.insert(
+                id,
+                Pending {
+                    slot,
+                    server: index,
+                    hold: None,
+                },
+            );
         }
+        self.servers[index].load.fetch_add(1, Ordering::Relaxed);
         let msg = ToServer::Job {
             job: id,
             slot: slot as u64,
@@ -209,10 +297,11 @@ impl ForkServer {
             local: job.local,
             data: job.data,
         };
-        let sent = self.send(&msg, job.conn);
+        let sent = self.send_to(index, &msg, job.conn);
         if sent.is_err() {
-            if let Ok(mut p) = self.pending.lock() {
-                p.remove(&id);
+            let removed = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
+            if removed.is_some() {
+                self.servers[index].load.fetch_sub(1, Ordering::Relaxed);
             }
         }
         sent.map(|()| id)
@@ -232,38 +321,47 @@ impl ForkServer {
     /// Signal every forked child and the process group it leads.
     pub fn signal_children(&self, sig: Signal) {
         if self.in_flight() > 0 {
-            if let Err(e) = self.send(&ToServer::Signal { signo: sig as i32 }, None) {
-                log::warn!("cannot ask the fork server to send {sig}: {e}");
+            if let Err(e) = self.broadcast(&ToServer::Signal { signo: sig as i32 }, None) {
+                log::warn!("cannot ask the fork servers to send {sig}: {e}");
             }
         }
     }
 
-    /// Close the socket (the fork server then exits) and wait for it, SIGKILL if it lingers.
+    /// Close the sockets (the fork servers then exit) and wait for them, SIGKILL if they linger.
     pub fn shutdown(&self) {
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-            nix::sys::socket::Shutdown::Both,
-        );
+        for p in &self.servers {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&p.sock),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
         let deadline = Instant::now() + EXIT_WAIT;
-        loop {
-            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Ok(WaitStatus::StillAlive) => {
-                    log::warn!("fork server (pid {}) did not exit; killing it", self.pid);
-                    let _ = signal::kill(self.pid, Signal::SIGKILL);
-                    let _ = waitpid(self.pid, None);
-                    return;
-                }
-                Ok(WaitStatus::Exited(_, 0)) => return,
-                Ok(status) => {
-                    log::warn!("fork server ended: {status:?}");
-                    return;
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => return,
+        for p in &self.servers {
+            wait_exit(p.pid, deadline);
+        }
+    }
+}
+
+/// Wait for one fork server to exit until `deadline`, then SIGKILL it.
+fn wait_exit(pid: Pid, deadline: Instant) {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
             }
+            Ok(WaitStatus::StillAlive) => {
+                log::warn!("fork server (pid {pid}) did not exit; killing it");
+                let _ = signal::kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return;
+            }
+            Ok(WaitStatus::Exited(_, 0)) => return,
+            Ok(status) => {
+                log::warn!("fork server ended: {status:?}");
+                return;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }
@@ -272,12 +370,17 @@ impl ForkServer {
 /// tracker entry and admission ticket, for stream jobs).
 struct Pending {
     slot: usize,
+    /// The fork server it went to.
+    server: usize,
     hold: Option<Box<dyn Send>>,
 }
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("slot", &self.slot).finish()
+        f.debug_struct("Pending")
+            .field("slot", &self.slot)
+            .field("server", &self.server)
+            .finish()
     }
 }
 
@@ -355,7 +458,7 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         if self.sent.is_some() {
-            let _ = self.server.send(
+            let _ = self.server.broadcast(
                 &ToServer::Forget {
                     slot: self.slot as u64,
                 },

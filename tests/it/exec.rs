@@ -11,14 +11,22 @@ use std::time::Duration;
 use crate::harness::*;
 use crate::services::listener;
 
-fn exec_listener(name: &str, protocol: &str, address: &str, workers: &str, exec: &str) -> String {
+/// A `[[listener]]` running `exec` (an inline table) under `workers`.
+pub fn exec_listener(
+    name: &str,
+    protocol: &str,
+    address: &str,
+    workers: &str,
+    exec: &str,
+) -> String {
     format!(
         "{}workers = \"{workers}\"\nexec = {exec}\n",
         listener(name, protocol, address, "exec")
     )
 }
 
-fn env_of(d: &Daemon, name: &str) -> HashMap<String, String> {
+/// The environment a listener's program prints (`/usr/bin/env`).
+pub fn env_of(d: &Daemon, name: &str) -> HashMap<String, String> {
     let mut s = d.connect(name);
     s.shutdown_write();
     let out = lossy(&s.read_to_end_vec());
@@ -108,7 +116,8 @@ fn env_gets_every_connection_variable_over_tcp_and_unix() {
     d_stop(d);
 }
 
-fn d_stop(mut d: Daemon) {
+/// SIGTERM, and the daemon exits 0 within the budget.
+pub fn d_stop(mut d: Daemon) {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
@@ -374,7 +383,8 @@ fn tftpd_in_wait_mode_serves_the_real_client() {
     }
 }
 
-fn which(prog: &str) -> Option<String> {
+/// The program's path if it is installed in a usual place.
+pub fn which(prog: &str) -> Option<String> {
     ["/usr/bin", "/bin", "/usr/local/bin"]
         .iter()
         .map(|d| format!("{d}/{prog}"))

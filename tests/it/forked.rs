@@ -59,26 +59,28 @@ pub fn descendants(root: i32) -> Vec<(i32, char)> {
     found
 }
 
-/// The fork server: the daemon's only child process.
-pub fn fork_server(d: &Daemon) -> i32 {
+/// The fork servers: the daemon's child processes (one per CPU, at most four).
+pub fn fork_servers(d: &Daemon) -> Vec<i32> {
     let kids: Vec<i32> = processes()
         .iter()
         .filter(|(_, pp, _)| *pp == d.pid())
         .map(|(p, _, _)| *p)
         .collect();
-    assert_eq!(
-        kids.len(),
-        1,
-        "the daemon has one child, the fork server: {kids:?}\n{}",
+    assert!(
+        (1..=4).contains(&kids.len()),
+        "the daemon's children are its fork servers, one to four: {kids:?}\n{}",
         d.log_dump()
     );
-    kids[0]
+    kids
 }
 
-/// Workers (children of the fork server) right now.
+/// Workers (children of the fork servers) right now.
 fn workers(d: &Daemon) -> usize {
-    let fs = fork_server(d);
-    processes().iter().filter(|(_, pp, _)| *pp == fs).count()
+    let fs = fork_servers(d);
+    processes()
+        .iter()
+        .filter(|(_, pp, _)| fs.contains(pp))
+        .count()
 }
 
 fn stop_cleanly(mut d: Daemon) {

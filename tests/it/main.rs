@@ -13,6 +13,7 @@ mod event;
 mod file;
 mod exec;
 mod forked;
+mod forked_exec;
 mod handlers;
 mod hostile;
 mod protection;
