@@ -296,10 +296,37 @@ fn relay_blocking(client: Conn, up: Conn) -> io::Result<()> {
         })?;
     let forward = copy(&mut c_read, &mut u_write);
     let _ = u_write.shutdown(Shutdown::Write);
+    // The client may be gone for good (reset, or shut down both ways by `max_duration` or a
+    // stop's deadline) while the upstream stays silent and open: then the upstream is cut
+    // too, or the other thread, and this worker, would wait for it forever.
+    while !back.is_finished() {
+        if hung_up(&c_read, HANGUP_POLL) {
+            let _ = u_write.shutdown(Shutdown::Both);
+            break;
+        }
+    }
     let backward = back
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("proxy thread panicked")));
     forward.and(backward).map(|_| ())
+}
+
+/// How often a relay whose client side has ended checks whether its upstream copy is done.
+const HANGUP_POLL: Duration = Duration::from_millis(250);
+
+/// Whether `conn` is closed in both directions (POLLHUP) or failed (POLLERR), waiting up to
+/// `wait` for that to happen.
+fn hung_up(conn: &Conn, wait: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
+    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        _ => false,
+    }
 }
 
 fn copy(from: &mut Conn, to: &mut Conn) -> io::Result<u64> {
@@ -348,6 +375,26 @@ mod tests {
         let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
         want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80]);
         assert_eq!(h, want);
+    }
+
+    /// A client cut off by `max_duration` or a stop's deadline (its socket shut down both
+    /// ways) ends the relay even when the upstream stays silent and open.
+    #[test]
+    fn a_shut_down_client_ends_the_relay_despite_a_silent_upstream() {
+        let (client_end, _client) = UnixStream::pair().expect("client pair");
+        let (up_end, _silent_upstream) = UnixStream::pair().expect("upstream pair");
+        let tracker_handle = client_end.try_clone().expect("clone");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(relay_blocking(Conn::Unix(client_end), Conn::Unix(up_end)));
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        tracker_handle
+            .shutdown(Shutdown::Both)
+            .expect("shutdown like the tracker");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the relay kept waiting for a silent upstream")
+            .expect("relay result");
     }
 
     #[test]
