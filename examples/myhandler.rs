@@ -136,7 +136,7 @@ mod tests {
             path: None,
             cred: None,
         };
-        let stream = StreamRequest::new(Conn::Unix(server), peer, None).expect("request");
+        let stream = StreamRequest::new(Conn::Unix(server), peer, None);
         let worker = std::thread::spawn(move || {
             serve(&mut MyHandler, &mut Request::Stream(stream), &context())
         });

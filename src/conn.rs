@@ -9,6 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A connected, blocking stream socket handed to a handler.
@@ -91,6 +92,47 @@ impl AsFd for Conn {
 impl AsRawFd for Conn {
     fn as_raw_fd(&self) -> RawFd {
         self.as_fd().as_raw_fd()
+    }
+}
+
+/// One connection shared by a request's reader and writer (and anyone else who needs the
+/// socket) without a second descriptor; the socket closes when the last handle drops.
+#[derive(Debug, Clone)]
+pub struct SharedConn(Arc<Conn>);
+
+impl SharedConn {
+    pub fn new(conn: Conn) -> SharedConn {
+        SharedConn(Arc::new(conn))
+    }
+}
+
+impl std::ops::Deref for SharedConn {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
+}
+
+impl Read for SharedConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &*self.0 {
+            Conn::Tcp(s) => (&*s).read(buf),
+            Conn::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for SharedConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &*self.0 {
+            Conn::Tcp(s) => (&*s).write(buf),
+            Conn::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::{ListenerConfig, Protocol};
-use crate::conn::{Conn, PeerAddr};
+use crate::conn::{Conn, PeerAddr, SharedConn};
 
 /// One request's life, in socketserver's order: `setup`, then `handle`, then `finish` (which
 /// runs whenever `setup` succeeded, even if `handle` failed).
@@ -213,30 +213,22 @@ impl Request {
 #[derive(Debug)]
 pub struct StreamRequest {
     /// Buffered reads: `read_line`, `fill_buf` and friends.
-    pub rfile: BufReader<Conn>,
+    pub rfile: BufReader<SharedConn>,
     /// Buffered writes; flushed by socketd after `finish`, flush earlier to send sooner.
-    pub wfile: BufWriter<Conn>,
+    pub wfile: BufWriter<SharedConn>,
     peer: PeerAddr,
     local: Option<SocketAddr>,
 }
 
 impl StreamRequest {
     /// Wrap an accepted connection; `local` is the listening address for IP sockets.
-    pub fn new(conn: Conn, peer: PeerAddr, local: Option<SocketAddr>) -> io::Result<StreamRequest> {
-        let write_half = conn.try_clone()?;
-        Ok(StreamRequest::from_parts(conn, write_half, peer, local))
-    }
-
-    /// Wrap two handles on one connection: `read` for `rfile`, `write` for `wfile`.
-    pub fn from_parts(
-        read: Conn,
-        write: Conn,
-        peer: PeerAddr,
-        local: Option<SocketAddr>,
-    ) -> StreamRequest {
+    /// `rfile` and `wfile` share the one descriptor (no `dup`), so a request costs no extra
+    /// file descriptor even when the process is at its limit.
+    pub fn new(conn: Conn, peer: PeerAddr, local: Option<SocketAddr>) -> StreamRequest {
+        let conn = SharedConn::new(conn);
         StreamRequest {
-            rfile: BufReader::new(read),
-            wfile: BufWriter::new(write),
+            rfile: BufReader::new(conn.clone()),
+            wfile: BufWriter::new(conn),
             peer,
             local,
         }

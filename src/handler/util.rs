@@ -132,8 +132,7 @@ pub(crate) mod test_support {
                 cred: None,
             },
             None,
-        )
-        .expect("stream request");
+        );
         let worker = std::thread::spawn(move || {
             let mut req = Request::Stream(req);
             serve(&mut handler, &mut req, &ctx)

@@ -5,8 +5,8 @@
 //! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
 
 pub mod access;
-pub mod forked;
 mod child;
+pub mod forked;
 mod forkserver;
 mod programs;
 mod start;
@@ -83,12 +83,17 @@ impl Tracker {
 
     /// Whether connection `id` is still open (its job has not ended).
     pub fn contains(&self, id: u64) -> bool {
-        self.open.lock().map(|m| m.contains_key(&id)).unwrap_or(false)
+        self.open
+            .lock()
+            .map(|m| m.contains_key(&id))
+            .unwrap_or(false)
     }
 
     /// Shut down one connection both ways (a limit ran out); false if it already ended.
     pub fn shutdown(&self, id: u64) -> bool {
-        let Ok(m) = self.open.lock() else { return false };
+        let Ok(m) = self.open.lock() else {
+            return false;
+        };
         match m.get(&id) {
             Some(fd) => {
                 let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
@@ -133,20 +138,7 @@ pub fn serve_stream<G>(
     before_close: G,
 ) -> Outcome {
     let started = std::time::Instant::now();
-    let write_half = match conn.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            drop(before_close);
-            drop(conn);
-            return report(ctx, &peer, Outcome::Error(e.to_string()));
-        }
-    };
-    let mut req = Request::Stream(StreamRequest::from_parts(
-        conn,
-        write_half,
-        peer.clone(),
-        local,
-    ));
+    let mut req = Request::Stream(StreamRequest::new(conn, peer.clone(), local));
     let outcome = run(factory, ctx, &mut req);
     let bytes = match &req {
         Request::Stream(s) => access::bytes(s.conn()),
@@ -155,7 +147,13 @@ pub fn serve_stream<G>(
     drop(before_close);
     drop(req);
     let outcome = report(ctx, &peer, outcome);
-    access::log_stream(ctx.listener_name(), &peer, started.elapsed(), bytes, &outcome);
+    access::log_stream(
+        ctx.listener_name(),
+        &peer,
+        started.elapsed(),
+        bytes,
+        &outcome,
+    );
     outcome
 }
 
@@ -184,12 +182,20 @@ fn run(factory: &Factory, ctx: &Context, req: &mut Request) -> Outcome {
         Ok(Err(e)) if is_peer_gone(&e) => Outcome::Ok,
         Ok(Err(e)) if crate::handler::is_no_reply_address(&e) => {
             // Any local user can send these from an unbound socket: debug, not warn.
-            log::debug!("listener `{}` peer {}: {e}", ctx.listener_name(), req.peer());
+            log::debug!(
+                "listener `{}` peer {}: {e}",
+                ctx.listener_name(),
+                req.peer()
+            );
             Outcome::Ok
         }
         Ok(Err(e)) if is_idle_timeout(&e, ctx) => {
             // Expected under slow or silent clients; per-connection, so debug, not warn.
-            log::debug!("listener `{}` peer {}: closed at idle_timeout", ctx.listener_name(), req.peer());
+            log::debug!(
+                "listener `{}` peer {}: closed at idle_timeout",
+                ctx.listener_name(),
+                req.peer()
+            );
             Outcome::Ok
         }
         Ok(Err(e)) => Outcome::Error(e.to_string()),
