@@ -432,3 +432,45 @@ fn user_brings_its_supplementary_groups_and_group_alone_drops_the_daemons() {
     }
     d_stop(d);
 }
+
+#[test]
+fn max_duration_and_idle_timeout_reach_a_forked_program() {
+    let cat = "{ argv = [\"/bin/cat\"], stderr = \"null\" }";
+    let d = Daemon::start(&format!(
+        "{}max_duration = \"1s\"\n{}idle_timeout = \"1s\"\n",
+        exec_listener("short", "tcp", "127.0.0.1:0", "forked", cat),
+        exec_listener("idle", "tcp", "127.0.0.1:0", "forked", cat),
+    ));
+    // A busy connection is cut at max_duration: the program sees its socket shut down.
+    let mut c = d.connect("short");
+    let start = std::time::Instant::now();
+    loop {
+        if c.write_all(b"tick\n").is_err() {
+            break;
+        }
+        c.set_read_timeout(Duration::from_secs(2));
+        let mut buf = [0u8; 5];
+        if !matches!(std::io::Read::read(&mut c, &mut buf), Ok(n) if n > 0) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never cut");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "cut early: {:?}",
+        start.elapsed()
+    );
+    d.wait_log("listener `short`: /bin/cat (pid", READY_TIMEOUT);
+    // A silent one ends at idle_timeout: the program's read on the shared socket times out.
+    let mut c = d.connect("idle");
+    let start = std::time::Instant::now();
+    assert!(c.closed_within(Duration::from_secs(8)), "never closed");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed early: {:?}",
+        start.elapsed()
+    );
+    d.wait_log("listener `idle`: /bin/cat (pid", READY_TIMEOUT);
+    d_stop(d);
+}
