@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,18 +23,15 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod status;
+mod stop;
+
+use stop::State;
+
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
 /// Slot ids (and so tokens) start here and only grow.
 const FIRST_SLOT: usize = 2;
-
-/// After `shutdown_timeout` the loop shuts open connections down; handlers that still have not
-/// returned this much later are abandoned and the process exits anyway.
-const FORCE_GRACE: Duration = Duration::from_secs(1);
-
-/// Child processes (forked workers, exec programs) still running at `shutdown_timeout` get
-/// SIGTERM, and SIGKILL this much later; the process exits `FORCE_GRACE` after that at most.
-const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the daemon could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -53,16 +50,6 @@ pub enum ServeError {
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Running,
-    Draining {
-        deadline: Instant,
-        forced: Option<Instant>,
-    },
-    Stopped,
 }
 
 /// A bound, not yet serving daemon. Binding is separate from serving so that everything that
@@ -374,141 +361,6 @@ impl Server {
                 _ => {}
             }
         }
-    }
-
-    /// Stop accepting at once, then let in-flight work run on until `shutdown_timeout`.
-    fn begin_stop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
-        let timeout = self.config.daemon.shutdown_timeout;
-        let status = format!("stopping: {} connections in flight", self.in_flight());
-        self.notify.stopping(&status);
-        self.close_all();
-        log::info!(
-            "stopping: {} connections in flight, waiting up to {}",
-            self.in_flight(),
-            humantime::format_duration(timeout)
-        );
-        self.state = State::Draining {
-            deadline: Instant::now() + timeout,
-            forced: None,
-        };
-    }
-
-    fn stop_now(&mut self, why: &str) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
-        self.notify.stopping(&format!("stopping now: {why}"));
-        self.close_all();
-        let n = self.shared.tracker.shutdown_all();
-        self.signal_children(nix::sys::signal::Signal::SIGKILL);
-        log::warn!("{why}: stopping now, {n} open connections closed");
-        self.state = State::Stopped;
-    }
-
-    fn close_all(&mut self) {
-        self.again.clear();
-        self.retry.clear();
-        for slot in self.slots.values_mut() {
-            drop(slot.close(self.poll.registry()));
-        }
-    }
-
-    /// Send `sig` to every forked worker and exec program; returns how many there were.
-    fn signal_children(&self, sig: nix::sys::signal::Signal) -> usize {
-        let forked = self.shared.forks.as_ref().map_or(0, |f| f.in_flight());
-        if let Some(f) = &self.shared.forks {
-            f.signal_children(sig);
-        }
-        forked + crate::exec::signal_all(sig)
-    }
-
-    /// When a forced stop gives up: `FORCE_GRACE` after it began, or after the SIGKILL round
-    /// when children had to be signalled.
-    fn children_deadline(&self, forced: Instant) -> Instant {
-        match (self.kill_at, self.killed) {
-            (Some(k), _) => k,
-            (None, true) => forced + KILL_GRACE + FORCE_GRACE,
-            (None, false) => forced + FORCE_GRACE,
-        }
-    }
-
-    fn check_stop(&mut self) {
-        let State::Draining { deadline, forced } = self.state else {
-            return;
-        };
-        let in_flight = self.in_flight();
-        if in_flight == 0 {
-            self.state = State::Stopped;
-            return;
-        }
-        let now = Instant::now();
-        match forced {
-            None if now >= deadline => {
-                let n = self.shared.tracker.shutdown_all();
-                log::warn!("shutdown_timeout reached: closing {n} open connections");
-                let children = self.signal_children(nix::sys::signal::Signal::SIGTERM);
-                if children > 0 {
-                    log::warn!("shutdown_timeout reached: SIGTERM sent to {children} child processes");
-                    self.kill_at = Some(now + KILL_GRACE);
-                }
-                self.state = State::Draining {
-                    deadline,
-                    forced: Some(now),
-                };
-            }
-            Some(_) if self.kill_at.is_some_and(|k| now >= k) => {
-                self.kill_at = None;
-                self.killed = true;
-                let n = self.signal_children(nix::sys::signal::Signal::SIGKILL);
-                log::warn!("{n} child processes still running {KILL_GRACE:?} after SIGTERM: SIGKILL sent");
-            }
-            Some(f) if self.kill_at.is_none() && now >= self.children_deadline(f) => {
-                log::warn!(
-                    "{in_flight} handlers did not return after their connections closed; exiting"
-                );
-                self.state = State::Stopped;
-            }
-            _ => {}
-        }
-    }
-
-    /// SIGUSR1: one line for the daemon, one per listener (address, connections open and
-    /// served, workers busy).
-    fn log_status(&self) {
-        log::info!("status: {}", self.status_line());
-        for s in self.slots.values() {
-            let addr = s
-                .listener
-                .as_ref()
-                .map_or("closed, draining".to_string(), |l| {
-                    format!("{} {}", s.cfg.protocol, l.local_addr())
-                });
-            let open = if s.cfg.protocol.is_datagram() {
-                "datagrams in progress"
-            } else {
-                "connections open"
-            };
-            log::info!(
-                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}",
-                s.cfg.name,
-                s.busy,
-                s.served,
-                s.busy,
-                s.cfg.max_workers,
-                s.pool.threads(),
-                if s.watching { "accepting" } else { "paused" }
-            );
-        }
-    }
-
-    /// The daemon in one line, for SIGUSR1 and the service manager's `STATUS=`.
-    fn status_line(&self) -> String {
-        let open = self.slots.values().filter(|s| s.listener.is_some()).count();
-        let draining = self.slots.len() - open;
-        let mut line = format!("{open} listeners, {} connections open", self.in_flight());
-        if draining > 0 {
-            line.push_str(&format!(", {draining} removed listeners draining"));
-        }
-        line
     }
 
     /// Run `hook` once the daemon is serving, right after `READY=1` (e.g. release the parent

@@ -1,0 +1,46 @@
+//! What the daemon tells an operator about itself: the SIGUSR1 snapshot (one line for the
+//! daemon, one per listener) and the one-line summary the service manager shows (`STATUS=`).
+
+use super::Server;
+
+impl Server {
+    /// SIGUSR1: one line for the daemon, one per listener (address, connections open and
+    /// served, workers busy).
+    pub(super) fn log_status(&self) {
+        log::info!("status: {}", self.status_line());
+        for s in self.slots.values() {
+            let addr = s
+                .listener
+                .as_ref()
+                .map_or("closed, draining".to_string(), |l| {
+                    format!("{} {}", s.cfg.protocol, l.local_addr())
+                });
+            let open = if s.cfg.protocol.is_datagram() {
+                "datagrams in progress"
+            } else {
+                "connections open"
+            };
+            log::info!(
+                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}",
+                s.cfg.name,
+                s.busy,
+                s.served,
+                s.busy,
+                s.cfg.max_workers,
+                s.pool.threads(),
+                if s.watching { "accepting" } else { "paused" }
+            );
+        }
+    }
+
+    /// The daemon in one line, for SIGUSR1 and the service manager's `STATUS=`.
+    pub(super) fn status_line(&self) -> String {
+        let open = self.slots.values().filter(|s| s.listener.is_some()).count();
+        let draining = self.slots.len() - open;
+        let mut line = format!("{open} listeners, {} connections open", self.in_flight());
+        if draining > 0 {
+            line.push_str(&format!(", {draining} removed listeners draining"));
+        }
+        line
+    }
+}
