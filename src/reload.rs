@@ -53,7 +53,14 @@ pub(crate) fn reload(server: &mut Server) {
     apply(server, new, plan);
 }
 
-fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, crate::listener::BindError> {
+fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, String> {
+    // Handlers first, so nothing below can fail after a socket was bound or taken over.
+    for l in &new.listeners {
+        server
+            .registry()
+            .build_for(l)
+            .map_err(|e| format!("listener `{}`: {e}", l.name))?;
+    }
     let (slots, _) = server.parts_mut();
     let open: Vec<(usize, Arc<ListenerConfig>)> = slots
         .values()
@@ -81,7 +88,7 @@ fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, crate::listene
             Source::Take(*id)
         } else {
             // On error the sockets bound so far are dropped with `sources`: nothing changed.
-            Source::Bound(Listener::bind(l)?)
+            Source::Bound(Listener::bind(l).map_err(|e| e.to_string())?)
         };
         if let Source::Keep(id) | Source::Take(id) = source {
             claimed.insert(id);

@@ -180,7 +180,10 @@ impl Slot {
                     }
                     let local = listener.local_inet();
                     // Refused: `conn` is dropped here, closed before any byte is sent.
-                    let Some(ticket) = self.guard.admit_stream(&self.cfg, &peer, Instant::now()) else { continue };
+                    let Some(ticket) = self.guard.admit_stream(&self.cfg, &peer, Instant::now())
+                    else {
+                        continue;
+                    };
                     if self.cfg.workers == WorkerModel::Event {
                         self.dispatch_event(shared, conn, peer, ticket);
                         continue;
@@ -193,7 +196,10 @@ impl Slot {
                     }
                     if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
                         let (id, cfg) = (self.id, &self.cfg);
-                        if let Err(e) = self.events.datagram(id, cfg, shared, &buf[..n], &peer, reply) {
+                        if let Err(e) =
+                            self.events
+                                .datagram(id, cfg, shared, &buf[..n], &peer, reply)
+                        {
                             log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
                         }
                         continue;
@@ -217,8 +223,14 @@ impl Slot {
                 }
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
-                    log::warn!("listener `{}`: {e}", self.cfg.name);
-                    return Drained::Empty;
+                    // Unknown trouble: the socket may still hold connections, and an
+                    // edge-triggered poll would not say so again; look again shortly.
+                    log::warn!(
+                        "listener `{}`: {e}; retrying in {}ms",
+                        self.cfg.name,
+                        FD_RETRY.as_millis()
+                    );
+                    return Drained::RetryAt(Instant::now() + FD_RETRY);
                 }
             }
         }
@@ -255,7 +267,8 @@ impl Slot {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
-        self.guard.arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+        self.guard
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, tracker, id) = (
             shared.notifier.clone(),
@@ -266,7 +279,11 @@ impl Slot {
         if self.cfg.workers == WorkerModel::Forked {
             // The daemon keeps its copy of the connection (and the tracker entry, for stop and
             // timeouts) until the child's exit is reported.
-            let guard = TrackGuard { tracker, conn_id, _ticket: ticket };
+            let guard = TrackGuard {
+                tracker,
+                conn_id,
+                _ticket: ticket,
+            };
             self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard));
             return;
         }
@@ -298,9 +315,15 @@ impl Slot {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
-        self.guard.arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+        self.guard
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
         let (id, cfg) = (self.id, &self.cfg);
-        let accepted = crate::event::Accepted { conn, peer, conn_id, ticket };
+        let accepted = crate::event::Accepted {
+            conn,
+            peer,
+            conn_id,
+            ticket,
+        };
         match self.events.dispatch_stream(id, cfg, shared, accepted) {
             Ok(()) => self.busy += 1,
             Err(e) => {

@@ -267,3 +267,94 @@ fn sigusr1_logs_status_per_listener() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
+
+fn worker_config(model: &str) -> String {
+    format!(
+        r#"
+[daemon]
+shutdown_timeout = "2s"
+
+[[listener]]
+name = "w"
+protocol = "tcp"
+address = "127.0.0.1:0"
+handler = "echo"
+workers = "{model}"
+"#
+    )
+}
+
+/// Pids whose parent is `pid`, from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string();
+                    after.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Names of the threads of `pid`.
+fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let p = e.ok()?.path().join("comm");
+        Some(std::fs::read_to_string(p).ok()?.trim().to_string())
+    })
+    .collect()
+}
+
+/// A listener's worker model is a setting like any other: a reload switches it on the same
+/// socket, and the next connection is served by the new model.
+#[test]
+fn reload_switches_worker_models_on_the_same_socket() {
+    let mut d = Daemon::start(&worker_config("threaded"));
+    let addr = d.addr("w");
+    for (i, model) in ["forked", "event", "threaded", "forked"].iter().enumerate() {
+        d.write_config(&worker_config(model));
+        d.signal(libc::SIGHUP);
+        d.wait_log_count("reload: done", i + 1, RELOAD_WAIT);
+        assert_eq!(d.addr("w"), addr, "the listener keeps its socket");
+        let mut s = Stream::tcp(addr);
+        s.write_all(format!("{model}\n").as_bytes()).unwrap();
+        assert_eq!(s.read_line(), format!("{model}\n"));
+        // The connection is still open: look at what serves it.
+        let pid = d.pid();
+        match *model {
+            "forked" => {
+                let workers: Vec<i32> =
+                    children_of(pid).into_iter().flat_map(children_of).collect();
+                assert!(
+                    !workers.is_empty(),
+                    "no forked worker under the fork server\n{}",
+                    d.log_dump()
+                );
+            }
+            "event" => {
+                let names = thread_names(pid);
+                assert!(
+                    names.iter().any(|n| n.starts_with("socketd:w:ev")),
+                    "no event loop thread: {names:?}"
+                );
+            }
+            _ => {
+                let names = thread_names(pid);
+                assert!(
+                    names.iter().any(|n| n == "socketd:w"),
+                    "no worker thread: {names:?}"
+                );
+            }
+        }
+        drop(s);
+    }
+}
