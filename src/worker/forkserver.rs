@@ -1,5 +1,5 @@
 //! The fork server: a small single-threaded process that forks one child per forked job
-//! (socketd starts one per CPU, see `forked::ForkServer`; each is this same loop).
+//! (socketd starts two per CPU, see `forked::ForkServer`; each is this same loop).
 //!
 //! Why a separate process: a child forked from a process that has other threads inherits every
 //! lock as it was at that instant (the logger's, stderr's, the allocator's) with no thread left

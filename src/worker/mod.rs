@@ -140,9 +140,10 @@ pub fn serve_stream<G>(
     let started = std::time::Instant::now();
     let mut req = Request::Stream(StreamRequest::new(conn, peer.clone(), local));
     let outcome = run(factory, ctx, &mut req);
+    // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
-        Request::Stream(s) => access::bytes(s.conn()),
-        Request::Datagram(_) => access::Bytes::default(),
+        Request::Stream(s) if log::log_enabled!(log::Level::Info) => access::bytes(s.conn()),
+        _ => access::Bytes::default(),
     };
     drop(before_close);
     drop(req);

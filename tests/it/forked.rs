@@ -59,7 +59,7 @@ pub fn descendants(root: i32) -> Vec<(i32, char)> {
     found
 }
 
-/// The fork servers: the daemon's child processes (one per CPU, at most four).
+/// The fork servers: the daemon's child processes (two per CPU, at most eight).
 pub fn fork_servers(d: &Daemon) -> Vec<i32> {
     let kids: Vec<i32> = processes()
         .iter()
@@ -67,8 +67,8 @@ pub fn fork_servers(d: &Daemon) -> Vec<i32> {
         .map(|(p, _, _)| *p)
         .collect();
     assert!(
-        (1..=4).contains(&kids.len()),
-        "the daemon's children are its fork servers, one to four: {kids:?}\n{}",
+        (1..=8).contains(&kids.len()),
+        "the daemon's children are its fork servers, one to eight: {kids:?}\n{}",
         d.log_dump()
     );
     kids
