@@ -24,6 +24,21 @@ pub struct Pidfile {
 impl Pidfile {
     /// Open (creating) and lock `path`, or say which process holds it.
     pub fn lock(path: &Path) -> Result<Pidfile, String> {
+        // The previous owner removes the file while still holding its lock, so a lock won on
+        // a file that was unlinked meanwhile protects nothing: then open the path again.
+        for _ in 0..8 {
+            if let Some(pidfile) = Pidfile::try_lock(path)? {
+                return Ok(pidfile);
+            }
+        }
+        Err(format!(
+            "cannot lock the pidfile {}: it keeps being replaced",
+            path.display()
+        ))
+    }
+
+    /// One attempt: `None` when the locked file is no longer the one at `path`.
+    fn try_lock(path: &Path) -> Result<Option<Pidfile>, String> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -34,11 +49,12 @@ impl Pidfile {
             .open(path)
             .map_err(|e| format!("cannot open the pidfile {}: {e}", path.display()))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(file) => Ok(Pidfile {
+            Ok(file) if !same_file(&file, path) => Ok(None),
+            Ok(file) => Ok(Some(Pidfile {
                 file,
                 path: path.to_path_buf(),
                 owner: Some(std::process::id()), // until a detach hands it to the daemon
-            }),
+            })),
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
@@ -73,6 +89,15 @@ impl Pidfile {
     }
 }
 
+/// Whether the open file is still the one at `path` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl Drop for Pidfile {
     fn drop(&mut self) {
         if self.owner != Some(std::process::id()) {
@@ -87,5 +112,24 @@ impl Drop for Pidfile {
                 self.path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod replaced_file_tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_on_a_replaced_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socketd.pid");
+        let old = File::create(&path).unwrap();
+        assert!(same_file(&old, &path));
+        std::fs::remove_file(&path).unwrap();
+        assert!(!same_file(&old, &path), "the path is gone");
+        File::create(&path).unwrap();
+        assert!(!same_file(&old, &path), "the path is another file now");
+        let locked = Pidfile::lock(&path).unwrap();
+        assert!(same_file(&locked.file, &path));
     }
 }
