@@ -182,6 +182,48 @@ service echo
     user = root
     flags = NOLIBWRAP
 }}
+service echo
+{{
+    id = echo-stream-nolimit
+    type = INTERNAL UNLISTED
+    socket_type = stream
+    protocol = tcp
+    port = 9211
+    bind = 127.0.0.1
+    wait = no
+    user = root
+    flags = NOLIBWRAP
+    cps = 1000000 1
+    instances = UNLIMITED
+}}
+service echo
+{{
+    id = echo-dgram-nolimit
+    type = INTERNAL UNLISTED
+    socket_type = dgram
+    protocol = udp
+    port = 9211
+    bind = 127.0.0.1
+    wait = yes
+    user = root
+    flags = NOLIBWRAP
+    cps = 1000000 1
+    instances = UNLIMITED
+}}
+service bcatnl
+{{
+    type = UNLISTED
+    socket_type = stream
+    protocol = tcp
+    port = 9212
+    bind = 127.0.0.1
+    wait = no
+    user = root
+    server = /bin/cat
+    flags = NOLIBWRAP
+    cps = 1000000 1
+    instances = UNLIMITED
+}}
 service bcat
 {{
     type = UNLISTED
@@ -231,9 +273,10 @@ def start_everything():
     start("py-threading", [sys.executable, py, "threading-tcp", LO, "9501"])
     start("py-forking", [sys.executable, py, "forking-tcp", LO, "9502"])
     start("py-udp", [sys.executable, py, "udp", LO, "9503"])
-    for port in (9000, 9101, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9301, 9401, 9501, 9502):
+    for port in (9000, 9101, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
+                 9401, 9501, 9502):
         wait_tcp(port)
-    for port in (9000, 9101, 9102, 9201, 9503):
+    for port in (9000, 9101, 9102, 9201, 9211, 9503):
         wait_udp(port)
 
 
@@ -241,6 +284,15 @@ def start_everything():
 LOADS = [
     ("rr64", "echo request/response, 64 connections, 64-byte messages",
      ["--mode", "rr", "--conns", "64", "--size", "64"], "ops_per_s",
+     [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
+      ("socketd event", "tcp:127.0.0.1:9101"),
+      ("socketd threaded", "tcp:127.0.0.1:9102"),
+      ("xinetd internal echo", "tcp:127.0.0.1:9201"),
+      ("socat fork PIPE", "tcp:127.0.0.1:9301"),
+      ("python ThreadingTCPServer", "tcp:127.0.0.1:9501")]),
+    ("rr64mux", "the same with the 64 connections multiplexed on 2 epoll client threads "
+     "(loadgen --mux 2: the client takes less CPU, so this measures the servers more)",
+     ["--mode", "rr", "--conns", "64", "--size", "64", "--mux", "2"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       ("socketd threaded", "tcp:127.0.0.1:9102"),
@@ -256,6 +308,8 @@ LOADS = [
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("xinetd exec /bin/cat", "tcp:127.0.0.1:9202"),
+      ("xinetd internal echo, cps limit lifted", "tcp:127.0.0.1:9211"),
+      ("xinetd exec /bin/cat, cps limit lifted", "tcp:127.0.0.1:9212"),
       ("socat fork PIPE", "tcp:127.0.0.1:9301"),
       ("haproxy tcp -> epoll_echo", "tcp:127.0.0.1:9401"),
       ("python ThreadingTCPServer", "tcp:127.0.0.1:9501"),
@@ -266,6 +320,7 @@ LOADS = [
       ("socketd event", "udp:127.0.0.1:9101"),
       ("socketd threaded", "udp:127.0.0.1:9102"),
       ("xinetd internal echo", "udp:127.0.0.1:9201"),
+      ("xinetd internal echo, cps limit lifted", "udp:127.0.0.1:9211"),
       ("python UDPServer", "udp:127.0.0.1:9503")]),
     ("bulk", f"one {BULK} stream through a TCP proxy to epoll_echo and back",
      ["--mode", "bulk", "--bytes", BULK], "mib_per_s",
@@ -375,10 +430,16 @@ def report(results, mem):
         ("rr64", "socketd event", "xinetd internal echo", 2),
         ("rr64", "socketd event", "socat fork PIPE", 2),
         ("rr64", "socketd event", "python ThreadingTCPServer", 2),
+        ("rr64mux", "socketd event", "epoll_echo (kernel limit)", 0.9),
+        ("rr64mux", "socketd event", "xinetd internal echo", 2),
+        ("rr64mux", "socketd event", "socat fork PIPE", 2),
+        ("rr64mux", "socketd event", "python ThreadingTCPServer", 2),
         ("cps16", "socketd event", "epoll_echo (kernel limit)", 0.8),
         ("cps16", "socketd threaded", "python ThreadingTCPServer", 2),
         ("cps16", "socketd forked echo", "xinetd exec /bin/cat", 1.5),
         ("cps16", "socketd forked exec /bin/cat", "xinetd exec /bin/cat", 1.5),
+        ("cps16", "socketd forked echo", "xinetd exec /bin/cat, cps limit lifted", 1.5),
+        ("cps16", "socketd forked exec /bin/cat", "xinetd exec /bin/cat, cps limit lifted", 1.5),
         ("udp16", "socketd event", "epoll_echo (kernel limit)", 0.9),
         ("udp16", "socketd threaded", "python UDPServer", 1),
         ("bulk", "socketd event proxy", "haproxy tcp", 1.5),
