@@ -97,19 +97,34 @@ service socketd-bench-cat
 }
 XCONF
 
+# Targets are NAME:PORT:SERVER_PID. Besides the load generator's numbers, each line gets the
+# server side's CPU time per 1000 connections (user+system of the server process, its direct
+# children such as socketd's fork server, and the children they reaped, from /proc), which
+# other load on the machine hardly changes, unlike connections per second.
 "$SOCKETD" --config "$WORK/socketd.toml" 2> "$WORK/socketd.log" &
 PIDS+=($!)
+SOCKETD_PID=$!
 PORTS="9101 9102 9103 9104"
-TARGETS=("socketd forked echo:9101" "socketd forked exec /bin/cat:9102" "socketd threaded exec /bin/cat:9104")
+TARGETS=("socketd forked echo:9101:$SOCKETD_PID" "socketd forked exec /bin/cat:9102:$SOCKETD_PID" "socketd threaded exec /bin/cat:9104:$SOCKETD_PID")
 if [ -n "$SOCKETD_BEFORE" ]; then
     "$SOCKETD_BEFORE" --config "$WORK/socketd-before.toml" 2> "$WORK/socketd-before.log" &
     PIDS+=($!)
     PORTS="$PORTS 9111 9112 9114"
-    TARGETS+=("before, forked echo:9111" "before, forked exec /bin/cat:9112" "before, threaded exec /bin/cat:9114")
+    TARGETS+=("before, forked echo:9111:$!" "before, forked exec /bin/cat:9112:$!" "before, threaded exec /bin/cat:9114:$!")
 fi
-TARGETS+=("xinetd /bin/cat:9103")
 xinetd -dontfork -f "$WORK/xinetd.conf" -pidfile "$WORK/xinetd.pid" 2> "$WORK/xinetd.err" &
 PIDS+=($!)
+TARGETS+=("xinetd /bin/cat:9103:$!")
+
+# cpu_ticks PID: utime+stime+cutime+cstime of PID and of each of its direct children.
+cpu_ticks() {
+    local total=0 p
+    for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        total=$((total + $(awk '{print $14+$15+$16+$17}' /proc/"$p"/stat 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+TICK_MS=$((1000 / $(getconf CLK_TCK)))
 for port in $PORTS; do
     for _ in $(seq 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
@@ -121,8 +136,30 @@ echo "cps, connect-send(64 B)-receive-close, $CONNS client threads, $DURATION ea
 for round in $(seq "$ROUNDS"); do
     [ "$ROUNDS" -gt 1 ] && echo "round $round"
     for t in "${TARGETS[@]}"; do
-        name="${t%%:*}"; port="${t##*:}"
-        printf '%-36s ' "$name"
-        timeout 120 "$LOADGEN" --mode cps --target "tcp:127.0.0.1:$port" --conns "$CONNS" --size 64 --duration "$DURATION" || echo "(loadgen failed)"
+        IFS=: read -r name port pid <<< "$t"
+        before=$(cpu_ticks "$pid")
+        out=$(timeout 120 "$LOADGEN" --mode cps --target "tcp:127.0.0.1:$port" --conns "$CONNS" --size 64 --duration "$DURATION" || echo "(loadgen failed)")
+        sleep 0.2 # the last children are reaped and counted
+        used=$(( ($(cpu_ticks "$pid") - before) * TICK_MS ))
+        ops=$(sed -n 's/.* ops=\([0-9]*\) .*/\1/p' <<< "$out")
+        per_k=$(awk -v u="$used" -v o="${ops:-0}" 'BEGIN { if (o > 0) printf "%.0f", u * 1000 / o; else print "-" }')
+        printf '%-36s %s server_cpu_ms_per_1k=%s\n' "$name" "$out" "$per_k" | tee -a "$WORK/results"
     done
 done
+echo
+echo "| target | conn/s (median) | server CPU ms per 1000 conn (median) | conn/s vs xinetd |"
+echo "|---|---|---|---|"
+awk '
+    { name = substr($0, 1, 36); sub(/ +$/, "", name)
+      for (i = 1; i <= NF; i++) { if ($i ~ /^ops_per_s=/) { split($i, a, "="); r[name] = r[name] " " a[2] }
+                                  if ($i ~ /^server_cpu_ms_per_1k=/) { split($i, b, "="); c[name] = c[name] " " b[2] } }
+      if (!(name in seen)) { seen[name] = 1; order[++n] = name } }
+    function median(list,   v, k, i, j, t) {
+        k = split(list, v, " ")
+        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] + 0 < v[i] + 0) { t = v[i]; v[i] = v[j]; v[j] = t }
+        return k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+    }
+    END {
+        x = median(r["xinetd /bin/cat"])
+        for (i = 1; i <= n; i++) { m = median(r[order[i]]); printf "| %s | %d | %s | %.2f |\n", order[i], m, median(c[order[i]]), (x > 0 ? m / x : 0) }
+    }' "$WORK/results"

@@ -65,6 +65,8 @@ pub struct ForkServer {
     next_job: AtomicU64,
     /// Jobs in flight, so a dead fork server's jobs can still be booked.
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    /// Set by `shutdown`: a fork server ending after that is expected, not an error.
+    closing: Arc<AtomicBool>,
 }
 
 /// One fork server process.
@@ -152,6 +154,7 @@ impl ForkServer {
             servers,
             next_job: AtomicU64::new(0),
             pending: Arc::new(Mutex::new(HashMap::new())),
+            closing: Arc::new(AtomicBool::new(false)),
         };
         for index in 0..server.servers.len() {
             server.spawn_reader(index, notifier.clone())?;
@@ -168,6 +171,7 @@ impl ForkServer {
     fn spawn_reader(&self, index: usize, notifier: Notifier) -> io::Result<()> {
         let process = &self.servers[index];
         let sock = process.sock.try_clone()?;
+        let (pid, closing) = (process.pid, Arc::clone(&self.closing));
         let (pending, alive, load) = (
             Arc::clone(&self.pending),
             Arc::clone(&process.alive),
@@ -204,6 +208,12 @@ impl ForkServer {
                 }
                 // This fork server is gone: its jobs will never report, so book them now.
                 alive.store(false, Ordering::Relaxed);
+                if !closing.load(Ordering::Relaxed) {
+                    log::error!(
+                        "fork server (pid {pid}) is gone; its jobs are booked as failed and the \
+                         other fork servers take the new ones"
+                    );
+                }
                 let lost: Vec<Pending> = pending
                     .lock()
                     .map(|mut p| {
@@ -240,15 +250,23 @@ impl ForkServer {
         wire::send_to_server(process.sock.as_fd(), msg, fd)
     }
 
-    /// Send to every fork server still running; the first error, if any.
+    /// Send to every fork server still running (one that died gets no more jobs either); the
+    /// first error, if any, or an error when none is running.
     fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        let mut result = Ok(());
-        for index in 0..self.servers.len() {
-            if let Err(e) = self.send_to(index, msg, fd) {
-                result = result.and(Err(e));
+        let (mut running, mut first_error) = (0, None);
+        for (index, p) in self.servers.iter().enumerate() {
+            if p.alive.load(Ordering::Relaxed) {
+                running += 1;
+                if let Err(e) = self.send_to(index, msg, fd) {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        result
+        match first_error {
+            Some(e) => Err(e),
+            None if running == 0 => Err(io::Error::other("no fork server is running")),
+            None => Ok(()),
+        }
     }
 
     /// Tell the fork servers a listener's current config (and its datagram socket).
@@ -334,6 +352,7 @@ impl ForkServer {
 
     /// Close the sockets (the fork servers then exit) and wait for them, SIGKILL if they linger.
     pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         for p in &self.servers {
             let _ = nix::sys::socket::shutdown(
                 std::os::fd::AsRawFd::as_raw_fd(&p.sock),

@@ -474,3 +474,26 @@ fn max_duration_and_idle_timeout_reach_a_forked_program() {
     d.wait_log("listener `idle`: /bin/cat (pid", READY_TIMEOUT);
     d_stop(d);
 }
+
+#[test]
+fn a_dead_fork_server_leaves_the_others_serving() {
+    let d = Daemon::start(&crate::forked::forked(
+        "echo",
+        "tcp",
+        "127.0.0.1:0",
+        "echo",
+        "",
+    ));
+    let servers = fork_servers(&d);
+    assert!(servers.len() >= 2, "two fork servers per CPU: {servers:?}");
+    // SAFETY: kill(2) on a pid that is this test daemon's child, alive (just listed).
+    assert_eq!(unsafe { libc::kill(servers[0], libc::SIGKILL) }, 0);
+    d.wait_log("is gone; its jobs are booked as failed", READY_TIMEOUT);
+    for i in 0..20 {
+        let mut c = d.connect("echo");
+        let msg = format!("after the loss {i}\n");
+        c.write_all(msg.as_bytes()).expect("send");
+        assert_eq!(c.read_line(), msg, "connection {i}\n{}", d.log_dump());
+    }
+    d_stop(d);
+}
