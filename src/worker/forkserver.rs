@@ -248,10 +248,12 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
         }
         st.programs.expire(Instant::now());
         if sig_ready {
+            // Drain, then reap: a child that exits after the drain is reaped now or leaves
+            // SIGCHLD pending for the next poll, so none waits; a pass for a job alone costs no
+            // waitpid.
             while let Ok(Some(_)) = sigfd.read_signal() {}
+            st.reap();
         }
-        // Reap on every pass: cheap, and no exit waits for the next SIGCHLD.
-        st.reap();
         if sock_ready {
             loop {
                 match wire::recv_in_server(st.sock.as_fd(), &mut buf) {
