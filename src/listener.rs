@@ -105,7 +105,9 @@ impl Listener {
             (ListenAddr::Path(path), Protocol::Unix) => {
                 clear_stale_socket(path).map_err(err)?;
                 let file = &cfg.protect.socket_file;
-                let l = crate::protect::socket_file::bind(path, file, |p: &Path| UnixListener::bind(p)).map_err(err)?;
+                let l =
+                    crate::protect::socket_file::bind(path, file, |p: &Path| UnixListener::bind(p))
+                        .map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
                 Listener {
                     socket: Socket4::Unix(l),
@@ -116,7 +118,9 @@ impl Listener {
             (ListenAddr::Path(path), Protocol::UnixDgram) => {
                 clear_stale_socket(path).map_err(err)?;
                 let file = &cfg.protect.socket_file;
-                let d = crate::protect::socket_file::bind(path, file, |p: &Path| UnixDatagram::bind(p)).map_err(err)?;
+                let d =
+                    crate::protect::socket_file::bind(path, file, |p: &Path| UnixDatagram::bind(p))
+                        .map_err(err)?;
                 d.set_nonblocking(true).map_err(err)?;
                 Listener {
                     socket: Socket4::UnixDgram(d),
@@ -140,14 +144,20 @@ impl Listener {
     pub fn adopt(fd: std::os::fd::OwnedFd, cfg: &ListenerConfig) -> Result<Listener, BindError> {
         let err = |source: io::Error| BindError {
             listener: cfg.name.clone(),
-            address: format!("{} {} (socket passed by the service manager)", cfg.protocol, cfg.address),
+            address: format!(
+                "{} {} (socket passed by the service manager)",
+                cfg.protocol, cfg.address
+            ),
             source,
         };
         let (protocol, local) = crate::daemon::activation::socket_kind(&fd).map_err(err)?;
         if protocol != cfg.protocol {
             return Err(err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("the passed socket is {protocol} {local}, but the listener is {}", cfg.protocol),
+                format!(
+                    "the passed socket is {protocol} {local}, but the listener is {}",
+                    cfg.protocol
+                ),
             )));
         }
         let socket = match protocol {
@@ -156,7 +166,11 @@ impl Listener {
             Protocol::Unix => Socket4::Unix(UnixListener::from(fd)),
             Protocol::UnixDgram => Socket4::UnixDgram(UnixDatagram::from(fd)),
         };
-        let listener = Listener { socket, local, unlink: None };
+        let listener = Listener {
+            socket,
+            local,
+            unlink: None,
+        };
         let nonblocking = match &listener.socket {
             Socket4::Tcp(s) => s.set_nonblocking(true),
             Socket4::Udp(s) => s.set_nonblocking(true),

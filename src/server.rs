@@ -199,8 +199,9 @@ impl Server {
         // `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool threads, event
         // loops and everything else start after this line.
         crate::worker::forked::cloexec_all();
-        let forks = crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
-            .map_err(io_err("cannot start the fork server for forked workers"))?;
+        let forks =
+            crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
+                .map_err(io_err("cannot start the fork server for forked workers"))?;
         self.shared.forks = Some(Arc::new(forks));
         for slot in self.slots.values_mut() {
             slot.watch(self.poll.registry());

@@ -86,7 +86,11 @@ impl SyslogConfig {
 
 impl Default for SyslogConfig {
     fn default() -> Self {
-        SyslogConfig { address: SyslogAddr::Unix("/dev/log".into()), facility: 3, format: SyslogFormat::Rfc3164 }
+        SyslogConfig {
+            address: SyslogAddr::Unix("/dev/log".into()),
+            facility: 3,
+            format: SyslogFormat::Rfc3164,
+        }
     }
 }
 

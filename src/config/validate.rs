@@ -190,21 +190,34 @@ fn validate_syslog(raw: Option<&super::raw::RawSyslog>, c: &mut Check<'_, '_>) -
     let d = SyslogConfig::default();
     let Some(raw) = raw else { return d };
     let facility = |name: &str| SyslogConfig::FACILITIES.iter().position(|f| *f == name);
-    let address = raw.address.as_ref().and_then(|a| match parse_syslog_addr(a.get_ref()) {
-        Ok(addr) => Some(addr),
-        Err(detail) => {
-            c.error(&a.span(), "syslog.address", detail);
-            None
-        }
-    });
+    let address = raw
+        .address
+        .as_ref()
+        .and_then(|a| match parse_syslog_addr(a.get_ref()) {
+            Ok(addr) => Some(addr),
+            Err(detail) => {
+                c.error(&a.span(), "syslog.address", detail);
+                None
+            }
+        });
     SyslogConfig {
         address: address.unwrap_or(d.address),
         facility: c
-            .choice(&raw.facility, "syslog.facility", SYSLOG_FACILITIES, facility)
+            .choice(
+                &raw.facility,
+                "syslog.facility",
+                SYSLOG_FACILITIES,
+                facility,
+            )
             .and_then(|f| u8::try_from(f).ok())
             .unwrap_or(d.facility),
         format: c
-            .choice(&raw.format, "syslog.format", SYSLOG_FORMATS, SyslogFormat::from_name)
+            .choice(
+                &raw.format,
+                "syslog.format",
+                SYSLOG_FORMATS,
+                SyslogFormat::from_name,
+            )
             .unwrap_or(d.format),
     }
 }
@@ -213,7 +226,9 @@ fn validate_syslog(raw: Option<&super::raw::RawSyslog>, c: &mut Check<'_, '_>) -
 fn parse_syslog_addr(text: &str) -> Result<SyslogAddr, String> {
     let usage = "valid forms: \"unix:/dev/log\" (the default), \"udp:IP:PORT\", \"tcp:IP:PORT\"";
     let Some((scheme, rest)) = text.split_once(':') else {
-        return Err(format!("{text:?} has no `unix:`, `udp:` or `tcp:` prefix; {usage}"));
+        return Err(format!(
+            "{text:?} has no `unix:`, `udp:` or `tcp:` prefix; {usage}"
+        ));
     };
     match scheme {
         "unix" => parse_unix_path(rest).map(SyslogAddr::Unix),

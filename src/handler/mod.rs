@@ -93,7 +93,10 @@ impl Registry {
         r.register("proxy", proxy::build);
         r.register("exec", exec::build);
         r.register("file", file::build);
-        r.event_capable = crate::event::HANDLERS.iter().map(|s| s.to_string()).collect();
+        r.event_capable = crate::event::HANDLERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         r
     }
 
@@ -295,7 +298,10 @@ impl DatagramRequest {
             (DatagramSocket::Unix(s), PeerAddr::Unix { path: Some(p), .. }) => {
                 s.send_to(buf, Path::new(p))
             }
-            _ => Err(io::Error::new(io::ErrorKind::AddrNotAvailable, NoReplyAddress)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                NoReplyAddress,
+            )),
         }
     }
 }
@@ -316,7 +322,8 @@ impl std::error::Error for NoReplyAddress {}
 
 /// Whether `e` is `NoReplyAddress`: the reply was impossible, not the handler at fault.
 pub fn is_no_reply_address(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<NoReplyAddress>())
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<NoReplyAddress>())
 }
 
 /// Run one request through a handler, in socketserver's order. Returns the first error.
