@@ -286,17 +286,16 @@ fn hash_addr(a: &std::net::SocketAddr) -> usize {
 /// The RFC 862-868 datagram answers, sent with the listener's non-blocking socket: a full
 /// socket buffer drops the reply, which UDP allows.
 fn answer_datagram(service: &Service, data: &[u8], peer: &PeerAddr, reply: &DatagramSocket) {
-    let now = std::time::SystemTime::now();
     let owned;
     let out: &[u8] = match service {
         Service::Echo => data,
         Service::Discard => return,
         Service::Daytime => {
-            owned = crate::handler::clock::daytime_line(now).into_bytes();
+            owned = crate::handler::clock::daytime_line(std::time::SystemTime::now()).into_bytes();
             &owned
         }
         Service::Time => {
-            owned = crate::handler::clock::rfc868_seconds(now)
+            owned = crate::handler::clock::rfc868_seconds(std::time::SystemTime::now())
                 .to_be_bytes()
                 .to_vec();
             &owned

@@ -205,8 +205,9 @@ fn proxy_protocol_v1_and_v2_header_bytes() {
     }
 }
 
-#[test]
-fn proxy_udp_associations() {
+/// Two clients, two datagrams each, through a UDP proxy; returns how many distinct source
+/// addresses the upstream saw.
+fn udp_proxy_sources(workers: &str) -> usize {
     let up = UdpSocket::bind("127.0.0.1:0").expect("bind upstream");
     up.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -229,23 +230,32 @@ fn proxy_udp_associations() {
     let d = Daemon::start(&proxy_config(
         "udp",
         "127.0.0.1:0",
-        "event",
+        workers,
         &format!("upstream = \"{up_addr}\""),
     ));
     d.wait_ready();
     let (a, b) = (d.dgram("p"), d.dgram("p"));
     for i in 0..2 {
         a.send(format!("a{i}").as_bytes());
-        assert_eq!(a.recv(), format!("up:a{i}").as_bytes());
+        assert_eq!(a.recv(), format!("up:a{i}").as_bytes(), "{workers}");
         b.send(format!("b{i}").as_bytes());
-        assert_eq!(b.recv(), format!("up:b{i}").as_bytes());
+        assert_eq!(b.recv(), format!("up:b{i}").as_bytes(), "{workers}");
     }
+    let sources = echo.join().expect("upstream");
+    stop(d);
+    sources
+}
+
+#[test]
+fn proxy_udp_associations() {
     assert_eq!(
-        echo.join().expect("upstream"),
+        udp_proxy_sources("event"),
         2,
         "one upstream association per client"
     );
-    stop(d);
+    // Threaded and forked workers relay one exchange per datagram (a socket each).
+    assert_eq!(udp_proxy_sources("threaded"), 4);
+    assert_eq!(udp_proxy_sources("forked"), 4);
 }
 
 #[test]
