@@ -28,6 +28,28 @@ struct Dir {
     no_pipe: bool,
 }
 
+/// Which directions an event can move: client readable or upstream writable moves
+/// client->upstream, and the other way round; the rest would only meet `EAGAIN`.
+#[derive(Debug, Clone, Copy)]
+pub struct Wake {
+    pub c2u: bool,
+    pub u2c: bool,
+}
+
+impl Wake {
+    /// The directions a readiness event on `side` (0 client, 1 upstream) can move.
+    pub fn from_event(side: usize, ev: &mio::event::Event) -> Wake {
+        let err = ev.is_error();
+        let rd = ev.is_readable() || ev.is_read_closed() || err;
+        let wr = ev.is_writable() || ev.is_write_closed() || err;
+        if side == 0 {
+            Wake { c2u: rd, u2c: wr }
+        } else {
+            Wake { c2u: wr, u2c: rd }
+        }
+    }
+}
+
 /// A proxied connection's state; the client stream is held by the loop's entry.
 #[derive(Debug)]
 pub struct Relay {
@@ -81,10 +103,16 @@ impl Relay {
     }
 
     /// Move whatever can move in both directions.
-    pub fn drive(&mut self, client: &mut EvStream, scratch: &mut [u8]) -> Step {
+    pub fn drive(&mut self, client: &mut EvStream, scratch: &mut [u8], mut wake: Wake) -> Step {
         if self.connecting {
             match self.up.connected() {
-                Ok(true) => self.connecting = false,
+                Ok(true) => {
+                    self.connecting = false;
+                    wake = Wake {
+                        c2u: true,
+                        u2c: true,
+                    };
+                }
                 Ok(false) => return Step::Wait,
                 Err(e) => {
                     return Step::Close(Outcome::Error(format!(
@@ -94,11 +122,15 @@ impl Relay {
                 }
             }
         }
-        if let Err(e) = pump(client, &mut self.up, &mut self.c2u, scratch) {
-            return closed_by(e);
+        if wake.c2u {
+            if let Err(e) = pump(client, &mut self.up, &mut self.c2u, scratch) {
+                return closed_by(e);
+            }
         }
-        if let Err(e) = pump(&mut self.up, client, &mut self.u2c, scratch) {
-            return closed_by(e);
+        if wake.u2c {
+            if let Err(e) = pump(&mut self.up, client, &mut self.u2c, scratch) {
+                return closed_by(e);
+            }
         }
         if self.c2u.shut && self.u2c.shut {
             return Step::Close(Outcome::Ok);

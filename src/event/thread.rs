@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::proxy::{Assoc, Relay};
+use super::proxy::{Assoc, Relay, Wake};
 use super::stream::{self, EvStream, Machine, Pending, Step};
 use super::{Handoff, Msg, Service};
 
@@ -121,7 +121,8 @@ impl Loop {
                 let (idx, side) = (ev.token().0 / 2, ev.token().0 % 2);
                 // Both directions closed (e.g. the stop deadline shut the socket down).
                 let hung_up = side == 0 && ev.is_read_closed() && ev.is_write_closed();
-                self.drive(idx, hung_up, ev.is_read_closed());
+                let wake = Wake::from_event(side, ev);
+                self.drive(idx, hung_up, ev.is_read_closed(), wake);
             }
             self.fire_timers();
         }
@@ -287,7 +288,7 @@ impl Loop {
         });
     }
 
-    fn drive(&mut self, idx: usize, hung_up: bool, peer_shut: bool) {
+    fn drive(&mut self, idx: usize, hung_up: bool, peer_shut: bool, wake: Wake) {
         let scratch = &mut self.scratch;
         let step = match self.slab.get_mut(idx) {
             Some(Some(Entry::Conn(c))) if hung_up => {
@@ -313,7 +314,7 @@ impl Loop {
                     Machine::File { file, offset, len } => {
                         stream::send_file(client, file, offset, *len)
                     }
-                    Machine::Proxy(r) => r.drive(client, scratch),
+                    Machine::Proxy(r) => r.drive(client, scratch, wake),
                 }
             }
             Some(Some(Entry::Assoc(a))) => {
