@@ -273,3 +273,42 @@ fn check_refuses_bad_proxy_settings() {
         out.describe()
     );
 }
+
+#[test]
+fn proxy_upstream_half_close_keeps_the_other_direction_open() {
+    for workers in MODELS {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let up = l.local_addr().expect("addr");
+        // The upstream speaks first, half-closes, and only then reads the client to EOF.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            s.write_all(b"hello, then EOF").expect("greet");
+            s.shutdown(std::net::Shutdown::Write).expect("half-close");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read the client to EOF");
+            got
+        });
+        let d = Daemon::start(&proxy_config(
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            &format!("upstream = \"{up}\""),
+        ));
+        d.wait_ready();
+        let mut s = d.connect("p");
+        assert_eq!(s.read_to_end_vec(), b"hello, then EOF", "{workers}");
+        let payload = vec![b'z'; 200_000];
+        s.write_all(&payload)
+            .expect("send after the upstream's EOF");
+        s.shutdown_write();
+        let got = server.join().expect("upstream");
+        assert!(
+            got == payload,
+            "{workers}: upstream got {} bytes",
+            got.len()
+        );
+        drop(s);
+        stop(d);
+    }
+}
