@@ -157,12 +157,18 @@ fn open_standard_fds() -> std::io::Result<()> {
     for fd in 0..3 {
         // SAFETY: F_GETFD only asks whether the descriptor is open.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-            // Opens the lowest free descriptor, which is `fd`; kept open for good.
+            // Opens the lowest free descriptor, which is `fd`; kept open for good, and
+            // inheritable like a standard descriptor (std opens it close-on-exec).
             let null = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/null")?;
-            std::mem::forget(OwnedFd::from(null));
+            let null = OwnedFd::from(null);
+            // SAFETY: clearing the descriptor flags of a descriptor this function owns.
+            if unsafe { libc::fcntl(null.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::mem::forget(null);
         }
     }
     Ok(())
