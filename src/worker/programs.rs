@@ -10,6 +10,10 @@
 //! (bytes from the kernel's TCP counters of the fork server's copy of the connection, kept until
 //! then only when info lines are logged at all). A pipe a descendant still holds open is read
 //! for `DRAIN_WAIT` more, then closed.
+//!
+//! `max_duration` reaches the program too: the main loop shuts its connection down at the
+//! deadline, which ends any program that uses its socket; one that is still running
+//! `CUT_GRACE` later gets SIGTERM (its whole process group), and SIGKILL `CUT_GRACE` after that.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 
 use super::wire::Ending;
 use crate::conn::{Conn, PeerAddr};
@@ -31,6 +37,10 @@ const DRAIN_WAIT: Duration = Duration::from_millis(500);
 /// Reads per pipe per pass of the poll loop.
 const READS_PER_PASS: usize = 16;
 
+/// How long a program may outlive its connection's `max_duration` before SIGTERM, and SIGTERM
+/// before SIGKILL.
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
+
 /// A program started for a job.
 #[derive(Debug)]
 pub(super) struct Started {
@@ -41,6 +51,8 @@ pub(super) struct Started {
     /// the connection, for its byte counters.
     pub conn: Option<(PeerAddr, Option<Conn>)>,
     pub at: Instant,
+    /// When to signal the program if it is still running, and with what (`max_duration`).
+    pub kill_at: Option<(Instant, Signal)>,
 }
 
 #[derive(Debug)]
@@ -116,13 +128,33 @@ impl Programs {
         });
     }
 
-    /// When the next lingering pipe is due to be closed.
+    /// When the next lingering pipe is due to be closed or program to be signalled.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pipes.iter().filter_map(|p| p.until).min()
+        let pipes = self.pipes.iter().filter_map(|p| p.until);
+        let kills = self.running.values().filter_map(|p| p.kill_at.map(|(t, _)| t));
+        pipes.chain(kills).min()
     }
 
-    /// Close the pipes whose wait ran out, logging what they held.
+    /// Close the pipes whose wait ran out, logging what they held, and signal the programs
+    /// that outlived their `max_duration`.
     pub fn expire(&mut self, now: Instant) {
+        for (pid, p) in self.running.iter_mut() {
+            let Some((at, sig)) = p.kill_at else { continue };
+            if at > now {
+                continue;
+            }
+            // Not reaped yet (it is still in `running`), so the pid and group are its own.
+            let _ = killpg(Pid::from_raw(*pid), sig);
+            log::warn!(
+                "listener `{}`: {} (pid {pid}) still running after max_duration: {sig} sent",
+                p.listener,
+                p.name
+            );
+            p.kill_at = match sig {
+                Signal::SIGTERM => Some((now + CUT_GRACE, Signal::SIGKILL)),
+                _ => None,
+            };
+        }
         self.pipes.retain_mut(|p| match p.until {
             Some(t) if t <= now => {
                 p.read();

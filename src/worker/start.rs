@@ -161,11 +161,18 @@ impl State {
                 JobKind::Stream => Some((peer, conn.and_then(|c| access_copy(&entry.cfg, c)))),
                 _ => None,
             };
+            let at = Instant::now();
+            let kill_at = match j.kind {
+                JobKind::Stream => entry.cfg.protect.max_duration,
+                _ => None,
+            }
+            .map(|d| (at + d + programs::CUT_GRACE, Signal::SIGTERM));
             let started = Started {
                 listener: name.into(),
                 name: p.name.as_str().into(),
                 conn,
-                at: Instant::now(),
+                at,
+                kill_at,
             };
             // The write end closes here: the program holds the only one.
             self.programs.started(pid, started, pipe.map(|(r, _)| r));

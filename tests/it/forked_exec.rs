@@ -497,3 +497,41 @@ fn a_dead_fork_server_leaves_the_others_serving() {
     }
     d_stop(d);
 }
+
+#[test]
+fn a_program_outliving_max_duration_gets_sigterm_then_sigkill() {
+    let polite = "{ argv = [\"/bin/sleep\", \"600\"] }";
+    let stubborn = "{ argv = [\"/bin/sh\", \"-c\", \"trap '' TERM; echo started; sleep 600\"] }";
+    let d = Daemon::start(&format!(
+        "{}max_duration = \"1s\"\n{}max_duration = \"1s\"\n",
+        exec_listener("polite", "tcp", "127.0.0.1:0", "forked", polite),
+        exec_listener("stubborn", "tcp", "127.0.0.1:0", "forked", stubborn),
+    ));
+    let start = std::time::Instant::now();
+    let mut p = d.connect("polite");
+    let mut s = d.connect("stubborn");
+    assert_eq!(s.read_line(), "started\n");
+    assert!(
+        p.closed_within(Duration::from_secs(5)),
+        "the connection is cut at max_duration"
+    );
+    let line = d.wait_log("killed by signal 15 (SIGTERM)", Duration::from_secs(10));
+    assert!(
+        line.contains("listener `polite`: /bin/sleep (pid"),
+        "{line}"
+    );
+    let line = d.wait_log("killed by signal 9 (SIGKILL)", Duration::from_secs(10));
+    assert!(line.contains("listener `stubborn`: /bin/sh (pid"), "{line}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "signalled only after max_duration and its grace"
+    );
+    assert_contains(
+        &d.log(),
+        &[
+            "still running after max_duration: SIGTERM sent",
+            "still running after max_duration: SIGKILL sent",
+        ],
+    );
+    d_stop(d);
+}
