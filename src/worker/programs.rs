@@ -131,7 +131,10 @@ impl Programs {
     /// When the next lingering pipe is due to be closed or program to be signalled.
     pub fn next_deadline(&self) -> Option<Instant> {
         let pipes = self.pipes.iter().filter_map(|p| p.until);
-        let kills = self.running.values().filter_map(|p| p.kill_at.map(|(t, _)| t));
+        let kills = self
+            .running
+            .values()
+            .filter_map(|p| p.kill_at.map(|(t, _)| t));
         pipes.chain(kills).min()
     }
 
