@@ -38,6 +38,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the fork server gets to exit once its socket closed, before SIGKILL.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 
+pub use super::link::Link;
+
 static IN_CHILD: AtomicBool = AtomicBool::new(false);
 
 /// Called first thing in a forked worker.
@@ -252,7 +254,7 @@ impl ForkServer {
 
     /// Send to every fork server still running (one that died gets no more jobs either); the
     /// first error, if any, or an error when none is running.
-    fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    pub(super) fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let (mut running, mut first_error) = (0, None);
         for (index, p) in self.servers.iter().enumerate() {
             if p.alive.load(Ordering::Relaxed) {
@@ -439,140 +441,6 @@ fn outcome(pid: i32, ending: &Ending) -> Outcome {
             Outcome::Error(why.clone())
         }
         Ending::Program => Outcome::Ok,
-    }
-}
-
-/// A slot's registration with the fork server: which config it last sent, and a `Forget` when
-/// the slot goes away.
-#[derive(Debug)]
-pub struct Link {
-    server: Arc<ForkServer>,
-    slot: usize,
-    sent: Option<Arc<ListenerConfig>>,
-}
-
-impl Link {
-    pub fn new(server: Arc<ForkServer>, slot: usize) -> Link {
-        Link {
-            server,
-            slot,
-            sent: None,
-        }
-    }
-
-    pub fn server(&self) -> &ForkServer {
-        &self.server
-    }
-
-    /// Send the config if the fork server does not have this very one yet (start, reload).
-    pub fn sync(
-        &mut self,
-        cfg: &Arc<ListenerConfig>,
-        socket: Option<BorrowedFd<'_>>,
-    ) -> io::Result<()> {
-        if self.sent.as_ref().is_some_and(|s| Arc::ptr_eq(s, cfg)) {
-            return Ok(());
-        }
-        self.server.send_listener(self.slot, cfg, socket)?;
-        self.sent = Some(Arc::clone(cfg));
-        Ok(())
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        if self.sent.is_some() {
-            let _ = self.server.broadcast(
-                &ToServer::Forget {
-                    slot: self.slot as u64,
-                },
-                None,
-            );
-        }
-    }
-}
-
-impl crate::slot::Slot {
-    /// Hand a job to the fork server, sending the listener's config first if it changed.
-    /// Returns the job id when it is in flight (and counted busy).
-    pub(crate) fn dispatch_forked(
-        &mut self,
-        shared: &crate::slot::Shared,
-        job: ForkJob<'_>,
-    ) -> Option<u64> {
-        let Some(server) = &shared.forks else {
-            log::error!(
-                "listener `{}`: no fork server is running; dropping the request",
-                self.cfg.name
-            );
-            return None;
-        };
-        let link = self
-            .fork
-            .get_or_insert_with(|| Link::new(Arc::clone(server), self.id));
-        let socket = match &self.reply {
-            Some(crate::handler::DatagramSocket::Udp(u)) => Some(u.as_fd()),
-            Some(crate::handler::DatagramSocket::Unix(d)) => Some(d.as_fd()),
-            None => None,
-        };
-        let sent = link
-            .sync(&self.cfg, socket)
-            .and_then(|()| link.server().dispatch(self.id, job));
-        match sent {
-            Ok(id) => {
-                self.busy += 1;
-                Some(id)
-            }
-            Err(e) => {
-                log::error!(
-                    "listener `{}`: cannot hand the request to the fork server: {e}",
-                    self.cfg.name
-                );
-                None
-            }
-        }
-    }
-
-    /// A connection to a new child; `hold` (tracker entry, admission ticket) and the daemon's
-    /// copy of the connection are kept until the child's exit is reported.
-    pub(crate) fn dispatch_forked_stream(
-        &mut self,
-        shared: &crate::slot::Shared,
-        conn: crate::conn::Conn,
-        peer: PeerAddr,
-        local: Option<SocketAddr>,
-        hold: Box<dyn Send>,
-    ) {
-        let job = ForkJob {
-            kind: JobKind::Stream,
-            conn: Some(conn.as_fd()),
-            peer,
-            local,
-            data: Vec::new(),
-        };
-        if let Some(id) = self.dispatch_forked(shared, job) {
-            if let Some(server) = &shared.forks {
-                // `hold` first: the tracker entry goes before the descriptor closes.
-                server.hold(id, Box::new((hold, conn)));
-            }
-        }
-    }
-
-    /// A datagram to a new child, which replies from the listener's socket.
-    pub(crate) fn dispatch_forked_datagram(
-        &mut self,
-        shared: &crate::slot::Shared,
-        data: Vec<u8>,
-        peer: PeerAddr,
-    ) {
-        let job = ForkJob {
-            kind: JobKind::Datagram,
-            conn: None,
-            peer,
-            local: None,
-            data,
-        };
-        self.dispatch_forked(shared, job);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod access;
 mod child;
 pub mod forked;
 mod forkserver;
+mod link;
 mod programs;
 mod start;
 pub mod threaded;
