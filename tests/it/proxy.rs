@@ -312,3 +312,42 @@ fn proxy_upstream_half_close_keeps_the_other_direction_open() {
         stop(d);
     }
 }
+
+#[test]
+fn proxy_upstream_connect_timeout_closes_the_client_and_logs() {
+    // An upstream whose accept queue is full: the kernel drops further SYNs, so a connect
+    // neither succeeds nor fails until the client gives up.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let up = l.local_addr().expect("addr");
+    let mut held = Vec::new();
+    let full = (0..4096).any(|_| {
+        match std::net::TcpStream::connect_timeout(&up, Duration::from_millis(300)) {
+            Ok(s) => {
+                held.push(s);
+                false
+            }
+            Err(_) => true,
+        }
+    });
+    assert!(full, "could not fill the upstream's accept queue");
+    for workers in MODELS {
+        let d = Daemon::start(&proxy_config(
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            &format!("upstream = \"{up}\", connect_timeout = \"500ms\""),
+        ));
+        d.wait_ready();
+        let mut s = d.connect("p");
+        assert!(s.closed_within(IO_TIMEOUT), "{workers}: client not closed");
+        // Event loops say which setting ran out; blocking connects report the OS error.
+        let needle = if workers == "event" {
+            "connect_timeout"
+        } else {
+            "timed out"
+        };
+        d.wait_log(needle, READY_TIMEOUT);
+        stop(d);
+    }
+    drop((l, held));
+}
