@@ -74,7 +74,11 @@ pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Re
             retiring: false,
             idle_sweep: None,
         };
-        l.run();
+        // A bug in a state machine must not leak the listener's places: report every
+        // connection this loop held as ended, so busy counts and limits come back.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run())).is_err() {
+            l.abandon_all();
+        }
     })?;
     Ok(waker)
 }
@@ -326,6 +330,20 @@ impl Loop {
         if let Step::Close(outcome) = step {
             self.close(idx, outcome);
         }
+    }
+
+    /// After a panic: close every connection (reporting each) and drop the associations.
+    fn abandon_all(&mut self) {
+        log::error!(
+            "listener `{}`: an event loop panicked; closing its connections",
+            self.ctx.name
+        );
+        for idx in 0..self.slab.len() {
+            let why = Outcome::Panic("event loop panicked".into());
+            self.close(idx, why);
+        }
+        self.assocs.clear();
+        self.slab.clear();
     }
 
     fn close(&mut self, idx: usize, outcome: Outcome) {
