@@ -233,7 +233,12 @@ impl SlotEvents {
             Ok(())
         } else {
             l.live.fetch_sub(1, Ordering::Relaxed);
-            Err("event loop thread is gone".into())
+            // Its thread ended (a panic): forget it; the next connection starts a fresh set.
+            self.loops.remove(pick);
+            Err(
+                "event loop thread was gone; this connection is closed, the next starts a new loop"
+                    .into(),
+            )
         }
     }
 
@@ -265,7 +270,9 @@ impl SlotEvents {
                     settings: Arc::clone(settings),
                     max: cfg.max_workers,
                 };
-                self.loops[pick].send(Msg::Datagram(job));
+                if !self.loops[pick].send(Msg::Datagram(job)) {
+                    self.loops.remove(pick); // gone (a panic): a fresh set starts next time
+                }
                 Ok(())
             }
             simple => {
