@@ -318,7 +318,7 @@ fn thread_names(pid: i32) -> Vec<String> {
 /// socket, and the next connection is served by the new model.
 #[test]
 fn reload_switches_worker_models_on_the_same_socket() {
-    let mut d = Daemon::start(&worker_config("threaded"));
+    let d = Daemon::start(&worker_config("threaded"));
     let addr = d.addr("w");
     for (i, model) in ["forked", "event", "threaded", "forked"].iter().enumerate() {
         d.write_config(&worker_config(model));
