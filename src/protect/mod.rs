@@ -199,10 +199,26 @@ pub fn fd_headroom() -> bool {
 /// Whether a just-accepted descriptor number says fewer than `FD_HEADROOM` are left: the
 /// kernel hands out the lowest free number, so every lower one is in use.
 pub fn near_fd_limit(fd: std::os::fd::RawFd) -> bool {
-    use nix::sys::resource::{getrlimit, Resource};
-    match (getrlimit(Resource::RLIMIT_NOFILE), u64::try_from(fd)) {
-        (Ok((soft, _)), Ok(fd)) => fd.saturating_add(FD_HEADROOM as u64) >= soft,
+    match (soft_fd_limit(), u64::try_from(fd)) {
+        (Some(soft), Ok(fd)) => fd.saturating_add(FD_HEADROOM as u64) >= soft,
         _ => false,
+    }
+}
+
+/// The soft `RLIMIT_NOFILE`, read once: it is checked on every accept, and only socketd
+/// itself changes it (at start, in `raise_fd_limit`), so a syscall per connection buys nothing.
+static SOFT_FD_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn soft_fd_limit() -> Option<u64> {
+    use std::sync::atomic::Ordering;
+    match SOFT_FD_LIMIT.load(Ordering::Relaxed) {
+        0 => {
+            let (soft, _) =
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+            SOFT_FD_LIMIT.store(soft, Ordering::Relaxed);
+            Some(soft)
+        }
+        soft => Some(soft),
     }
 }
 
@@ -212,7 +228,10 @@ pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => log::debug!("open files limit raised from {soft} to {hard}"),
+            Ok(()) => {
+                SOFT_FD_LIMIT.store(0, std::sync::atomic::Ordering::Relaxed);
+                log::debug!("open files limit raised from {soft} to {hard}")
+            }
             Err(e) => log::warn!("cannot raise the open files limit from {soft} to {hard}: {e}"),
         },
         Ok(_) => {}
