@@ -209,18 +209,7 @@ impl Slot {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if out_of_descriptors(&e) => {
-                    if !self.fd_starved {
-                        log::error!(
-                            "listener `{}`: accept failed: {e}; pausing, retrying every {}ms",
-                            self.cfg.name,
-                            FD_RETRY.as_millis()
-                        );
-                        self.fd_starved = true;
-                    }
-                    self.unwatch(poll);
-                    return Drained::RetryAt(Instant::now() + FD_RETRY);
-                }
+                Err(e) if out_of_descriptors(&e) => return self.pause_starved(poll, &e),
                 Err(e) if transient(&e) => continue,
                 Err(e) => {
                     // Unknown trouble: the socket may still hold connections, and an
@@ -244,9 +233,15 @@ impl Slot {
     /// accept no more until there is room, so accepted connections are not starved of the
     /// descriptors their handlers need (the same episode as EMFILE, logged once).
     fn pause_low_fds(&mut self, poll: &PollRegistry) -> Drained {
+        self.pause_starved(poll, &"descriptors nearly exhausted (RLIMIT_NOFILE)")
+    }
+
+    /// Out of descriptors (or nearly): stop watching and retry on a timer; one log line per
+    /// episode, so a long exhaustion cannot flood the log.
+    fn pause_starved(&mut self, poll: &PollRegistry, why: &dyn std::fmt::Display) -> Drained {
         if !self.fd_starved {
             log::error!(
-                "listener `{}`: accept failed: descriptors nearly exhausted (RLIMIT_NOFILE); pausing, retrying every {}ms",
+                "listener `{}`: accept failed: {why}; pausing, retrying every {}ms",
                 self.cfg.name,
                 FD_RETRY.as_millis()
             );
