@@ -27,14 +27,21 @@ pub use env::{connection_env, socket_env, Var};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsFd, FromRawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use nix::sys::signal::{self, Signal};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{self, killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
+
+/// How long a program may outlive its connection's `max_duration` before SIGTERM, and SIGTERM
+/// before SIGKILL (both worker models).
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// Where a program's stderr goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +204,61 @@ pub struct Running {
 }
 
 impl Running {
+    /// Like `wait`, but a program still running `CUT_GRACE` after `limit` (the listener's
+    /// `max_duration`, counted from the start) gets SIGTERM to its process group, and SIGKILL
+    /// `CUT_GRACE` later: a program that ignores its closed connection cannot hold a worker.
+    pub fn wait_limited(self, limit: Option<Duration>) -> io::Result<ExitStatus> {
+        if let Some(limit) = limit {
+            self.cut_at(Instant::now() + limit + CUT_GRACE);
+        }
+        self.wait()
+    }
+
+    /// Block until the program exits or `at`; then signal it as `wait_limited` says. Waits on
+    /// a pidfd, which does not reap, so the pid stays this program's while it is signalled.
+    fn cut_at(&self, at: Instant) {
+        let pid = self.child.id() as i32;
+        // SAFETY: pidfd_open takes a pid and flags (none: a pidfd is always close-on-exec) and
+        // returns a new descriptor or -1; no memory is shared with the kernel.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        let Ok(raw) = std::os::fd::RawFd::try_from(raw) else {
+            return;
+        };
+        if raw < 0 {
+            let e = io::Error::last_os_error();
+            log::warn!(
+                "listener `{}`: cannot watch pid {pid} for max_duration: {e}",
+                self.listener
+            );
+            return;
+        }
+        // SAFETY: `raw` is a descriptor the syscall above just opened for us alone.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mut deadline = at;
+        for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                match poll(&mut fds, PollTimeout::from(ms)) {
+                    Ok(n) if n > 0 => return, // exited
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                }
+            }
+            let _ = killpg(Pid::from_raw(pid), sig);
+            log::warn!(
+                "listener `{}`: {} (pid {pid}) still running after max_duration: {sig} sent",
+                self.listener,
+                self.name
+            );
+            deadline = Instant::now() + CUT_GRACE;
+        }
+    }
+
     /// Wait for the program, untrack it, log how it ended and return that.
     pub fn wait(mut self) -> io::Result<ExitStatus> {
         let pid = self.child.id() as i32;

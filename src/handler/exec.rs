@@ -51,13 +51,14 @@ pub struct Exec {
 impl Handler for Exec {
     fn handle(&mut self, req: &mut Request, ctx: &Context) -> io::Result<()> {
         match req {
-            Request::Stream(s) => run_stream(&self.program, ctx.listener_name(), s),
+            Request::Stream(s) => run_stream(&self.program, ctx, s),
             Request::Datagram(d) => run_datagram(&self.program, ctx.listener_name(), d),
         }
     }
 }
 
-fn run_stream(program: &Program, listener: &str, req: &StreamRequest) -> io::Result<()> {
+fn run_stream(program: &Program, ctx: &Context, req: &StreamRequest) -> io::Result<()> {
+    let listener = ctx.listener_name();
     let conn = req.conn();
     let local = match conn {
         Conn::Tcp(t) => t.local_addr().ok(),
@@ -68,7 +69,10 @@ fn run_stream(program: &Program, listener: &str, req: &StreamRequest) -> io::Res
     cmd.stdin(Stdio::from(conn.as_fd().try_clone_to_owned()?));
     cmd.stdout(Stdio::from(conn.as_fd().try_clone_to_owned()?));
     // The exit status is logged by `wait`; a failing program is not also a failing handler.
-    program.spawn(cmd, listener)?.wait().map(drop)
+    program
+        .spawn(cmd, listener)?
+        .wait_limited(ctx.config().protect.max_duration)
+        .map(drop)
 }
 
 fn run_datagram(program: &Program, listener: &str, req: &DatagramRequest) -> io::Result<()> {

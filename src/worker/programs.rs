@@ -37,9 +37,7 @@ const DRAIN_WAIT: Duration = Duration::from_millis(500);
 /// Reads per pipe per pass of the poll loop.
 const READS_PER_PASS: usize = 16;
 
-/// How long a program may outlive its connection's `max_duration` before SIGTERM, and SIGTERM
-/// before SIGKILL.
-pub const CUT_GRACE: Duration = Duration::from_secs(1);
+pub use crate::exec::CUT_GRACE;
 
 /// A program started for a job.
 #[derive(Debug)]

@@ -500,12 +500,23 @@ fn a_dead_fork_server_leaves_the_others_serving() {
 
 #[test]
 fn a_program_outliving_max_duration_gets_sigterm_then_sigkill() {
+    program_outliving_max_duration("forked");
+}
+
+/// The same under threaded workers: the worker thread waits on the program's pidfd and
+/// signals its process group.
+#[test]
+fn a_threaded_program_outliving_max_duration_gets_sigterm_then_sigkill() {
+    program_outliving_max_duration("threaded");
+}
+
+fn program_outliving_max_duration(model: &str) {
     let polite = "{ argv = [\"/bin/sleep\", \"600\"] }";
     let stubborn = "{ argv = [\"/bin/sh\", \"-c\", \"trap '' TERM; echo started; sleep 600\"] }";
     let d = Daemon::start(&format!(
         "{}max_duration = \"1s\"\n{}max_duration = \"1s\"\n",
-        exec_listener("polite", "tcp", "127.0.0.1:0", "forked", polite),
-        exec_listener("stubborn", "tcp", "127.0.0.1:0", "forked", stubborn),
+        exec_listener("polite", "tcp", "127.0.0.1:0", model, polite),
+        exec_listener("stubborn", "tcp", "127.0.0.1:0", model, stubborn),
     ));
     let start = std::time::Instant::now();
     let mut p = d.connect("polite");
