@@ -204,58 +204,95 @@ pub struct Running {
 }
 
 impl Running {
-    /// Like `wait`, but a program still running `CUT_GRACE` after `limit` (the listener's
-    /// `max_duration`, counted from the start) gets SIGTERM to its process group, and SIGKILL
-    /// `CUT_GRACE` later: a program that ignores its closed connection cannot hold a worker.
-    pub fn wait_limited(self, limit: Option<Duration>) -> io::Result<ExitStatus> {
-        if let Some(limit) = limit {
-            self.cut_at(Instant::now() + limit + CUT_GRACE);
+    /// Like `wait`, but the program is held to the listener's limits: once its connection has
+    /// had no data either way for `idle_timeout` (TCP, read from the kernel's counters, since
+    /// the program does the I/O) the connection is shut down; a program still running
+    /// `CUT_GRACE` after that, or after `max_duration`, gets SIGTERM to its process group, and
+    /// SIGKILL `CUT_GRACE` later. A program that ignores its connection cannot hold a worker.
+    pub fn wait_limited(
+        self,
+        max_duration: Option<Duration>,
+        idle: Option<(Duration, &crate::conn::Conn)>,
+    ) -> io::Result<ExitStatus> {
+        if max_duration.is_some() || idle.is_some() {
+            let cut = max_duration.map(|d| Instant::now() + d + CUT_GRACE);
+            self.supervise(cut, idle);
         }
         self.wait()
     }
 
-    /// Block until the program exits or `at`; then signal it as `wait_limited` says. Waits on
-    /// a pidfd, which does not reap, so the pid stays this program's while it is signalled.
-    fn cut_at(&self, at: Instant) {
+    /// Block until the program exits, enforcing the limits of `wait_limited`. Waits on a
+    /// pidfd, which does not reap, so the pid stays this program's while it is signalled.
+    fn supervise(&self, cut: Option<Instant>, mut idle: Option<(Duration, &crate::conn::Conn)>) {
         let pid = self.child.id() as i32;
         // SAFETY: pidfd_open takes a pid and flags (none: a pidfd is always close-on-exec) and
         // returns a new descriptor or -1; no memory is shared with the kernel.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-        let Ok(raw) = std::os::fd::RawFd::try_from(raw) else {
-            return;
-        };
+        let raw = std::os::fd::RawFd::try_from(raw).unwrap_or(-1);
         if raw < 0 {
             let e = io::Error::last_os_error();
             log::warn!(
-                "listener `{}`: cannot watch pid {pid} for max_duration: {e}",
+                "listener `{}`: cannot watch pid {pid} for its limits: {e}",
                 self.listener
             );
             return;
         }
         // SAFETY: `raw` is a descriptor the syscall above just opened for us alone.
         let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-        let mut deadline = at;
-        for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
+        let (mut deadline, mut next) = (cut, Signal::SIGTERM);
+        let mut reason = "max_duration";
+        loop {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                let _ = killpg(Pid::from_raw(pid), next);
+                log::warn!(
+                    "listener `{}`: {} (pid {pid}) still running after {reason}: {next} sent",
+                    self.listener,
+                    self.name
+                );
+                if next == Signal::SIGKILL {
+                    return;
                 }
-                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-                let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-                match poll(&mut fds, PollTimeout::from(ms)) {
-                    Ok(n) if n > 0 => return, // exited
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => return,
+                (deadline, next) = (Some(now + CUT_GRACE), Signal::SIGKILL);
+                continue;
+            }
+            let mut wake = deadline.map(|d| d - now);
+            if let Some((limit, conn)) = idle {
+                match crate::worker::access::tcp_idle(conn) {
+                    Some(quiet) if quiet >= limit => {
+                        let _ = conn.shutdown(std::net::Shutdown::Both);
+                        log::info!(
+                            "listener `{}`: {} (pid {pid}): no data for {}, connection closed",
+                            self.listener,
+                            self.name,
+                            humantime::format_duration(limit)
+                        );
+                        let grace = now + CUT_GRACE;
+                        if deadline.is_none_or(|d| grace < d) {
+                            (deadline, reason) = (Some(grace), "idle_timeout");
+                        }
+                        idle = None;
+                        continue;
+                    }
+                    Some(quiet) => {
+                        let check = (limit - quiet).max(Duration::from_millis(50));
+                        wake = Some(wake.map_or(check, |w| w.min(check)));
+                    }
+                    None => idle = None, // not TCP: the socket timeouts are all there is
                 }
             }
-            let _ = killpg(Pid::from_raw(pid), sig);
-            log::warn!(
-                "listener `{}`: {} (pid {pid}) still running after max_duration: {sig} sent",
-                self.listener,
-                self.name
-            );
-            deadline = Instant::now() + CUT_GRACE;
+            let timeout = match wake {
+                Some(w) => {
+                    PollTimeout::from(u16::try_from(w.as_millis().max(1)).unwrap_or(u16::MAX))
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(n) if n > 0 => return, // exited
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
         }
     }
 

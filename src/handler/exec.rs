@@ -71,7 +71,10 @@ fn run_stream(program: &Program, ctx: &Context, req: &StreamRequest) -> io::Resu
     // The exit status is logged by `wait`; a failing program is not also a failing handler.
     program
         .spawn(cmd, listener)?
-        .wait_limited(ctx.config().protect.max_duration)
+        .wait_limited(
+            ctx.config().protect.max_duration,
+            ctx.config().protect.idle_timeout.map(|d| (d, conn)),
+        )
         .map(drop)
 }
 

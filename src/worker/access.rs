@@ -31,24 +31,18 @@ pub fn bytes(conn: &Conn) -> Bytes {
     }
 }
 
+/// How long no data has moved either way on a TCP connection (`TCP_INFO`'s
+/// `tcpi_last_data_recv` and `tcpi_last_data_sent`), whoever does the I/O: the way to tell an
+/// exec program's connection is idle without touching its bytes. `None` for Unix sockets.
+pub fn tcp_idle(conn: &Conn) -> Option<std::time::Duration> {
+    let Conn::Tcp(s) = conn else { return None };
+    let (info, _) = raw_tcp_info(s.as_fd())?;
+    let ms = info.tcpi_last_data_recv.min(info.tcpi_last_data_sent);
+    Some(std::time::Duration::from_millis(u64::from(ms)))
+}
+
 fn tcp_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<Bytes> {
-    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is writable for `len` bytes and the fd is borrowed (open) for the call;
-    // the kernel writes at most `len` bytes and reports how many.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
+    let (info, len) = raw_tcp_info(fd)?;
     // Older kernels return a shorter struct: use the counters it has. Bytes written are those
     // sent once (retransmissions excluded) plus those still queued, unsent (Linux 4.19+), or
     // else those acknowledged (4.1+), which can trail the last write by a round trip.
@@ -71,6 +65,25 @@ fn tcp_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<Bytes> {
             .then_some(info.tcpi_bytes_acked)
     };
     Some(Bytes { received, sent })
+}
+
+/// `TCP_INFO` and how many bytes of it this kernel filled in.
+fn raw_tcp_info(fd: std::os::fd::BorrowedFd<'_>) -> Option<(libc::tcp_info, libc::socklen_t)> {
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes and the fd is borrowed (open) for the call;
+    // the kernel writes at most `len` bytes and reports how many.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((info, len))
 }
 
 // TCP states (include/net/tcp_states.h) after the peer's FIN has arrived (CLOSE: normally).

@@ -51,6 +51,47 @@ pub(super) struct Started {
     pub at: Instant,
     /// When to signal the program if it is still running, and with what (`max_duration`).
     pub kill_at: Option<(Instant, Signal)>,
+    /// `idle_timeout` and when to look at the connection's counters next (TCP only; needs
+    /// the fork server's copy of the connection).
+    pub idle: Option<(Duration, Instant)>,
+    /// Which limit `kill_at` enforces, for the log.
+    pub reason: &'static str,
+}
+
+impl Started {
+    /// The program does its connection's I/O, so idleness is read from the kernel's TCP
+    /// counters: past `idle_timeout` the connection is shut down and the program given
+    /// `CUT_GRACE` before SIGTERM, as after `max_duration`.
+    fn check_idle(&mut self, pid: i32, now: Instant) {
+        let Some((limit, at)) = self.idle else { return };
+        if at > now {
+            return;
+        }
+        let conn = self.conn.as_ref().and_then(|(_, c)| c.as_ref());
+        match conn.and_then(super::access::tcp_idle) {
+            Some(quiet) if quiet >= limit => {
+                if let Some(c) = conn {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+                log::info!(
+                    "listener `{}`: {} (pid {pid}): no data for {}, connection closed",
+                    self.listener,
+                    self.name,
+                    humantime::format_duration(limit)
+                );
+                let grace = now + CUT_GRACE;
+                if self.kill_at.is_none_or(|(t, _)| grace < t) {
+                    self.kill_at = Some((grace, Signal::SIGTERM));
+                    self.reason = "idle_timeout";
+                }
+                self.idle = None;
+            }
+            Some(quiet) => {
+                self.idle = Some((limit, now + (limit - quiet).max(Duration::from_millis(50))))
+            }
+            None => self.idle = None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -133,13 +174,15 @@ impl Programs {
             .running
             .values()
             .filter_map(|p| p.kill_at.map(|(t, _)| t));
-        pipes.chain(kills).min()
+        let idle = self.running.values().filter_map(|p| p.idle.map(|(_, t)| t));
+        pipes.chain(kills).chain(idle).min()
     }
 
     /// Close the pipes whose wait ran out, logging what they held, and signal the programs
     /// that outlived their `max_duration`.
     pub fn expire(&mut self, now: Instant) {
         for (pid, p) in self.running.iter_mut() {
+            p.check_idle(*pid, now);
             let Some((at, sig)) = p.kill_at else { continue };
             if at > now {
                 continue;
@@ -147,9 +190,10 @@ impl Programs {
             // Not reaped yet (it is still in `running`), so the pid and group are its own.
             let _ = killpg(Pid::from_raw(*pid), sig);
             log::warn!(
-                "listener `{}`: {} (pid {pid}) still running after max_duration: {sig} sent",
+                "listener `{}`: {} (pid {pid}) still running after {}: {sig} sent",
                 p.listener,
-                p.name
+                p.name,
+                p.reason
             );
             p.kill_at = match sig {
                 Signal::SIGTERM => Some((now + CUT_GRACE, Signal::SIGKILL)),

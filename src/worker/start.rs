@@ -61,7 +61,8 @@ pub(super) fn prepare_exec(cfg: &ListenerConfig) -> Option<Result<Arc<Prepared>,
 /// The fork server's copy of a program's connection, kept for the access line's byte counters
 /// only when access lines are logged at all.
 fn access_copy(cfg: &ListenerConfig, fd: OwnedFd) -> Option<Conn> {
-    if !log::log_enabled!(log::Level::Info) {
+    // Kept for the access line's byte counters and for `idle_timeout`, both read from TCP_INFO.
+    if !log::log_enabled!(log::Level::Info) && cfg.protect.idle_timeout.is_none() {
         return None;
     }
     Some(match cfg.protocol {
@@ -167,12 +168,18 @@ impl State {
                 _ => None,
             }
             .map(|d| (at + d + programs::CUT_GRACE, Signal::SIGTERM));
+            let idle = match (j.kind, entry.cfg.protect.idle_timeout) {
+                (JobKind::Stream, Some(d)) => Some((d, at + d)),
+                _ => None,
+            };
             let started = Started {
                 listener: name.into(),
                 name: p.name.as_str().into(),
                 conn,
                 at,
                 kill_at,
+                idle,
+                reason: "max_duration",
             };
             // The write end closes here: the program holds the only one.
             self.programs.started(pid, started, pipe.map(|(r, _)| r));

@@ -546,3 +546,60 @@ fn program_outliving_max_duration(model: &str) {
     );
     d_stop(d);
 }
+
+/// A program that never touches its connection is idle by `idle_timeout` (read from the
+/// kernel's TCP counters, since the program does the I/O): the connection is closed, and the
+/// program, still running `CUT_GRACE` later, gets SIGTERM — under both worker models.
+#[test]
+fn a_program_idle_past_idle_timeout_is_cut_and_signalled() {
+    for model in ["threaded", "forked"] {
+        let sleeper = "{ argv = [\"/bin/sleep\", \"600\"] }";
+        let busy = "{ argv = [\"/bin/cat\"] }";
+        let d = Daemon::start(&format!(
+            "{}idle_timeout = \"1s\"\n{}idle_timeout = \"1s\"\n",
+            exec_listener("sleeper", "tcp", "127.0.0.1:0", model, sleeper),
+            exec_listener("busy", "tcp", "127.0.0.1:0", model, busy),
+        ));
+        let start = std::time::Instant::now();
+        let mut s = d.connect("sleeper");
+        // A conversation that keeps data moving is never idle, however long it lasts.
+        let mut b = d.connect("busy");
+        for i in 0..6 {
+            let msg = format!("tick {i}\n");
+            b.write_all(msg.as_bytes()).expect("send");
+            assert_eq!(
+                b.read_line(),
+                msg,
+                "{model}: busy connection cut\n{}",
+                d.log_dump()
+            );
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        assert!(
+            s.closed_within(Duration::from_secs(5)),
+            "{model}: the idle connection is closed"
+        );
+        let line = d.wait_log("killed by signal 15 (SIGTERM)", Duration::from_secs(10));
+        assert!(
+            line.contains("listener `sleeper`: /bin/sleep (pid"),
+            "{model}: {line}"
+        );
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{model}: signalled only after idle_timeout and its grace"
+        );
+        assert_contains(
+            &d.log(),
+            &[
+                "no data for 1s, connection closed",
+                "still running after idle_timeout: SIGTERM sent",
+            ],
+        );
+        assert!(
+            !d.log().contains("listener `busy`: /bin/cat (pid"),
+            "{model}: the busy program was cut\n{}",
+            d.log_dump()
+        );
+        d_stop(d);
+    }
+}
