@@ -186,6 +186,11 @@ impl Listener {
         &self.local
     }
 
+    /// The unix socket file socketd created for this listener (not one it adopted).
+    pub fn own_socket_file(&self) -> Option<&Path> {
+        self.unlink.as_deref()
+    }
+
     /// The local IP address, for handlers and exec environments.
     pub fn local_inet(&self) -> Option<SocketAddr> {
         match self.local {

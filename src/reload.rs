@@ -118,6 +118,7 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
                 };
                 let (slots, poll) = server.parts_mut();
                 if let Some(slot) = slots.get_mut(&id) {
+                    reapply_socket_file(slot, &cfg);
                     let cfg = Arc::new(cfg);
                     slot.pool.set_max(cfg.max_workers);
                     slot.ctx = Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
@@ -177,6 +178,30 @@ fn install(
             log::info!("listener `{name}` listening on {proto} {addr}");
         }
         Err(e) => log::error!("reload: {e}"),
+    }
+}
+
+/// A kept unix listener whose `mode`, `owner` or `group` changed gets them on its file now:
+/// the socket stays, so the next connection already meets the new permissions.
+fn reapply_socket_file(slot: &crate::slot::Slot, new: &ListenerConfig) {
+    let file = &new.protect.socket_file;
+    if slot.cfg.protect.socket_file == *file {
+        return;
+    }
+    let Some(path) = slot.listener.as_ref().and_then(Listener::own_socket_file) else {
+        return;
+    };
+    match crate::protect::socket_file::apply(path, file) {
+        Ok(()) => log::info!(
+            "reload: listener `{}`: socket file {} now has the new mode/owner/group",
+            new.name,
+            path.display()
+        ),
+        Err(e) => log::error!(
+            "reload: listener `{}`: cannot change {}: {e}; it keeps its old permissions",
+            new.name,
+            path.display()
+        ),
     }
 }
 

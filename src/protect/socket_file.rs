@@ -63,6 +63,30 @@ pub fn bind<S>(
     result
 }
 
+/// Give an existing socket file (one socketd bound and still serves, on reload) the mode and
+/// ownership `file` asks for; unset keys leave the file as it is.
+pub fn apply(path: &Path, file: &SocketFile) -> io::Result<()> {
+    if let Some(mode) = file.mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    let uid = file
+        .owner
+        .as_deref()
+        .map(resolve_user)
+        .transpose()
+        .map_err(other)?;
+    let gid = file
+        .group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()
+        .map_err(other)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(path, uid, gid)?;
+    }
+    Ok(())
+}
+
 /// A new directory only socketd can enter, beside `path`.
 fn private_dir(path: &Path) -> io::Result<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);

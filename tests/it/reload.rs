@@ -358,3 +358,26 @@ fn reload_switches_worker_models_on_the_same_socket() {
         drop(s);
     }
 }
+
+/// A kept unix listener whose `mode` changes gets it on its very socket file at the reload.
+#[test]
+fn reload_applies_a_new_mode_to_a_kept_unix_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let config = |mode: &str| {
+        format!(
+            "[[listener]]\nname = \"u\"\nprotocol = \"unix\"\naddress = \"{{dir}}/u.sock\"\nhandler = \"echo\"\nmode = \"{mode}\"\n"
+        )
+    };
+    let d = Daemon::start(&config("0600"));
+    let path = d.path("u");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    let mut s = Stream::unix(&path);
+    d.write_config(&config("0660"));
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", RELOAD_WAIT);
+    assert_eq!(mode(&path), 0o660, "{}", d.log_dump());
+    // Same socket: the connection opened before the reload still works.
+    s.write_all(b"still here\n").unwrap();
+    assert_eq!(s.read_line(), "still here\n");
+}
