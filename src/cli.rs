@@ -180,18 +180,22 @@ fn run(
     }
     if let Some(p) = pidfile.as_mut() {
         if let Err(e) = p.write_pid() {
-            log::error!(
+            let why = format!(
                 "not starting: cannot write the pidfile {}: {e}",
                 p.path().display()
             );
+            log::error!("{why}");
             if let Some(pipe) = ready.borrow_mut().as_mut() {
-                pipe.failed(EXIT_START);
+                pipe.failed(EXIT_START, &why);
             }
             return ExitCode::from(EXIT_START);
         }
     }
     if log_target == crate::config::LogTarget::Syslog {
         crate::logging::use_syslog(&syslog);
+    }
+    if let Some(pipe) = ready.borrow().as_ref() {
+        pipe.detach_stdio();
     }
     let on_ready = std::rc::Rc::clone(&ready);
     server.on_ready(move || {
@@ -202,9 +206,10 @@ fn run(
     let code = match server.serve() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{}", chain(&e));
+            let why = chain(&e);
+            log::error!("{why}");
             if let Some(pipe) = ready.borrow_mut().as_mut() {
-                pipe.failed(EXIT_RUNTIME);
+                pipe.failed(EXIT_RUNTIME, &why);
             }
             ExitCode::from(EXIT_RUNTIME)
         }

@@ -12,7 +12,8 @@
 //! Everything that can fail at start (binding, accounts) happens before `detach`, so those
 //! errors reach the terminal directly. The working directory is kept (relative paths in the
 //! config mean the same before and after), stdin becomes /dev/null at once, stdout and stderr
-//! once the daemon is ready (`ReadyPipe::ready`).
+//! just before serving starts (`ReadyPipe::detach_stdio`); a failure after that is printed by
+//! the starting process, which gets it through the pipe.
 
 use std::fs::File;
 use std::io::{BufRead, Write};
@@ -63,7 +64,7 @@ pub fn detach(exit_failed_start: u8) -> Result<Detached, String> {
                 pipe: Some(File::from(write_end)),
             };
             log::error!("cannot detach: {e}");
-            pipe.failed(exit_failed_start);
+            pipe.failed(exit_failed_start, &format!("cannot detach: {e}"));
             std::process::exit(i32::from(exit_failed_start));
         }
     }
@@ -76,33 +77,47 @@ fn wait_for_daemon(read_end: OwnedFd, exit_failed_start: u8) -> u8 {
     let _ = std::io::BufReader::new(File::from(read_end)).read_line(&mut text);
     match text.trim() {
         "ok" => 0,
-        code => code
-            .strip_prefix("exit ")
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| {
+        word => {
+            let (code, why) = word
+                .strip_prefix("exit ")
+                .map(|rest| rest.split_once(' ').unwrap_or((rest, "")))
+                .unwrap_or(("", ""));
+            if !why.is_empty() {
+                eprintln!("socketd: {why}");
+            }
+            code.parse().unwrap_or_else(|_| {
                 eprintln!("socketd: the daemon exited before it was ready");
                 exit_failed_start
-            }),
+            })
+        }
     }
 }
 
 impl ReadyPipe {
-    /// The daemon is serving: release the starting process with exit code 0, and point
-    /// stdout and stderr at /dev/null (the terminal may go away at any time now).
+    /// The daemon is serving: release the starting process with exit code 0.
     pub fn ready(&mut self) {
         if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(b"ok\n");
         }
+    }
+
+    /// Point stdout and stderr at /dev/null: the terminal may go away at any time now. Done
+    /// before serving starts, so worker processes forked then (the fork servers) never hold
+    /// the terminal either; a start-up failure after this reaches the terminal through
+    /// `failed`.
+    pub fn detach_stdio(&self) {
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stdout(&null);
             let _ = nix::unistd::dup2_stderr(&null);
         }
     }
 
-    /// Start-up failed after detaching: the starting process exits with `code`.
-    pub fn failed(&mut self, code: u8) {
+    /// Start-up failed after detaching: the starting process prints `why` and exits with
+    /// `code`.
+    pub fn failed(&mut self, code: u8, why: &str) {
         if let Some(mut pipe) = self.pipe.take() {
-            let _ = pipe.write_all(format!("exit {code}\n").as_bytes());
+            let why = why.replace('\n', " ");
+            let _ = pipe.write_all(format!("exit {code} {why}\n").as_bytes());
         }
     }
 }
