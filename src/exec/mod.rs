@@ -258,15 +258,8 @@ impl Running {
             }
             let mut wake = deadline.map(|d| d - now);
             if let Some((limit, conn)) = idle {
-                match crate::worker::access::tcp_idle(conn) {
-                    Some(quiet) if quiet >= limit => {
-                        let _ = conn.shutdown(std::net::Shutdown::Both);
-                        log::info!(
-                            "listener `{}`: {} (pid {pid}): no data for {}, connection closed",
-                            self.listener,
-                            self.name,
-                            humantime::format_duration(limit)
-                        );
+                match idle_check(conn, limit, &self.listener, &self.name, pid) {
+                    IdleCheck::Cut => {
                         let grace = now + CUT_GRACE;
                         if deadline.is_none_or(|d| grace < d) {
                             (deadline, reason) = (Some(grace), "idle_timeout");
@@ -274,11 +267,8 @@ impl Running {
                         idle = None;
                         continue;
                     }
-                    Some(quiet) => {
-                        let check = (limit - quiet).max(Duration::from_millis(50));
-                        wake = Some(wake.map_or(check, |w| w.min(check)));
-                    }
-                    None => idle = None, // not TCP: the socket timeouts are all there is
+                    IdleCheck::Again(check) => wake = Some(wake.map_or(check, |w| w.min(check))),
+                    IdleCheck::Unknown => idle = None,
                 }
             }
             let timeout = match wake {
@@ -326,6 +316,41 @@ impl Running {
             status.signal(),
         );
         Ok(status)
+    }
+}
+
+/// What the idle watch on an exec program's connection found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdleCheck {
+    /// Idle past the limit: the connection has been shut down and logged.
+    Cut,
+    /// Still moving: look again after this long.
+    Again(Duration),
+    /// Not TCP: the kernel keeps no counters; the socket timeouts are all there is.
+    Unknown,
+}
+
+/// Check an exec program's connection for `idle_timeout` (the program does the I/O, so the
+/// kernel's TCP counters tell), shutting it down when it has been idle too long. Shared by
+/// both worker models.
+pub(crate) fn idle_check(
+    conn: &crate::conn::Conn,
+    limit: Duration,
+    listener: &str,
+    name: &str,
+    pid: i32,
+) -> IdleCheck {
+    match crate::worker::access::tcp_idle(conn) {
+        Some(quiet) if quiet >= limit => {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            log::info!(
+                "listener `{listener}`: {name} (pid {pid}): no data for {}, connection closed",
+                humantime::format_duration(limit)
+            );
+            IdleCheck::Cut
+        }
+        Some(quiet) => IdleCheck::Again((limit - quiet).max(Duration::from_millis(50))),
+        None => IdleCheck::Unknown,
     }
 }
 

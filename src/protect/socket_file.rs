@@ -27,18 +27,7 @@ pub fn bind<S>(
     if file.mode.is_none() && file.owner.is_none() && file.group.is_none() {
         return bind(path);
     }
-    let uid = file
-        .owner
-        .as_deref()
-        .map(resolve_user)
-        .transpose()
-        .map_err(other)?;
-    let gid = file
-        .group
-        .as_deref()
-        .map(resolve_group)
-        .transpose()
-        .map_err(other)?;
+    let (uid, gid) = ids(file)?;
     let private = private_dir(path)?;
     let temp = private.join("s");
     let result = bind(&temp).and_then(|socket| {
@@ -69,22 +58,18 @@ pub fn apply(path: &Path, file: &SocketFile) -> io::Result<()> {
     if let Some(mode) = file.mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     }
-    let uid = file
-        .owner
-        .as_deref()
-        .map(resolve_user)
-        .transpose()
-        .map_err(other)?;
-    let gid = file
-        .group
-        .as_deref()
-        .map(resolve_group)
-        .transpose()
-        .map_err(other)?;
+    let (uid, gid) = ids(file)?;
     if uid.is_some() || gid.is_some() {
         std::os::unix::fs::chown(path, uid, gid)?;
     }
     Ok(())
+}
+
+/// The uid and gid that `owner` and `group` name, if set.
+fn ids(file: &SocketFile) -> io::Result<(Option<u32>, Option<u32>)> {
+    let uid = file.owner.as_deref().map(resolve_user).transpose();
+    let gid = file.group.as_deref().map(resolve_group).transpose();
+    Ok((uid.map_err(other)?, gid.map_err(other)?))
 }
 
 /// A new directory only socketd can enter, beside `path`.

@@ -38,6 +38,7 @@ const DRAIN_WAIT: Duration = Duration::from_millis(500);
 const READS_PER_PASS: usize = 16;
 
 pub use crate::exec::CUT_GRACE;
+use crate::exec::{idle_check, IdleCheck};
 
 /// A program started for a job.
 #[derive(Debug)]
@@ -67,18 +68,12 @@ impl Started {
         if at > now {
             return;
         }
-        let conn = self.conn.as_ref().and_then(|(_, c)| c.as_ref());
-        match conn.and_then(super::access::tcp_idle) {
-            Some(quiet) if quiet >= limit => {
-                if let Some(c) = conn {
-                    let _ = c.shutdown(std::net::Shutdown::Both);
-                }
-                log::info!(
-                    "listener `{}`: {} (pid {pid}): no data for {}, connection closed",
-                    self.listener,
-                    self.name,
-                    humantime::format_duration(limit)
-                );
+        let Some(conn) = self.conn.as_ref().and_then(|(_, c)| c.as_ref()) else {
+            self.idle = None;
+            return;
+        };
+        match idle_check(conn, limit, &self.listener, &self.name, pid) {
+            IdleCheck::Cut => {
                 let grace = now + CUT_GRACE;
                 if self.kill_at.is_none_or(|(t, _)| grace < t) {
                     self.kill_at = Some((grace, Signal::SIGTERM));
@@ -86,10 +81,8 @@ impl Started {
                 }
                 self.idle = None;
             }
-            Some(quiet) => {
-                self.idle = Some((limit, now + (limit - quiet).max(Duration::from_millis(50))))
-            }
-            None => self.idle = None,
+            IdleCheck::Again(after) => self.idle = Some((limit, now + after)),
+            IdleCheck::Unknown => self.idle = None,
         }
     }
 }

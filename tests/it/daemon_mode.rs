@@ -58,7 +58,7 @@ fn daemon_with_pidfile_refuses_second_instance_and_cleans_up() {
         .unwrap();
     assert!(alive(pid), "daemon {pid} is not running");
     // Nothing the daemon started holds the terminal (here: the test's pipes) either.
-    for p in std::iter::once(pid).chain(children(pid)) {
+    for p in std::iter::once(pid).chain(children_of(pid)) {
         for fd in [1, 2] {
             let target = std::fs::read_link(format!("/proc/{p}/fd/{fd}")).unwrap();
             assert_eq!(
@@ -373,26 +373,4 @@ fn unreachable_syslog_falls_back_to_stderr() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
     let _ = Path::new(&missing);
-}
-
-/// Pids whose parent is `pid`.
-fn children(pid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }

@@ -1029,3 +1029,12 @@ fn profile_of_this_binary() -> String {
         other => other.to_string(),
     }
 }
+
+/// Pids whose parent is `pid`, from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    crate::forked::processes()
+        .into_iter()
+        .filter(|(_, ppid, _)| *ppid == pid)
+        .map(|(p, _, _)| p)
+        .collect()
+}

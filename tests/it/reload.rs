@@ -284,24 +284,6 @@ workers = "{model}"
     )
 }
 
-/// Pids whose parent is `pid`, from /proc.
-fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let after = s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string();
-                    after.parse::<i32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
-}
-
 /// Names of the threads of `pid`.
 fn thread_names(pid: i32) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
