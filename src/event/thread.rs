@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -60,7 +60,12 @@ enum Entry {
 pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Result<Arc<Waker>> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    // The loop keeps its own handle on the waker: if the last one went with the main loop's
+    // `LoopHandle` (a retire drops it right after sending), the eventfd would close and take
+    // a wake-up still in the ready list with it, leaving the loop asleep for good.
+    let own_waker = Arc::clone(&waker);
     std::thread::Builder::new().name(name).spawn(move || {
+        let _waker = own_waker;
         let mut l = Loop {
             poll,
             rx,
@@ -358,13 +363,21 @@ impl Loop {
         // them from the epoll set; that saves an epoll_ctl per connection.
         // The tracker entry goes before the descriptor closes (see `Tracker`).
         self.ctx.tracker.remove(c.conn_id);
-        log::debug!(
-            "listener `{}` peer {}: closed after {:?} (fd {})",
-            self.ctx.name,
-            c.peer,
-            c.started.elapsed(),
-            c.client.as_raw_fd()
-        );
+        // The access line, as the other worker models log it (bytes from TCP_INFO, read only
+        // when the line is logged).
+        if log::log_enabled!(log::Level::Info) {
+            let bytes = match &c.client {
+                EvStream::Tcp(s) => crate::worker::access::tcp_bytes(s.as_fd()),
+                EvStream::Unix(_) => crate::worker::access::Bytes::default(),
+            };
+            crate::worker::access::log_stream(
+                &self.ctx.name,
+                &c.peer,
+                c.started.elapsed(),
+                bytes,
+                &outcome,
+            );
+        }
         let peer = c.peer.clone();
         drop(c);
         self.report(&peer, outcome);

@@ -31,6 +31,11 @@ pub fn bytes(conn: &Conn) -> Bytes {
     }
 }
 
+/// The byte counters of a TCP socket given as a descriptor (event-mode connections).
+pub fn tcp_bytes(fd: std::os::fd::BorrowedFd<'_>) -> Bytes {
+    tcp_info(fd).unwrap_or_default()
+}
+
 /// How long no data has moved either way on a TCP connection (`TCP_INFO`'s
 /// `tcpi_last_data_recv` and `tcpi_last_data_sent`), whoever does the I/O: the way to tell an
 /// exec program's connection is idle without touching its bytes. `None` for Unix sockets.

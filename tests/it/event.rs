@@ -301,6 +301,26 @@ fn event_reload_applies_to_new_connections_only() {
     let mut new = d.connect("svc");
     assert_eq!(new.read_to_end_vec().len(), 4, "time after reload");
     drop((old, new));
+    // `threads` went from 2 to 1: the old loops leave once their connections are gone.
+    let loops = || {
+        thread_names(d.pid())
+            .iter()
+            .filter(|n| n.starts_with("socketd:svc:ev"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while loops() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} event loop threads still running, want 1: {:?}",
+            loops(),
+            thread_names(d.pid())
+        );
+        // A new connection gives the listener a chance to retire empty loops.
+        let mut probe = d.connect("svc");
+        assert_eq!(probe.read_to_end_vec().len(), 4);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     stop(d);
 }
 
@@ -326,5 +346,19 @@ fn event_max_workers_bounds_open_connections() {
     drop(a);
     assert_eq!(c.read_line(), "third\n", "served once a place freed");
     drop((b, c));
+    stop(d);
+}
+
+/// Event-mode connections get the same access line as the other worker models.
+#[test]
+fn event_connections_get_an_access_line() {
+    let d = Daemon::start(&event_listener("echo", "tcp", "127.0.0.1:0", "echo"));
+    d.wait_ready();
+    let mut s = d.connect("echo");
+    s.write_all(b"hello\n").expect("send");
+    assert_eq!(s.read_line(), "hello\n");
+    drop(s);
+    let line = d.wait_log("access: listener `echo`", READY_TIMEOUT);
+    assert!(line.contains(" in 6 out 6 outcome ok"), "{line}");
     stop(d);
 }

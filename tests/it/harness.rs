@@ -1038,3 +1038,15 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         .map(|(p, _, _)| p)
         .collect()
 }
+
+/// Names of the threads of `pid`.
+pub fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let p = e.ok()?.path().join("comm");
+        Some(std::fs::read_to_string(p).ok()?.trim().to_string())
+    })
+    .collect()
+}

@@ -284,18 +284,6 @@ workers = "{model}"
     )
 }
 
-/// Names of the threads of `pid`.
-fn thread_names(pid: i32) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let p = e.ok()?.path().join("comm");
-        Some(std::fs::read_to_string(p).ok()?.trim().to_string())
-    })
-    .collect()
-}
-
 /// A listener's worker model is a setting like any other: a reload switches it on the same
 /// socket, and the next connection is served by the new model.
 #[test]
