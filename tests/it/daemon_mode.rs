@@ -57,6 +57,8 @@ fn daemon_with_pidfile_refuses_second_instance_and_cleans_up() {
         .parse()
         .unwrap();
     assert!(alive(pid), "daemon {pid} is not running");
+    // A detached daemon is no child of ours: stop it by pid even if an assertion fails.
+    let _stop = StopOnDrop(pid);
     // Nothing the daemon started holds the terminal (here: the test's pipes) either.
     for p in std::iter::once(pid).chain(children_of(pid)) {
         for fd in [1, 2] {
@@ -373,4 +375,15 @@ fn unreachable_syslog_falls_back_to_stderr() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
     let _ = Path::new(&missing);
+}
+
+/// SIGKILLs a detached daemon (and so its fork servers) when the test ends, however it ends.
+struct StopOnDrop(i32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            kill(self.0, libc::SIGKILL);
+        }
+    }
 }
