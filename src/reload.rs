@@ -120,10 +120,8 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
                 if let Some(slot) = slots.get_mut(&id) {
                     reapply_socket_file(slot, &cfg);
                     let cfg = Arc::new(cfg);
-                    slot.pool.set_max(cfg.max_workers);
-                    slot.ctx = Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
-                    slot.cfg = cfg;
-                    slot.factory = factory;
+                    let ctx = Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
+                    slot.reconfigure(cfg, factory, ctx);
                     if slot.has_capacity() && !slot.fd_starved {
                         slot.watch(poll);
                     }

@@ -76,6 +76,9 @@ pub struct Slot {
     pub fork: Option<crate::worker::forked::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// A `wait = true` exec listener's program, resolved once per config (accounts included)
+    /// rather than on every drain.
+    wait: Option<crate::exec::Program>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -98,6 +101,7 @@ impl Slot {
     ) -> io::Result<Slot> {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
+        let wait = crate::handler::exec::wait_program(&cfg);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -113,7 +117,17 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            wait,
         })
+    }
+
+    /// Apply a reload's settings to this listener: new connections get them.
+    pub fn reconfigure(&mut self, cfg: Arc<ListenerConfig>, factory: Factory, ctx: Context) {
+        self.pool.set_max(cfg.max_workers);
+        self.wait = crate::handler::exec::wait_program(&cfg);
+        self.ctx = ctx;
+        self.cfg = cfg;
+        self.factory = factory;
     }
 
     pub fn token(&self) -> Token {
@@ -151,7 +165,7 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
-        if let Some(program) = crate::handler::exec::wait_program(&self.cfg) {
+        if let Some(program) = self.wait.clone() {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
         // After EMFILE, accept again only with room to serve: at the margin an accept would

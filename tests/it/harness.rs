@@ -316,28 +316,11 @@ impl Daemon {
 
     /// As `spawn_bin`, with extra arguments after `--config FILE`.
     pub fn spawn_args(bin: &Path, config_toml: &str, args: &[&str]) -> Daemon {
-        let dir = TestDir::new();
-        let config = dir.write("socketd.toml", config_toml);
-        let log = dir.path().join("daemon.log");
-        let out = File::create(&log).expect("create the log file");
-        let err = out.try_clone().expect("clone the log file");
-        let mut cmd = command(bin);
-        cmd.arg("--config").arg(&config).args(args);
-        cmd.current_dir(dir.path()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let watch = Arc::new(Watch::default());
-        watch.start(i32::try_from(child.id()).expect("pid fits in i32"));
-        Daemon {
-            child,
-            dir,
-            config,
-            log,
-            status: None,
-            clients: AtomicUsize::new(0),
-            watch,
-        }
+        Daemon::spawn_with(config_toml, |_, config| {
+            let mut cmd = command(bin);
+            cmd.arg("--config").arg(config).args(args);
+            cmd
+        })
     }
 
     /// Start a daemon from a command the caller builds, given the temp dir and the config
