@@ -246,6 +246,7 @@ impl Server {
                 }
             }
             self.collect_done();
+            self.tls_turn();
             self.revisit();
             self.tick_guards();
             self.check_stop();
@@ -339,6 +340,23 @@ impl Server {
             {
                 slot.watch(self.poll.registry());
                 self.again.push(done.listener);
+            }
+        }
+    }
+
+    /// TLS listeners: dispatch finished handshakes to free workers, and accept again when a
+    /// handshake place freed (see `crate::tls`).
+    fn tls_turn(&mut self) {
+        for (id, slot) in self.slots.iter_mut() {
+            let room = slot.tls_turn(&mut self.shared);
+            if room
+                && slot.listener.is_some()
+                && !slot.watching
+                && !slot.fd_starved
+                && self.state == State::Running
+            {
+                slot.watch(self.poll.registry());
+                self.again.push(*id);
             }
         }
     }

@@ -79,6 +79,8 @@ pub struct Slot {
     /// A `wait = true` exec listener's program, resolved once per config (accounts included)
     /// rather than on every drain.
     wait: Option<crate::exec::Program>,
+    /// `tls = {...}`: handshakes at the TLS front and finished ones waiting for a worker.
+    tls: crate::tls::Handshakes,
 }
 
 impl std::fmt::Debug for Slot {
@@ -118,6 +120,7 @@ impl Slot {
             fork: None,
             events: crate::event::SlotEvents::default(),
             wait,
+            tls: crate::tls::Handshakes::default(),
         })
     }
 
@@ -163,6 +166,33 @@ impl Slot {
         self.busy < self.cfg.max_workers
     }
 
+    /// Whether to accept another connection: a worker place, or for a TLS listener a
+    /// handshake place (handshakes never hold a worker; see `crate::tls`).
+    fn has_room(&self) -> bool {
+        match self.cfg.tls {
+            Some(_) => self.tls.held() < self.cfg.max_workers,
+            None => self.has_capacity(),
+        }
+    }
+
+    /// Dispatch TLS connections whose handshake finished, while workers are free. Returns
+    /// whether the listener has room to accept again.
+    pub fn tls_turn(&mut self, shared: &mut Shared) -> bool {
+        if self.cfg.tls.is_none() {
+            return false;
+        }
+        self.tls.collect();
+        while self.has_capacity() {
+            let Some(r) = self.tls.next_ready() else { break };
+            if self.cfg.workers == WorkerModel::Event {
+                self.dispatch_event(shared, r.conn, r.peer, r.ticket);
+            } else {
+                self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(r.info));
+            }
+        }
+        self.has_room()
+    }
+
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
         if let Some(program) = self.wait.clone() {
@@ -179,7 +209,7 @@ impl Slot {
             if low_fds {
                 return self.pause_low_fds(poll);
             }
-            if !self.has_capacity() {
+            if !self.has_room() {
                 self.unwatch(poll);
                 return Drained::Full;
             }
@@ -198,11 +228,19 @@ impl Slot {
                     else {
                         continue;
                     };
+                    if self.cfg.tls.is_some() {
+                        // Admitted first (no crypto for refused peers); the handshake runs at
+                        // the TLS front, and `tls_turn` dispatches the plaintext end.
+                        let notifier = shared.notifier.clone();
+                        let wake = Box::new(move || notifier.wake());
+                        self.tls.start(&self.cfg, conn, peer, local, ticket, wake);
+                        continue;
+                    }
                     if self.cfg.workers == WorkerModel::Event {
                         self.dispatch_event(shared, conn, peer, ticket);
                         continue;
                     }
-                    self.dispatch_stream(shared, conn, peer, local, ticket);
+                    self.dispatch_stream(shared, conn, peer, local, ticket, None);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
                     if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now()) {
@@ -272,6 +310,7 @@ impl Slot {
         peer: crate::conn::PeerAddr,
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
+        tls: Option<Arc<crate::tls::TlsInfo>>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
@@ -293,7 +332,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard));
+            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard), tls);
             return;
         }
         let job = move || {
@@ -303,7 +342,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
+            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard, tls);
             notifier.done(Done {
                 listener: id,
                 outcome,

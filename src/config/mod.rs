@@ -11,6 +11,7 @@ mod error;
 mod parse;
 mod protection;
 mod raw;
+pub mod tls;
 #[cfg(test)]
 mod tests;
 pub mod types;

@@ -278,4 +278,6 @@ pub struct ListenerConfig {
     pub protect: Protection,
     /// The table named after the handler (`exec = {...}`), if the listener has one.
     pub handler_settings: Option<toml::Table>,
+    /// `tls = { ... }`: terminate TLS before the handler (stream listeners only).
+    pub tls: Option<super::tls::TlsSettings>,
 }

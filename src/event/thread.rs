@@ -376,6 +376,7 @@ impl Loop {
                 c.started.elapsed(),
                 bytes,
                 &outcome,
+                None,
             );
         }
         let peer = c.peer.clone();

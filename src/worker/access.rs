@@ -117,13 +117,15 @@ pub fn log_stream(
     took: Duration,
     bytes: Bytes,
     outcome: &Outcome,
+    tls: Option<&crate::tls::TlsInfo>,
 ) {
     log::info!(
-        "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
+        "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}{}",
         took,
         count(bytes.received),
         count(bytes.sent),
-        outcome_word(outcome)
+        outcome_word(outcome),
+        tls.map(|t| t.log_fields()).unwrap_or_default()
     );
 }
 

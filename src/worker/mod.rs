@@ -49,6 +49,11 @@ impl Notifier {
         Notifier { tx, waker }
     }
 
+    /// Wake the loop without a report (a TLS handshake came back).
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Report a finished job; the loop may already be gone at exit, which is fine.
     pub fn done(&self, done: Done) {
         if self.tx.send(done).is_ok() {
@@ -137,9 +142,12 @@ pub fn serve_stream<G>(
     peer: PeerAddr,
     local: Option<SocketAddr>,
     before_close: G,
+    tls: Option<std::sync::Arc<crate::tls::TlsInfo>>,
 ) -> Outcome {
     let started = std::time::Instant::now();
-    let mut req = Request::Stream(StreamRequest::new(conn, peer.clone(), local));
+    let mut stream = StreamRequest::new(conn, peer.clone(), local);
+    stream.set_tls(tls.clone());
+    let mut req = Request::Stream(stream);
     let outcome = run(factory, ctx, &mut req);
     // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
@@ -155,6 +163,7 @@ pub fn serve_stream<G>(
         started.elapsed(),
         bytes,
         &outcome,
+        tls.as_deref(),
     );
     outcome
 }
