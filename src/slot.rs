@@ -170,7 +170,7 @@ impl Slot {
     /// handshake place (handshakes never hold a worker; see `crate::tls`).
     fn has_room(&self) -> bool {
         match self.cfg.tls {
-            Some(_) => self.tls.held() < self.cfg.max_workers,
+            Some(_) => self.tls.held() < crate::tls::handshake_room(self.cfg.max_workers),
             None => self.has_capacity(),
         }
     }
@@ -183,7 +183,9 @@ impl Slot {
         }
         self.tls.collect();
         while self.has_capacity() {
-            let Some(r) = self.tls.next_ready() else { break };
+            let Some(r) = self.tls.next_ready() else {
+                break;
+            };
             if self.cfg.workers == WorkerModel::Event {
                 self.dispatch_event(shared, r.conn, r.peer, r.ticket);
             } else {

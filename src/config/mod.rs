@@ -11,9 +11,9 @@ mod error;
 mod parse;
 mod protection;
 mod raw;
-pub mod tls;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod types;
 mod validate;
 mod values;

@@ -145,15 +145,24 @@ pub(super) fn validate(
             c.error(
                 &span,
                 "tls",
-                format!("missing `{}`; add e.g. {} = \"/etc/socketd/server.pem\"", &key[4..], &key[4..]),
+                format!(
+                    "missing `{}`; add e.g. {} = \"/etc/socketd/server.pem\"",
+                    &key[4..],
+                    &key[4..]
+                ),
             );
         }
     }
-    let client_auth = c.choice(&raw.client_auth, "tls.client_auth", CLIENT_AUTH, |s| match s {
-        "required" => Some(ClientAuth::Required),
-        "optional" => Some(ClientAuth::Optional),
-        _ => None,
-    });
+    let client_auth = c.choice(
+        &raw.client_auth,
+        "tls.client_auth",
+        CLIENT_AUTH,
+        |s| match s {
+            "required" => Some(ClientAuth::Required),
+            "optional" => Some(ClientAuth::Optional),
+            _ => None,
+        },
+    );
     if let (Some(v), None) = (&raw.client_auth, &raw.client_ca) {
         c.error(
             &v.span(),
@@ -169,14 +178,26 @@ pub(super) fn validate(
             "revocation lists apply to client certificates: add `client_ca` too",
         );
     }
-    let min_version = c.choice(&raw.min_version, "tls.min_version", MIN_VERSION, |s| match s {
-        "1.2" => Some(MinVersion::Tls12),
-        "1.3" => Some(MinVersion::Tls13),
-        _ => None,
-    });
-    let handshake_timeout =
-        c.duration(&raw.handshake_timeout, "tls.handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT);
-    let alpn: Vec<String> = raw.alpn.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default();
+    let min_version = c.choice(
+        &raw.min_version,
+        "tls.min_version",
+        MIN_VERSION,
+        |s| match s {
+            "1.2" => Some(MinVersion::Tls12),
+            "1.3" => Some(MinVersion::Tls13),
+            _ => None,
+        },
+    );
+    let handshake_timeout = c.duration(
+        &raw.handshake_timeout,
+        "tls.handshake_timeout",
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    );
+    let alpn: Vec<String> = raw
+        .alpn
+        .as_ref()
+        .map(|a| a.get_ref().clone())
+        .unwrap_or_default();
     if let Some(a) = &raw.alpn {
         if alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
             c.error(
@@ -298,9 +319,18 @@ fn load_pair(
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let warning = ck.cert.first().and_then(load::validity).and_then(|v| v.warning(now));
+            let warning = ck
+                .cert
+                .first()
+                .and_then(load::validity)
+                .and_then(|v| v.warning(now));
             if let Some(w) = warning {
-                warn_at(c, &cert.span(), cert_key, &format!("{}: certificate {w}", cert_path.display()));
+                warn_at(
+                    c,
+                    &cert.span(),
+                    cert_key,
+                    &format!("{}: certificate {w}", cert_path.display()),
+                );
             }
             Some(ck)
         }

@@ -109,26 +109,25 @@ impl ProxySettings {
                 );
             }
         }
-        let tls = match table.get("tls") {
-            None => None,
-            Some(_) if ctx.protocol.is_datagram() => {
-                return Err("proxy: `tls` applies to stream listeners only; remove it".into())
-            }
-            Some(toml::Value::Table(t)) => {
-                let host = match &upstream {
-                    Upstream::Inet(a) => Some(a.ip()),
-                    Upstream::Unix(_) => None,
-                };
-                Some(crate::tls::client::ClientSettings::from_table(t, host)?)
-            }
-            Some(_) => {
-                return Err(
+        let tls =
+            match table.get("tls") {
+                None => None,
+                Some(_) if ctx.protocol.is_datagram() => {
+                    return Err("proxy: `tls` applies to stream listeners only; remove it".into())
+                }
+                Some(toml::Value::Table(t)) => {
+                    let host = match &upstream {
+                        Upstream::Inet(a) => Some(a.ip()),
+                        Upstream::Unix(_) => None,
+                    };
+                    Some(crate::tls::client::ClientSettings::from_table(t, host)?)
+                }
+                Some(_) => return Err(
                     "proxy: `tls` must be a table, e.g. tls = { server_name = \"app.example\", \
                      ca = \"/etc/socketd/upstream-ca.pem\" }"
                         .into(),
-                )
-            }
-        };
+                ),
+            };
         Ok(ProxySettings {
             upstream,
             connect_timeout: duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,

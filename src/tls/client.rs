@@ -60,7 +60,9 @@ impl ClientSettings {
     pub fn from_table(table: &toml::Table, host: Option<std::net::IpAddr>) -> Result<Self, String> {
         for key in table.keys() {
             if !KEYS.split(", ").any(|k| k == key) {
-                return Err(format!("proxy: unknown key `tls.{key}`; valid keys: {KEYS}"));
+                return Err(format!(
+                    "proxy: unknown key `tls.{key}`; valid keys: {KEYS}"
+                ));
             }
         }
         let server_name = match table.get("server_name") {
@@ -87,7 +89,10 @@ impl ClientSettings {
                 let ck = load::certified_key(Path::new(c), Path::new(k))
                     .map_err(|e| format!("proxy: `tls.client_cert`/`tls.client_key`: {e}"))?;
                 builder
-                    .with_client_auth_cert(ck.cert, load::key(Path::new(k)).map_err(|e| e.to_string())?)
+                    .with_client_auth_cert(
+                        ck.cert,
+                        load::key(Path::new(k)).map_err(|e| e.to_string())?,
+                    )
                     .map_err(|e| format!("proxy: `tls.client_key`: {e}"))?
             }
             (None, None) => builder.with_no_client_auth(),
@@ -125,7 +130,10 @@ impl ClientSettings {
 /// The system's CA bundle.
 fn system_roots() -> Result<RootCertStore, String> {
     let env = std::env::var("SSL_CERT_FILE").ok();
-    let candidates = env.iter().map(String::as_str).chain(SYSTEM_BUNDLES.iter().copied());
+    let candidates = env
+        .iter()
+        .map(String::as_str)
+        .chain(SYSTEM_BUNDLES.iter().copied());
     for file in candidates {
         let Ok(certs) = load::certs(Path::new(file)) else {
             continue;

@@ -133,9 +133,7 @@ pub fn front() -> io::Result<&'static Front> {
             return Ok(f);
         }
         // A forked child inherited the parent's handle but not its thread.
-        return Err(io::Error::other(
-            "the TLS front belongs to another process",
-        ));
+        return Err(io::Error::other("the TLS front belongs to another process"));
     }
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -192,7 +190,9 @@ pub fn log_failure(label: &str, reason: &str) {
     let Ok(mut f) = FAILURES.lock() else { return };
     f.total += 1;
     let now = Instant::now();
-    let fresh = f.window_start.is_none_or(|s| now.duration_since(s) >= LOG_WINDOW);
+    let fresh = f
+        .window_start
+        .is_none_or(|s| now.duration_since(s) >= LOG_WINDOW);
     if fresh {
         if f.suppressed > 0 {
             log::warn!(
@@ -372,9 +372,7 @@ impl Loop {
             self.sessions.len() - 1
         });
         self.sessions[id] = Some(session);
-        let Some(s) = self.sessions[id].as_mut() else {
-            return None;
-        };
+        let s = self.sessions[id].as_mut()?;
         let both = Interest::READABLE | Interest::WRITABLE;
         let mut ok = self
             .poll
@@ -445,7 +443,12 @@ impl Loop {
             .sessions
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.as_ref().and_then(|s| s.deadline).filter(|d| *d <= now).map(|_| i))
+            .filter_map(|(i, s)| {
+                s.as_ref()
+                    .and_then(|s| s.deadline)
+                    .filter(|d| *d <= now)
+                    .map(|_| i)
+            })
             .collect();
         for id in due {
             let handshaking = self.sessions[id]

@@ -40,9 +40,7 @@ impl TlsInfo {
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| c.as_ref().to_vec());
-        let names = leaf
-            .as_deref()
-            .and_then(super::load::subject_and_issuer);
+        let names = leaf.as_deref().and_then(super::load::subject_and_issuer);
         TlsInfo {
             protocol,
             cipher,
@@ -104,6 +102,15 @@ impl TlsInfo {
     /// One line of TOML, to cross to a forked child in the job's data.
     pub fn encode(&self) -> Vec<u8> {
         toml::to_string(self).unwrap_or_default().into_bytes()
+    }
+
+    /// The `SSL_*` variables of a forked stream job whose data carries a session's
+    /// parameters (none for a plain connection, whose job data is empty).
+    pub fn env_from_job(data: &[u8]) -> Vec<(String, String)> {
+        match data.is_empty() {
+            true => Vec::new(),
+            false => TlsInfo::decode(data).map(|i| i.env()).unwrap_or_default(),
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> io::Result<TlsInfo> {

@@ -226,7 +226,11 @@ impl ResolvesServerCert for SniResolver {
 pub struct ServerParts {
     pub resolver: Arc<SniResolver>,
     /// Client certificates: trust anchors, CRLs and whether one is required.
-    pub client: Option<(RootCertStore, Vec<CertificateRevocationListDer<'static>>, bool)>,
+    pub client: Option<(
+        RootCertStore,
+        Vec<CertificateRevocationListDer<'static>>,
+        bool,
+    )>,
     pub alpn: Vec<Vec<u8>>,
     pub tls13_only: bool,
 }

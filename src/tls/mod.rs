@@ -8,8 +8,8 @@
 //! A TLS listener's slot hands each admitted connection to the front (`Handshakes::start`);
 //! once the handshake is done the front returns the plaintext end of a socketpair, which the
 //! slot dispatches to its worker model like any accepted connection. Handshakes therefore
-//! never hold a worker: a listener keeps at most `max_workers` handshakes (plus finished ones
-//! waiting for a worker) in progress, and each is cut at `handshake_timeout`.
+//! never hold a worker: a listener keeps a bounded number of handshakes (plus finished ones
+//! waiting for a worker) in progress (`handshake_room`), each cut at `handshake_timeout`.
 
 pub mod client;
 pub mod front;
@@ -68,7 +68,10 @@ impl Handshakes {
         };
         // idle_timeout and max_duration count the handshake: it gets the shortest of the three.
         let mut limit = settings.handshake_timeout;
-        for d in [cfg.protect.idle_timeout, cfg.protect.max_duration].into_iter().flatten() {
+        for d in [cfg.protect.idle_timeout, cfg.protect.max_duration]
+            .into_iter()
+            .flatten()
+        {
             limit = limit.min(d);
         }
         let wire = match conn {
@@ -132,6 +135,16 @@ impl Handshakes {
     pub fn next_ready(&mut self) -> Option<Ready> {
         self.ready.pop_front()
     }
+}
+
+/// Handshakes a listener keeps in progress (or finished and waiting for a worker) at once:
+/// at least `MIN_HANDSHAKES`, so a few stalled clients cannot stop a small listener from
+/// accepting, and at most one per worker place beyond that.
+pub const MIN_HANDSHAKES: usize = 64;
+
+/// The handshake room of a listener with `max_workers` places.
+pub fn handshake_room(max_workers: usize) -> usize {
+    max_workers.max(MIN_HANDSHAKES)
 }
 
 /// A connection's handshake must finish within this by default (see `config::tls`).

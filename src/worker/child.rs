@@ -63,11 +63,7 @@ impl Child<'_> {
         match (self.kind, &self.conn, &self.entry.socket) {
             (JobKind::Stream, Some(c), _) => {
                 let mut vars = crate::exec::connection_env(true, &self.peer, self.local);
-                if let Ok(info) = crate::tls::TlsInfo::decode(&self.data) {
-                    if !self.data.is_empty() {
-                        vars.extend(info.env());
-                    }
-                }
+                vars.extend(crate::tls::TlsInfo::env_from_job(&self.data));
                 program.exec(name, &vars, c.as_fd(), c.as_fd(), stderr)
             }
             (JobKind::Wait, _, Some(s)) => {
