@@ -5,147 +5,15 @@
 //! - `info`: the negotiated parameters a handler, an exec program and the access log see.
 //! - `client`: the upstream side for `proxy = { tls = {...} }`.
 //!
-//! A TLS listener's slot hands each admitted connection to the front (`Handshakes::start`);
-//! once the handshake is done the front returns the plaintext end of a socketpair, which the
-//! slot dispatches to its worker model like any accepted connection. Handshakes therefore
-//! never hold a worker: a listener keeps a bounded number of handshakes (plus finished ones
-//! waiting for a worker) in progress (`handshake_room`), each cut at `handshake_timeout`.
+//! A TLS listener's slot hands each admitted connection to the front (`slot::tls`); once the
+//! handshake is done the front returns the plaintext end of a socketpair, which the slot
+//! dispatches to its worker model like any accepted connection. Handshakes therefore never
+//! hold a worker. This module knows no listener, handler or config type: `config` uses `load`
+//! to check files, and everything above uses the front.
 
 pub mod client;
 pub mod front;
 pub mod info;
 pub mod load;
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use crate::config::ListenerConfig;
-use crate::conn::{Conn, PeerAddr};
 pub use info::TlsInfo;
-
-/// A connection whose handshake finished, waiting for a worker.
-pub(crate) struct Ready {
-    pub conn: Conn,
-    pub peer: PeerAddr,
-    pub local: Option<SocketAddr>,
-    pub ticket: crate::protect::Ticket,
-    pub info: Arc<TlsInfo>,
-}
-
-/// A listener's handshakes in progress and finished ones not yet dispatched.
-#[derive(Default)]
-pub(crate) struct Handshakes {
-    /// Filled by the front's thread: `Some` a finished handshake, `None` a failed one.
-    done: Arc<Mutex<Vec<Option<Ready>>>>,
-    /// Handed to the front and not yet come back.
-    pending: usize,
-    /// Finished, waiting for a worker place.
-    ready: VecDeque<Ready>,
-}
-
-impl Handshakes {
-    /// Handshakes in progress plus finished ones waiting: what counts against the room.
-    pub fn held(&self) -> usize {
-        self.pending + self.ready.len()
-    }
-
-    /// Hand an admitted connection to the front; `wake` tells the main loop it came back.
-    pub fn start(
-        &mut self,
-        cfg: &ListenerConfig,
-        conn: Conn,
-        peer: PeerAddr,
-        local: Option<SocketAddr>,
-        ticket: crate::protect::Ticket,
-        wake: Box<dyn Fn() + Send>,
-    ) {
-        let Some(settings) = &cfg.tls else { return };
-        let Some(server) = settings.server.clone() else {
-            log::error!("listener `{}`: TLS settings were not loaded", cfg.name);
-            return;
-        };
-        // idle_timeout and max_duration count the handshake: it gets the shortest of the three.
-        let mut limit = settings.handshake_timeout;
-        for d in [cfg.protect.idle_timeout, cfg.protect.max_duration]
-            .into_iter()
-            .flatten()
-        {
-            limit = limit.min(d);
-        }
-        let wire = match conn {
-            Conn::Tcp(s) => s
-                .set_nonblocking(true)
-                .map(|()| front::Wire::Tcp(mio::net::TcpStream::from_std(s))),
-            Conn::Unix(s) => s
-                .set_nonblocking(true)
-                .map(|()| front::Wire::Unix(mio::net::UnixStream::from_std(s))),
-        };
-        let label = format!("listener `{}` peer {peer}", cfg.name);
-        let wire = match wire {
-            Ok(w) => w,
-            Err(e) => {
-                log::warn!("{label}: {e}");
-                return;
-            }
-        };
-        let done = Arc::clone(&self.done);
-        let reply: front::Reply = Box::new(move |result| {
-            let ready = result.ok().map(|(pair, info)| Ready {
-                conn: Conn::Unix(pair),
-                peer,
-                local,
-                ticket,
-                info: Arc::new(info),
-            });
-            if let Ok(mut d) = done.lock() {
-                d.push(ready);
-            }
-            wake();
-        });
-        let job = front::Job::Accept {
-            wire,
-            config: server,
-            deadline: Instant::now() + limit,
-            label: label.clone(),
-            reply,
-        };
-        match front::front().and_then(|f| f.submit(job)) {
-            Ok(()) => self.pending += 1,
-            Err(e) => log::error!("{label}: cannot start the TLS handshake: {e}"),
-        }
-    }
-
-    /// Take what the front finished; returns the handshakes now ready, oldest first.
-    pub fn collect(&mut self) {
-        let finished: Vec<Option<Ready>> = match self.done.lock() {
-            Ok(mut d) => std::mem::take(&mut *d),
-            Err(_) => return,
-        };
-        for r in finished {
-            self.pending = self.pending.saturating_sub(1);
-            if let Some(r) = r {
-                self.ready.push_back(r);
-            }
-        }
-    }
-
-    /// The next finished handshake waiting for a worker.
-    pub fn next_ready(&mut self) -> Option<Ready> {
-        self.ready.pop_front()
-    }
-}
-
-/// Handshakes a listener keeps in progress (or finished and waiting for a worker) at once:
-/// at least `MIN_HANDSHAKES`, so a few stalled clients cannot stop a small listener from
-/// accepting, and at most one per worker place beyond that.
-pub const MIN_HANDSHAKES: usize = 64;
-
-/// The handshake room of a listener with `max_workers` places.
-pub fn handshake_room(max_workers: usize) -> usize {
-    max_workers.max(MIN_HANDSHAKES)
-}
-
-/// A connection's handshake must finish within this by default (see `config::tls`).
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = crate::config::tls::DEFAULT_HANDSHAKE_TIMEOUT;
