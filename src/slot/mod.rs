@@ -181,7 +181,8 @@ impl Slot {
                 break;
             };
             if self.cfg.workers == WorkerModel::Event {
-                self.dispatch_event(shared, r.conn, r.peer, r.ticket);
+                let tls = Some((r.local, r.info));
+                self.dispatch_event(shared, r.conn, r.peer, r.ticket, tls);
             } else {
                 self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(r.info));
             }
@@ -233,7 +234,7 @@ impl Slot {
                         continue;
                     }
                     if self.cfg.workers == WorkerModel::Event {
-                        self.dispatch_event(shared, conn, peer, ticket);
+                        self.dispatch_event(shared, conn, peer, ticket, None);
                         continue;
                     }
                     self.dispatch_stream(shared, conn, peer, local, ticket, None);
@@ -355,6 +356,7 @@ impl Slot {
         conn: crate::conn::Conn,
         peer: crate::conn::PeerAddr,
         ticket: crate::protect::Ticket,
+        tls: Option<(Option<std::net::SocketAddr>, Arc<crate::tls::TlsInfo>)>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
@@ -367,6 +369,7 @@ impl Slot {
             peer,
             conn_id,
             ticket,
+            tls,
         };
         match self.events.dispatch_stream(id, cfg, shared, accepted) {
             Ok(()) => self.busy += 1,

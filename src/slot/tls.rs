@@ -133,3 +133,64 @@ pub const MIN_HANDSHAKES: usize = 64;
 pub fn handshake_room(max_workers: usize) -> usize {
     max_workers.max(MIN_HANDSHAKES)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use crate::config::Protocol;
+    use crate::conn::{Conn, PeerAddr};
+    use crate::handler::util::test_support::context;
+    use crate::handler::{Context, Factory, Handler, Request};
+    use crate::tls::TlsInfo;
+
+    /// Writes what it learns of the TLS session, as a registered handler would.
+    struct ShowTls;
+
+    impl Handler for ShowTls {
+        fn handle(&mut self, req: &mut Request, _ctx: &Context) -> std::io::Result<()> {
+            let Request::Stream(s) = req else {
+                return Ok(());
+            };
+            let line = match s.tls() {
+                Some(t) => format!(
+                    "{} {} {}\n",
+                    t.protocol,
+                    t.server_name.as_deref().unwrap_or("-"),
+                    t.client_subject.as_deref().unwrap_or("-")
+                ),
+                None => "plain\n".to_string(),
+            };
+            s.wfile.write_all(line.as_bytes())
+        }
+    }
+
+    /// The session's parameters reach a registered handler through its `StreamRequest`.
+    #[test]
+    fn a_registered_handler_sees_the_session() {
+        let factory: Factory = Arc::new(|| Box::new(ShowTls) as _);
+        let (ctx, _) = context(Protocol::Tcp);
+        let peer: PeerAddr = PeerAddr::Inet("127.0.0.1:9".parse().expect("addr"));
+        let info = TlsInfo {
+            protocol: "TLSv1.3".into(),
+            server_name: Some("a.example".into()),
+            client_subject: Some("CN=c".into()),
+            ..TlsInfo::default()
+        };
+        for (tls, want) in [
+            (Some(Arc::new(info)), "TLSv1.3 a.example CN=c\n"),
+            (None, "plain\n"),
+        ] {
+            let (ours, theirs) = UnixStream::pair().expect("pair");
+            let conn = Conn::Unix(theirs);
+            let outcome =
+                crate::worker::serve_stream(&factory, &ctx, conn, peer.clone(), None, (), tls);
+            assert_eq!(outcome, crate::worker::Outcome::Ok);
+            let mut got = String::new();
+            (&ours).read_to_string(&mut got).expect("read");
+            assert_eq!(got, want);
+        }
+    }
+}
