@@ -180,11 +180,15 @@ impl Slot {
             let Some(r) = self.tls.next_ready() else {
                 break;
             };
+            let session = tls::Session {
+                info: r.info,
+                local: r.local,
+                accepted: r.accepted,
+            };
             if self.cfg.workers == WorkerModel::Event {
-                let tls = Some((r.local, r.info));
-                self.dispatch_event(shared, r.conn, r.peer, r.ticket, tls);
+                self.dispatch_event(shared, r.conn, r.peer, r.ticket, Some(session));
             } else {
-                self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(r.info));
+                self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(session));
             }
         }
         self.has_room()
@@ -307,13 +311,16 @@ impl Slot {
         peer: crate::conn::PeerAddr,
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
-        tls: Option<Arc<crate::tls::TlsInfo>>,
+        tls: Option<tls::Session>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        // A TLS connection's max_duration counts from its accept (the handshake included).
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| t.info);
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, tracker, id) = (
             shared.notifier.clone(),
@@ -356,13 +363,15 @@ impl Slot {
         conn: crate::conn::Conn,
         peer: crate::conn::PeerAddr,
         ticket: crate::protect::Ticket,
-        tls: Option<(Option<std::net::SocketAddr>, Arc<crate::tls::TlsInfo>)>,
+        tls: Option<tls::Session>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| (t.local, t.info));
         let (id, cfg) = (self.id, &self.cfg);
         let accepted = crate::event::Accepted {
             conn,

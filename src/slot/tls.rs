@@ -19,6 +19,15 @@ pub(crate) struct Ready {
     pub local: Option<SocketAddr>,
     pub ticket: crate::protect::Ticket,
     pub info: Arc<TlsInfo>,
+    /// When the connection was accepted: `max_duration` counts the handshake too.
+    pub accepted: Instant,
+}
+
+/// A TLS connection's session, as the dispatch functions take it.
+pub(crate) struct Session {
+    pub info: Arc<TlsInfo>,
+    pub local: Option<SocketAddr>,
+    pub accepted: Instant,
 }
 
 /// A listener's handshakes in progress and finished ones not yet dispatched.
@@ -78,6 +87,7 @@ impl Handshakes {
             }
         };
         let done = Arc::clone(&self.done);
+        let accepted = Instant::now();
         let reply: front::Reply = Box::new(move |result| {
             let ready = result.ok().map(|(pair, info)| Ready {
                 conn: Conn::Unix(pair),
@@ -85,6 +95,7 @@ impl Handshakes {
                 local,
                 ticket,
                 info: Arc::new(info),
+                accepted,
             });
             if let Ok(mut d) = done.lock() {
                 d.push(ready);

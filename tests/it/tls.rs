@@ -476,8 +476,8 @@ fn curl(args: &[&str]) -> String {
 #[test]
 fn tls_proxy_in_out_and_both_ways_with_curl() {
     let pki = Pki::new();
-    let http = http_upstream("hello from plain http", 12);
-    for m in ["threaded", "event"] {
+    let http = http_upstream("hello from plain http", 18);
+    for m in MODELS {
         // tls-in: TLS in, plain out. A port for `plain-out` is only known after start, so
         // the TLS-out proxies point at a second daemon's TLS-in listener.
         let front = Daemon::start(&format!(
