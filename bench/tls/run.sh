@@ -25,13 +25,25 @@ pids=""
 cleanup() { for p in $pids; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem \
-    -out cert.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
+# A CA and a localhost certificate from it: ECDSA P-256 (what the load runs use) and RSA 2048.
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > leaf.ext
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+    -out ca.pem -days 2 -subj /CN=bench-ca 2>/dev/null
+for kind in ec rsa; do
+    case $kind in ec) new="ec -pkeyopt ec_paramgen_curve:P-256" ;; rsa) new="rsa:2048" ;; esac
+    # shellcheck disable=SC2086 # two words
+    openssl req -newkey $new -nodes -keyout "$kind.key" -out "$kind.csr" -subj /CN=localhost 2>/dev/null
+    openssl x509 -req -in "$kind.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile leaf.ext -out "$kind.pem" 2>/dev/null
+done
+cp ec.pem cert.pem; cp ec.key key.pem
 cat cert.pem key.pem > both.pem
 tls_load="$here/target/release/tls_load"
 
-echo "== crypto provider: server CPU per full TLS 1.3 handshake (ECDSA P-256) =="
-"$here/target/release/tls_provider" cert.pem key.pem "$SECS"
+for kind in ec rsa; do
+    echo "== crypto provider: server CPU per full TLS 1.3 handshake ($kind) =="
+    "$here/target/release/tls_provider" ca.pem "$kind.pem" "$kind.key" "$SECS"
+done
 
 "$root/bench/target/release/epoll_echo" --tcp 127.0.0.1:9500 > echo.out & pids="$pids $!"
 cat > socketd.toml <<CONF
@@ -79,13 +91,13 @@ for mode in hs resume; do
     echo "== $mode: 16 clients, ${SECS}s =="
     for peer in "socketd:9501:$sd" "stunnel4:9502:$st" "haproxy:9503:$hp"; do
         name=${peer%%:*}; rest=${peer#*:}; port=${rest%%:*}; pid=${rest#*:}
-        printf '%-9s ' "$name"; "$tls_load" "$mode" "127.0.0.1:$port" cert.pem "$SECS" 16 "$pid"
+        printf '%-9s ' "$name"; "$tls_load" "$mode" "127.0.0.1:$port" ca.pem "$SECS" 16 "$pid"
     done
 done
 echo "== bulk: 1 GiB out and back =="
 for peer in "socketd:9501:$sd" "stunnel4:9502:$st" "haproxy:9503:$hp"; do
     name=${peer%%:*}; rest=${peer#*:}; port=${rest%%:*}; pid=${rest#*:}
-    printf '%-9s ' "$name"; "$tls_load" bulk "127.0.0.1:$port" cert.pem 1073741824 "$pid"
+    printf '%-9s ' "$name"; "$tls_load" bulk "127.0.0.1:$port" ca.pem 1073741824 "$pid"
 done
 echo "== RSS per idle TLS connection (socketd event mode, 1000 connections) =="
-"$tls_load" idle 127.0.0.1:9501 cert.pem 1000 "$sd"
+"$tls_load" idle 127.0.0.1:9501 ca.pem 1000 "$sd"
