@@ -169,6 +169,11 @@ impl Slot {
         }
     }
 
+    /// TLS handshakes in progress or finished and waiting for a worker.
+    pub fn tls_held(&self) -> usize {
+        self.tls.held()
+    }
+
     /// Dispatch TLS connections whose handshake finished, while workers are free. Returns
     /// whether the listener has room to accept again.
     pub fn tls_turn(&mut self, shared: &mut Shared) -> bool {

@@ -666,6 +666,13 @@ fn tls_garbage_and_stalled_handshakes_are_cut_without_taking_the_worker() {
         assert!(s.closed_within(IO_TIMEOUT), "a silent client was not cut");
     }
     d.wait_log("timeout (handshake not finished in time)", IO_TIMEOUT);
+    // Failures are counted: garbage, the half handshake and the three silent clients.
+    d.signal(libc::SIGUSR1);
+    let log = d.wait_log("status: tls: ", IO_TIMEOUT);
+    assert_contains(
+        &log,
+        &["0 handshakes in progress or waiting for a worker, 5 failed since start"],
+    );
 }
 
 #[test]
