@@ -812,3 +812,78 @@ fn s_client_unix(path: &Path, pki: &Pki) -> String {
     ];
     s_client_at(&target, &args, "ping\n", "ping")
 }
+
+/// An upstream that reads a PROXY v1 line in the clear, then accepts TLS on the same
+/// connection (as a server behind haproxy's `send-proxy` + `ssl` would) and answers one line
+/// with the header it saw. Returns its address.
+fn proxy_then_tls_upstream(pki: &Pki) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(pki.path("server.pem"))
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("pem");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let config = Arc::new(config);
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        // The header line, byte by byte so no TLS byte is consumed.
+        let mut header = Vec::new();
+        let mut b = [0u8; 1];
+        while !header.ends_with(b"\r\n") && header.len() < 108 {
+            match s.read(&mut b) {
+                Ok(1) => header.push(b[0]),
+                _ => return,
+            }
+        }
+        let conn = rustls::ServerConnection::new(config).expect("server conn");
+        let mut tls = rustls::StreamOwned::new(conn, s);
+        let mut line = [0u8; 6];
+        if tls.read_exact(&mut line).is_ok() {
+            let _ = tls.write_all(&header);
+            let _ = tls.flush();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    addr
+}
+
+#[test]
+fn tls_proxy_sends_the_proxy_header_in_the_clear_before_upstream_tls() {
+    let pki = Pki::new();
+    for m in MODELS {
+        let up = proxy_then_tls_upstream(&pki);
+        let d = Daemon::start(&format!(
+            "{DAEMON}{}",
+            listener(
+                "p",
+                m,
+                "proxy",
+                &format!(
+                    "proxy = {{ upstream = \"{up}\", proxy_protocol = \"v1\", tls = {{ server_name = \"localhost\", ca = \"{}\" }} }}",
+                    pki.p("ca.pem")
+                )
+            )
+        ));
+        let addr = d.addr("p");
+        let mut c = Stream::tcp(addr);
+        c.write_all(b"hello\n").expect("write");
+        let got = String::from_utf8_lossy(&c.read_to_end_vec()).into_owned();
+        assert!(
+            got.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 ")
+                && got.contains(&format!(" {}\r\n", addr.port())),
+            "{m}: upstream saw {got:?}\n{}",
+            d.log_dump()
+        );
+    }
+}
