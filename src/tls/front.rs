@@ -185,31 +185,53 @@ pub fn handshake_failures() -> u64 {
     FAILURES.lock().map(|f| f.total).unwrap_or(0)
 }
 
+/// What to log for one failure: a summary of the previous window's suppressed lines first
+/// (its count), then whether this failure gets its own line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub summary: Option<u64>,
+    pub log_this: bool,
+}
+
+impl FailureLog {
+    /// Count one failure at `now` and say what to log.
+    pub fn record(&mut self, now: Instant) -> Verdict {
+        self.total += 1;
+        let fresh = self
+            .window_start
+            .is_none_or(|s| now.duration_since(s) >= LOG_WINDOW);
+        let mut summary = None;
+        if fresh {
+            if self.suppressed > 0 {
+                summary = Some(self.suppressed);
+            }
+            self.window_start = Some(now);
+            self.in_window = 0;
+            self.suppressed = 0;
+        }
+        let log_this = self.in_window < LOG_BURST;
+        if log_this {
+            self.in_window += 1;
+        } else {
+            self.suppressed += 1;
+        }
+        Verdict { summary, log_this }
+    }
+}
+
 /// Count a failed handshake and log it unless the burst for this window is used up.
 pub fn log_failure(label: &str, reason: &str) {
     let Ok(mut f) = FAILURES.lock() else { return };
-    f.total += 1;
-    let now = Instant::now();
-    let fresh = f
-        .window_start
-        .is_none_or(|s| now.duration_since(s) >= LOG_WINDOW);
-    if fresh {
-        if f.suppressed > 0 {
-            log::warn!(
-                "tls: {} more handshake failures in the last {}s were not logged one by one",
-                f.suppressed,
-                LOG_WINDOW.as_secs()
-            );
-        }
-        f.window_start = Some(now);
-        f.in_window = 0;
-        f.suppressed = 0;
+    let v = f.record(Instant::now());
+    drop(f);
+    if let Some(n) = v.summary {
+        log::warn!(
+            "tls: {n} more handshake failures in the last {}s were not logged one by one",
+            LOG_WINDOW.as_secs()
+        );
     }
-    if f.in_window < LOG_BURST {
-        f.in_window += 1;
+    if v.log_this {
         log::warn!("{label}: TLS handshake failed: {reason}");
-    } else {
-        f.suppressed += 1;
     }
 }
 
@@ -653,4 +675,40 @@ pub fn blocking(end: StdUnix, timeout: Option<Duration>) -> io::Result<StdUnix> 
     end.set_nonblocking(false)?;
     end.set_read_timeout(timeout)?;
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_all_counted_but_logged_at_most_a_burst_per_window() {
+        let mut f = FailureLog {
+            total: 0,
+            window_start: None,
+            in_window: 0,
+            suppressed: 0,
+        };
+        let t0 = Instant::now();
+        let logged = (0..25).filter(|_| f.record(t0).log_this).count();
+        assert_eq!((logged, f.total), (LOG_BURST as usize, 25));
+        // The next window opens with a summary of the 15 not logged, and logs again.
+        let v = f.record(t0 + LOG_WINDOW);
+        assert_eq!(
+            v,
+            Verdict {
+                summary: Some(15),
+                log_this: true
+            }
+        );
+        let v = f.record(t0 + LOG_WINDOW + LOG_WINDOW);
+        assert_eq!(
+            v,
+            Verdict {
+                summary: None,
+                log_this: true
+            }
+        );
+        assert_eq!(f.total, 27);
+    }
 }
