@@ -148,7 +148,7 @@ fn run(
         }
     };
     let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
-    let mut server = match Server::bind(config, registry) {
+    let mut server = match Server::bind_daemon(config, registry) {
         Ok(s) => s,
         Err(e) => {
             log::error!("not starting: {}", chain(&e));
