@@ -87,7 +87,7 @@ pub struct Server {
     /// The service manager's notify socket (no-op without `NOTIFY_SOCKET`).
     notify: crate::daemon::notify::Notify,
     /// Run once when the daemon is serving (release a detaching parent, …).
-    on_ready: Vec<Box<dyn FnOnce()>>,
+    on_ready: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -392,13 +392,17 @@ impl Server {
                 break Err(e);
             }
         };
-        self.shared.budget = None;
         self.pause_all();
+        // The budget stays spent while the handler runs, so nothing else is accepted.
         if let (Ok(true), true) = (&result, wait_done) {
             while self.in_flight() > 0 && self.state == State::Running {
-                self.turn(&mut events, None)?;
+                if let Err(e) = self.turn(&mut events, None) {
+                    self.shared.budget = None;
+                    return Err(e);
+                }
             }
         }
+        self.shared.budget = None;
         result
     }
 
@@ -410,7 +414,13 @@ impl Server {
             self.begin_stop();
         }
         let mut events = Events::with_capacity(64);
-        while self.state != State::Stopped {
+        loop {
+            // Work may have finished before the stop began: look before waiting.
+            self.collect_done();
+            self.check_stop();
+            if self.state == State::Stopped {
+                break;
+            }
             if let Err(e) = self.turn(&mut events, None) {
                 log::error!("{e}; closing without waiting for in-flight work");
                 self.stop_now("event loop failed");
@@ -554,7 +564,7 @@ impl Server {
 
     /// Run `hook` once the daemon is serving, right after `READY=1` (e.g. release the parent
     /// of `--daemon`).
-    pub fn on_ready(&mut self, hook: impl FnOnce() + 'static) {
+    pub fn on_ready(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_ready.push(Box::new(hook));
     }
 
