@@ -24,4 +24,5 @@ mod reload;
 mod services;
 mod start;
 mod stop;
+mod sysd;
 mod systemd;
