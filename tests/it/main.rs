@@ -26,3 +26,4 @@ mod start;
 mod stop;
 mod sysd;
 mod systemd;
+mod under_systemd;
