@@ -379,3 +379,330 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     eprintln!("under systemd, installed by README: {:?}", t0.elapsed());
     c.stop();
 }
+
+/// `packaging/build-deb` around the binary under test (`--profile dev --no-build`) into `out`;
+/// the package's path, or `None` (skipped, with the reason) without cargo-deb outside CI.
+fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
+    let cargo = env!("CARGO");
+    let mut probe = std::process::Command::new(cargo);
+    probe.args(["deb", "--version"]);
+    if !run_with_timeout(probe, Duration::from_secs(30))
+        .status
+        .success()
+    {
+        let why = "cargo-deb is not installed (`cargo install --locked cargo-deb`)";
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must build the package, but {why}"
+        );
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = std::process::Command::new(root.join("packaging/build-deb"));
+    cmd.args(["--profile", "dev", "--no-build", "-q", "-o"])
+        .arg(out)
+        .env("CARGO", cargo)
+        .current_dir(root);
+    let built = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(
+        built.status.success(),
+        "packaging/build-deb failed:\n{}",
+        built.describe()
+    );
+    let deb = std::fs::read_dir(out)
+        .expect("the package dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"));
+    Some(deb.unwrap_or_else(|| panic!("no .deb in {}:\n{}", out.display(), built.describe())))
+}
+
+#[test]
+fn debian_package_installs_and_serves_under_systemd() {
+    if let Some(why) = crate::sysd::skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run this, but: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TestDir::new();
+    let Some(deb) = build_deb(dir.path()) else {
+        return;
+    };
+    let c = Container::boot("deb");
+    let t0 = Instant::now();
+    let staged = c.stage(&deb, "socketd.deb");
+    // This host image (a container build) has a policy-rc.d that forbids maintainer scripts to
+    // start or stop services (exit 101); a real machine has none. Removed in the overlay only.
+    c.sh("rm -f /usr/sbin/policy-rc.d");
+    c.sh(&format!("dpkg -i {staged}"));
+
+    let files = c.sh("dpkg -L socketd");
+    for f in [
+        "/usr/bin/socketd",
+        "/lib/systemd/system/socketd.service",
+        "/lib/systemd/system/socketd.socket",
+        "/etc/socketd/socketd.toml",
+        "/usr/share/man/man1/socketd.1.gz",
+        "/usr/share/man/man1/socketd-check.1.gz",
+        "/usr/share/bash-completion/completions/socketd",
+        "/usr/share/zsh/vendor-completions/_socketd",
+        "/usr/share/fish/vendor_completions.d/socketd.fish",
+        "/usr/share/doc/socketd/README.md",
+        "/usr/share/doc/socketd/examples/socketd.toml",
+    ] {
+        // dpkg lists what the package holds; /lib is /usr/lib on a merged-/usr system.
+        let held = files.lines().any(|l| l == f || l == format!("/usr{f}"));
+        assert!(held, "the package lacks {f}:\n{files}");
+        c.sh(&format!("test -e {f}"));
+    }
+    assert_contains(
+        &c.sh("dpkg-query -W -f='${Conffiles}' socketd"),
+        &["/etc/socketd/socketd.toml"],
+    );
+    assert_eq!(c.read(CONFIG), SYSTEMD_CONFIG);
+    assert_eq!(
+        c.sh("socketd --version").trim(),
+        format!("socketd {}", env!("CARGO_PKG_VERSION"))
+    );
+    // Installed, nothing enabled or started (the socket unit above all).
+    for unit in ["socketd.service", "socketd.socket"] {
+        let enabled = c.exec(&["systemctl", "is-enabled", unit]).stdout;
+        assert_eq!(enabled.trim(), "disabled", "{unit}");
+        let active = c.exec(&["systemctl", "is-active", unit]).stdout;
+        assert_eq!(active.trim(), "inactive", "{unit}");
+    }
+    // The units as installed: no warning (the man page they name exists now), and hardened.
+    let verify = c.exec(&[
+        "systemd-analyze",
+        "verify",
+        "socketd.service",
+        "socketd.socket",
+    ]);
+    assert!(
+        verify.status.success() && !verify.stderr.contains("socketd"),
+        "{}",
+        verify.describe()
+    );
+    let security = c.sh("systemd-analyze security socketd.service --no-pager");
+    let score: f64 = security
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for socketd.service: ")
+                .nth(1)
+        })
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{security}"));
+    assert!(score <= 2.5, "exposure {score}:\n{security}");
+    // The man page and the completions come from the CLI itself.
+    let man = c.sh("MANPAGER=cat MANWIDTH=100 man socketd");
+    assert_contains(
+        &man,
+        &[
+            "--config",
+            "EXIT STATUS",
+            "SIGHUP",
+            "/etc/socketd/socketd.toml",
+        ],
+    );
+    let completion = c.sh(
+        "bash -c '. /usr/share/bash-completion/completions/socketd; \
+         COMP_WORDS=(socketd ch); COMP_CWORD=1; COMP_LINE=\"socketd ch\"; COMP_POINT=10; \
+         _socketd socketd ch socketd; printf \"%s\\n\" \"${COMPREPLY[@]}\"'",
+    );
+    assert!(completion.lines().any(|l| l == "check"), "{completion:?}");
+
+    c.sh("systemctl enable --now socketd");
+    assert_shipped_services_answer(&c);
+
+    // Removal stops the service and keeps the edited config (a conffile); purge removes it.
+    c.write(
+        CONFIG,
+        &SYSTEMD_CONFIG.replace("log_level = \"info\"", "log_level = \"debug\""),
+    );
+    c.sh("dpkg -r socketd");
+    c.sh("test ! -e /usr/bin/socketd");
+    assert_ne!(
+        c.exec(&["systemctl", "is-active", "socketd"]).stdout.trim(),
+        "active"
+    );
+    assert_contains(&c.read(CONFIG), &["log_level = \"debug\""]);
+    c.sh("dpkg -P socketd");
+    c.sh(&format!("test ! -e {CONFIG}"));
+    eprintln!("deb under systemd: {:?}", t0.elapsed());
+    c.stop();
+}
+
+#[test]
+fn socket_unit_activates_and_restart_refuses_nothing_under_systemd() {
+    let Some(c) = Container::boot_or_skip("socket") else {
+        return;
+    };
+    let t0 = Instant::now();
+    install_by_readme(&c);
+    c.sh("systemctl enable --now socketd.socket");
+    assert_eq!(
+        c.exec(&["systemctl", "is-active", "socketd"]).stdout.trim(),
+        "inactive"
+    );
+    // The first client starts the service, on the port the config names (no port moves).
+    c.in_net(|| assert_eq!(tcp_echo(17007, b"wake up").unwrap(), b"wake up"));
+    assert_eq!(c.sh("systemctl is-active socketd").trim(), "active");
+    assert_shipped_services_answer(&c);
+    let journal = c.journal("socketd");
+    let passed = journal.matches("passed by the service manager").count();
+    assert_eq!(
+        passed, 10,
+        "every TCP and UDP listener adopts its socket:\n{journal}"
+    );
+    assert!(!journal.contains("matches no listener"), "{journal}");
+
+    // With systemd holding the sockets, a restart refuses no connection.
+    let pid = show(&c, "MainPID");
+    let (done, failures, out) = echo_load(&c, 17007, 4, || {
+        c.exec_timeout(&["systemctl", "restart", "socketd"], SYSTEMCTL)
+    });
+    assert!(out.status.success(), "{}", out.describe());
+    assert_ne!(show(&c, "MainPID"), pid, "restarted");
+    eprintln!(
+        "restart under load with socketd.socket: {done} exchanges, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {done} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    c.sh("systemctl stop socketd.socket socketd");
+    let refused = c.in_net(|| tcp_echo(17007, b"x").unwrap_err());
+    assert_eq!(
+        refused.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    eprintln!("socket activation under systemd: {:?}", t0.elapsed());
+    c.stop();
+}
+
+#[test]
+fn watchdog_and_broken_restart_under_systemd() {
+    let Some(c) = Container::boot_or_skip("watchdog") else {
+        return;
+    };
+    let t0 = Instant::now();
+    install_by_readme(&c);
+    // The shipped WatchdogSec=30s, shortened by an operator's drop-in so the test is quick.
+    c.write(
+        "/etc/systemd/system/socketd.service.d/watchdog.conf",
+        "[Service]\nWatchdogSec=2s\n",
+    );
+    c.sh("systemctl daemon-reload && systemctl start socketd");
+    let pid = show(&c, "MainPID");
+    // A hung daemon: it stops pinging WATCHDOG=1, systemd kills it and starts a new one.
+    c.sh("systemctl kill --kill-whom=main -s SIGSTOP socketd");
+    wait_journal(&c, "socketd", "Watchdog timeout", Duration::from_secs(20));
+    wait_until("a restarted socketd", Duration::from_secs(30), || {
+        let now = show(&c, "MainPID");
+        now != pid && now != "0" && show(&c, "ActiveState") == "active"
+    });
+    assert_shipped_services_answer(&c);
+
+    // restart with a broken file: it fails and the service is down (README says so), then
+    // systemd's retries bring it back by themselves once the file is fixed.
+    let good = c.read(CONFIG);
+    c.write(
+        CONFIG,
+        &good.replace("protocol = \"udp\"", "protocol = \"sctp\""),
+    );
+    let restart = c.exec_timeout(&["systemctl", "restart", "socketd"], SYSTEMCTL);
+    assert!(!restart.status.success(), "{}", restart.describe());
+    let journal = wait_journal(
+        &c,
+        "socketd",
+        "unknown protocol \"sctp\"",
+        Duration::from_secs(10),
+    );
+    assert_contains(&journal, &[&format!("{CONFIG}:")]);
+    assert_ne!(show(&c, "ActiveState"), "active");
+    c.write(CONFIG, &good);
+    wait_until(
+        "socketd back after the fix",
+        Duration::from_secs(30),
+        || show(&c, "ActiveState") == "active",
+    );
+    assert_shipped_services_answer(&c);
+    eprintln!(
+        "watchdog and broken restart under systemd: {:?}",
+        t0.elapsed()
+    );
+    c.stop();
+}
+
+/// The systemd config serves what the reference config serves (only the unix socket moves to
+/// /run/socketd), and the socket unit lists exactly its TCP and UDP addresses.
+#[test]
+fn systemd_config_and_socket_unit_match_the_shipped_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let listeners = |file: &str| -> Vec<(String, String, String, String)> {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        table["listener"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let s = |k: &str| l[k].as_str().unwrap().to_string();
+                (s("name"), s("protocol"), s("address"), s("handler"))
+            })
+            .collect()
+    };
+    let reference = listeners("config/socketd.toml");
+    let systemd = listeners("config/socketd-systemd.toml");
+    assert_eq!(systemd.len(), LISTENERS);
+    let moved: Vec<_> = reference
+        .iter()
+        .map(|l| match l.1.as_str() {
+            "unix" => (l.0.clone(), l.1.clone(), UNIX_ECHO.to_string(), l.3.clone()),
+            _ => l.clone(),
+        })
+        .collect();
+    assert_eq!(systemd, moved);
+    let (out, _, _) = check(SYSTEMD_CONFIG);
+    assert!(out.status.success(), "{}", out.describe());
+
+    let unit = std::fs::read_to_string(root.join("systemd/socketd.socket")).unwrap();
+    let mut listens: Vec<(String, String)> = unit
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let proto = match k {
+                "ListenStream" => "tcp",
+                "ListenDatagram" => "udp",
+                _ if k.starts_with("Listen") => panic!("unexpected {l}"),
+                _ => return None,
+            };
+            Some((proto.to_string(), v.to_string()))
+        })
+        .collect();
+    let mut ip: Vec<(String, String)> = systemd
+        .iter()
+        .filter(|l| l.1 == "tcp" || l.1 == "udp")
+        .map(|l| (l.1.clone(), l.2.clone()))
+        .collect();
+    listens.sort();
+    ip.sort();
+    assert_eq!(listens, ip, "socketd.socket and the config disagree");
+    let service = std::fs::read_to_string(root.join("systemd/socketd.service")).unwrap();
+    assert!(
+        !service
+            .lines()
+            .any(|l| l.starts_with("Wants=socketd.socket")
+                || l.starts_with("Requires=socketd.socket")),
+        "socketd.service must not pull in the optional socket unit"
+    );
+}
