@@ -238,6 +238,25 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
         "inactive"
     );
 
+    // Active only after READY=1: a start that fails before it (a port already taken) is a
+    // failed `systemctl start`, never an active unit.
+    let blocker = c.in_net(|| std::net::TcpListener::bind(local(17019)).unwrap());
+    let failed = c.exec_timeout(&["systemctl", "start", "socketd"], SYSTEMCTL);
+    assert!(!failed.status.success(), "{}", failed.describe());
+    assert_ne!(show(&c, "ActiveState"), "active");
+    assert_eq!(
+        show(&c, "ExecMainStatus"),
+        "3",
+        "exit code 3: could not start"
+    );
+    wait_journal(
+        &c,
+        "socketd",
+        "listener `chargen-tcp`: cannot listen on tcp 127.0.0.1:17019",
+        Duration::from_secs(10),
+    );
+    drop(blocker);
+
     // Start: `systemctl` returns when socketd said READY=1, so everything answers at once.
     c.sh("systemctl enable --now socketd");
     assert_eq!(c.sh("systemctl is-active socketd").trim(), "active");
@@ -559,6 +578,8 @@ fn socket_unit_activates_and_restart_refuses_nothing_under_systemd() {
         "every TCP and UDP listener adopts its socket:\n{journal}"
     );
     assert!(!journal.contains("matches no listener"), "{journal}");
+    let socket_log = c.journal("socketd.socket");
+    assert!(!socket_log.contains("failed"), "{socket_log}");
 
     // With systemd holding the sockets, a restart refuses no connection.
     let pid = show(&c, "MainPID");
