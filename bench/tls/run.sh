@@ -71,7 +71,7 @@ CONF
 stunnel4 stunnel.conf 2> stunnel.log & st=$!; pids="$pids $st"
 cat > haproxy.cfg <<CONF
 global
-    maxconn 10000
+    maxconn 4000
     nbthread 1
 defaults
     mode tcp

@@ -71,8 +71,10 @@ impl Handshakes {
             limit = limit.min(d);
         }
         let wire = match conn {
+            // Records go out whole and at once: no Nagle delay behind a delayed ACK.
             Conn::Tcp(s) => s
                 .set_nonblocking(true)
+                .and_then(|()| s.set_nodelay(true))
                 .map(|()| front::Wire::Tcp(mio::net::TcpStream::from_std(s))),
             Conn::Unix(s) => s
                 .set_nonblocking(true)

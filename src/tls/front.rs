@@ -664,6 +664,10 @@ impl Session {
                 return Some(End::Closed);
             }
             if !progress {
+                // Waiting: an idle session keeps no relay buffer (RSS per idle connection).
+                if self.to_plain.is_empty() {
+                    self.to_plain = Vec::new();
+                }
                 return None;
             }
         }

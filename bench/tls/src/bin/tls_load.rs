@@ -150,6 +150,7 @@ fn main() {
             let name = ServerName::try_from("localhost").expect("name");
             let conn = ClientConnection::new(cfg, name).expect("client");
             let sock = TcpStream::connect(addr).expect("connect");
+            sock.set_nodelay(true).expect("nodelay");
             sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
             let mut s = StreamOwned::new(conn, sock);
             let cpu0: f64 = pids.iter().map(|p| cpu(*p)).sum();
