@@ -108,6 +108,7 @@ impl Handshakes {
             wire,
             config: server,
             deadline: Instant::now() + limit,
+            idle: cfg.protect.idle_timeout,
             label: label.clone(),
             reply,
         };

@@ -101,6 +101,9 @@ pub enum Job {
         wire: Wire,
         config: Arc<rustls::ServerConfig>,
         deadline: Instant,
+        /// The listener's `idle_timeout`: an established session with no byte either way for
+        /// this long is closed (the front sees every byte, whatever the handler is).
+        idle: Option<Duration>,
         /// `listener `name` peer addr`, for log lines.
         label: String,
         reply: Reply,
@@ -255,8 +258,12 @@ struct Session {
     wire: Wire,
     conn: Connection,
     plain: Option<UnixStream>,
-    /// Set while the handshake runs (and, for a client, while connecting).
+    /// Set while the handshake runs (and, for a client, while connecting), and while
+    /// lingering for the peer's close.
     deadline: Option<Instant>,
+    idle: Option<Duration>,
+    /// When a byte last moved.
+    last: Instant,
     connecting: bool,
     preamble: Vec<u8>,
     reply: Option<Reply>,
@@ -311,7 +318,7 @@ impl Loop {
                 .sessions
                 .iter()
                 .flatten()
-                .filter_map(|s| s.deadline)
+                .filter_map(Session::due)
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -359,10 +366,15 @@ impl Loop {
                 wire,
                 config,
                 deadline,
+                idle,
                 label,
                 reply,
             } => match rustls::ServerConnection::new(config) {
-                Ok(c) => Session::new(wire, c.into(), None, deadline, label, Some(reply)),
+                Ok(c) => {
+                    let mut s = Session::new(wire, c.into(), None, deadline, label, Some(reply));
+                    s.idle = idle;
+                    s
+                }
                 Err(e) => {
                     reply(Err(e.to_string()));
                     return None;
@@ -458,7 +470,8 @@ impl Loop {
         }
     }
 
-    /// Cut sessions whose handshake (or connect) ran past its deadline.
+    /// Cut sessions whose handshake (or connect) ran past its deadline, idle ones past
+    /// `idle_timeout`, and lingering ones whose peer never closed.
     fn expire(&mut self) {
         let now = Instant::now();
         let due: Vec<usize> = self
@@ -467,7 +480,7 @@ impl Loop {
             .enumerate()
             .filter_map(|(i, s)| {
                 s.as_ref()
-                    .and_then(|s| s.deadline)
+                    .and_then(Session::due)
                     .filter(|d| *d <= now)
                     .map(|_| i)
             })
@@ -523,6 +536,8 @@ impl Session {
             conn,
             plain,
             deadline: Some(deadline),
+            idle: None,
+            last: Instant::now(),
             connecting: false,
             preamble: Vec::new(),
             reply,
@@ -533,6 +548,12 @@ impl Session {
             local_done: false,
             wire_shut: false,
         }
+    }
+
+    /// When this session must be looked at: its handshake or linger deadline, else the end
+    /// of its idle time.
+    fn due(&self) -> Option<Instant> {
+        self.deadline.or_else(|| self.idle.map(|d| self.last + d))
     }
 
     fn info(&self) -> TlsInfo {
@@ -663,7 +684,9 @@ impl Session {
             if self.local_done && self.wire_shut && self.plain_shut {
                 return Some(End::Closed);
             }
-            if !progress {
+            if progress {
+                self.last = Instant::now();
+            } else {
                 // Waiting: an idle session keeps no relay buffer (RSS per idle connection).
                 if self.to_plain.is_empty() {
                     self.to_plain = Vec::new();

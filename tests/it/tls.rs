@@ -887,3 +887,42 @@ fn tls_proxy_sends_the_proxy_header_in_the_clear_before_upstream_tls() {
         );
     }
 }
+
+#[test]
+fn tls_idle_timeout_cuts_a_silent_session_in_front_of_an_exec_program() {
+    let pki = Pki::new();
+    let mut config = DAEMON.to_string();
+    for m in ["threaded", "forked"] {
+        let extra = format!(
+            "idle_timeout = \"300ms\"\ntls = {{ {} }}\nexec = {{ argv = [\"/bin/cat\"] }}",
+            pki.server("server")
+        );
+        config.push_str(&listener(&format!("cat-{m}"), m, "exec", &extra));
+    }
+    let d = Daemon::start(&config);
+    for m in ["threaded", "forked"] {
+        let mut s = rustls_client(d.addr(&format!("cat-{m}")), &pki, None).expect("handshake");
+        // Traffic keeps it open past the idle time...
+        for i in 0..3 {
+            assert_eq!(
+                echo_line(&mut s, &format!("line {i}\n")),
+                format!("line {i}\n")
+            );
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        // ...silence closes it.
+        let started = Instant::now();
+        let mut b = [0u8; 16];
+        let end = s.read(&mut b);
+        assert!(
+            matches!(end, Ok(0) | Err(_)),
+            "{m}: got data instead of the close: {end:?}"
+        );
+        assert!(
+            started.elapsed() < IO_TIMEOUT,
+            "{m}: not cut at idle_timeout"
+        );
+    }
+    // The programs saw EOF and exited.
+    d.wait_log_count("/bin/cat (pid", 2, IO_TIMEOUT);
+}
