@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream as StdUnix;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UnixStream};
@@ -27,7 +27,7 @@ const WAKER: Token = Token(0);
 /// How long a session whose local side has finished waits for the TLS peer to close.
 const LINGER: Duration = Duration::from_secs(10);
 /// Plaintext read per turn from either side.
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// What the listener gets back from a server-side handshake.
 pub type Reply = Box<dyn FnOnce(Result<(StdUnix, TlsInfo), String>) + Send>;
@@ -127,16 +127,18 @@ pub struct Front {
     waker: Arc<Waker>,
 }
 
-/// The process's front (a forked child that needs one starts its own).
+/// The process's front, started on first use. A forked child that needs one starts its own
+/// (it inherits the parent's handle but not the parent's thread).
 pub fn front() -> io::Result<&'static Front> {
-    static FRONT: OnceLock<Front> = OnceLock::new();
-    static PID: OnceLock<u32> = OnceLock::new();
-    if let Some(f) = FRONT.get() {
-        if PID.get() == Some(&std::process::id()) {
+    static FRONT: Mutex<Option<(u32, &'static Front)>> = Mutex::new(None);
+    let mut slot = FRONT
+        .lock()
+        .map_err(|_| io::Error::other("TLS front lock poisoned"))?;
+    let pid = std::process::id();
+    if let Some((owner, f)) = *slot {
+        if owner == pid {
             return Ok(f);
         }
-        // A forked child inherited the parent's handle but not its thread.
-        return Err(io::Error::other("the TLS front belongs to another process"));
     }
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -144,11 +146,13 @@ pub fn front() -> io::Result<&'static Front> {
     std::thread::Builder::new()
         .name("socketd-tls".into())
         .spawn(move || Loop::new(poll, rx).run())?;
-    let _ = PID.set(std::process::id());
-    Ok(FRONT.get_or_init(|| Front {
+    // One per process for its whole life: leaked on purpose, like a static.
+    let f: &'static Front = Box::leak(Box::new(Front {
         tx: Mutex::new(tx),
         waker,
-    }))
+    }));
+    *slot = Some((pid, f));
+    Ok(f)
 }
 
 impl Front {
@@ -270,6 +274,8 @@ struct Session {
     label: String,
     /// Plaintext from the TLS peer not yet written to `plain`.
     to_plain: Vec<u8>,
+    /// Ciphertext read from the socket that rustls could not take yet.
+    wire_in: Vec<u8>,
     /// The TLS peer finished sending (close_notify or EOF); `plain` half-closed once flushed.
     peer_done: bool,
     plain_shut: bool,
@@ -543,6 +549,7 @@ impl Session {
             reply,
             label,
             to_plain: Vec::new(),
+            wire_in: Vec::new(),
             peer_done: false,
             plain_shut: false,
             local_done: false,
@@ -561,6 +568,26 @@ impl Session {
             Connection::Server(c) => TlsInfo::from_state(c, c.server_name()),
             Connection::Client(c) => TlsInfo::from_state(c, None),
         }
+    }
+
+    /// Give ciphertext to rustls while it takes it, processing as it goes; keep the rest.
+    fn feed(&mut self, mut data: &[u8]) -> Result<usize, End> {
+        let offered = data.len();
+        // Never an empty read: rustls takes a 0-byte read_tls for the peer's EOF.
+        while !data.is_empty() && self.conn.wants_read() {
+            match self.conn.read_tls(&mut data) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if let Err(e) = self.conn.process_new_packets() {
+                        let _ = self.conn.write_tls(&mut self.wire);
+                        return Err(End::Failed(reason(&e)));
+                    }
+                }
+                Err(e) => return Err(End::Failed(format!("read: {e}"))),
+            }
+        }
+        self.wire_in.extend_from_slice(data);
+        Ok(offered - data.len())
     }
 
     /// Move whatever can move; `Some` when the session is over.
@@ -584,25 +611,35 @@ impl Session {
         }
         loop {
             let mut progress = false;
-            // TLS records in.
+            // TLS records in: one read of up to CHUNK bytes from the socket (rustls alone would
+            // read 4 KiB a call), fed to rustls; what it cannot take yet waits in `wire_in`.
             if !self.peer_done && self.conn.wants_read() {
-                match self.conn.read_tls(&mut self.wire) {
-                    Ok(0) => {
-                        if self.conn.is_handshaking() {
-                            return Some(End::Failed("peer closed during the handshake".into()));
+                if self.wire_in.is_empty() {
+                    match self.wire.read(buf) {
+                        Ok(0) => {
+                            if self.conn.is_handshaking() {
+                                return Some(End::Failed(
+                                    "peer closed during the handshake".into(),
+                                ));
+                            }
+                            self.peer_done = true;
+                            progress = true;
                         }
-                        self.peer_done = true;
-                        progress = true;
-                    }
-                    Ok(_) => {
-                        progress = true;
-                        if let Err(e) = self.conn.process_new_packets() {
-                            let _ = self.conn.write_tls(&mut self.wire);
-                            return Some(End::Failed(reason(&e)));
+                        Ok(n) => {
+                            progress = true;
+                            if let Err(end) = self.feed(&buf[..n]) {
+                                return Some(end);
+                            }
                         }
+                        Err(e) if would_block(&e) || interrupted(&e) => {}
+                        Err(e) => return Some(End::Failed(format!("read: {e}"))),
                     }
-                    Err(e) if would_block(&e) || interrupted(&e) => {}
-                    Err(e) => return Some(End::Failed(format!("read: {e}"))),
+                } else {
+                    let pending = std::mem::take(&mut self.wire_in);
+                    match self.feed(&pending) {
+                        Ok(taken) => progress |= taken > 0,
+                        Err(end) => return Some(end),
+                    }
                 }
             }
             // TLS records out.
@@ -690,6 +727,9 @@ impl Session {
                 // Waiting: an idle session keeps no relay buffer (RSS per idle connection).
                 if self.to_plain.is_empty() {
                     self.to_plain = Vec::new();
+                }
+                if self.wire_in.is_empty() {
+                    self.wire_in = Vec::new();
                 }
                 return None;
             }
