@@ -5,6 +5,11 @@
 //!
 //! Root only (skipped with the reason otherwise; CI runs them). Every test boots its own
 //! container and leaves nothing behind (`Container::stop` checks).
+//!
+//! Reusable by other topics (e.g. a binary upgrade under systemd): `install_by_readme`,
+//! `build_deb`, `assert_shipped_services_answer`, `echo_load` (zero-refusal load while
+//! something happens), `wait_journal`, `show`, and the clients `tcp_echo`, `udp_request`,
+//! `unix_echo`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -18,21 +23,21 @@ use crate::harness::*;
 use crate::sysd::{Container, SHARE};
 
 /// The config a systemd deployment installs as /etc/socketd/socketd.toml.
-const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
-const CONFIG: &str = "/etc/socketd/socketd.toml";
+pub const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
+pub const CONFIG: &str = "/etc/socketd/socketd.toml";
 /// Listeners in `SYSTEMD_CONFIG`.
 const LISTENERS: usize = 11;
-const UNIX_ECHO: &str = "/run/socketd/echo.sock";
+pub const UNIX_ECHO: &str = "/run/socketd/echo.sock";
 /// How long a start, reload or stop through systemctl may take here.
 const SYSTEMCTL: Duration = Duration::from_secs(60);
 
-fn local(port: u16) -> SocketAddr {
+pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// One echo exchange over TCP: connect, send, half-close, read all. Errors are returned (a
 /// refused connection is an `Err`), never retried.
-fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&local(port), IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -44,7 +49,7 @@ fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Read whatever a send-and-close service (daytime, time) sends on connect.
-fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
+pub fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&local(port), IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut out = Vec::new();
@@ -53,7 +58,7 @@ fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
 }
 
 /// One datagram to a UDP service and its answer.
-fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.connect(local(port))?;
@@ -64,7 +69,7 @@ fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// One echo exchange over a Unix stream socket at `path` (a host path into the container).
-fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(msg)?;
@@ -75,7 +80,7 @@ fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Every service of the shipped systemd config answers, from outside the service.
-fn assert_shipped_services_answer(c: &Container) {
+pub fn assert_shipped_services_answer(c: &Container) {
     c.in_net(|| {
         assert_eq!(tcp_echo(17007, b"echo tcp").unwrap(), b"echo tcp");
         assert_eq!(udp_request(17007, b"echo udp").unwrap(), b"echo udp");
@@ -110,7 +115,7 @@ fn assert_shipped_services_answer(c: &Container) {
 
 /// Poll the unit's journal until it holds `needle`; returns the journal. Panics after `timeout`.
 #[track_caller]
-fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
+pub fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let j = c.journal(unit);
@@ -126,7 +131,7 @@ fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> S
 }
 
 /// `systemctl show -p NAME --value socketd`.
-fn show(c: &Container, property: &str) -> String {
+pub fn show(c: &Container, property: &str) -> String {
     c.exec(&["systemctl", "show", "-p", property, "--value", "socketd"])
         .stdout
         .trim()
@@ -134,7 +139,7 @@ fn show(c: &Container, property: &str) -> String {
 }
 
 /// The `sh` code block that README.md's "By hand" install gives (the one after the marker).
-fn readme_install_block() -> String {
+pub fn readme_install_block() -> String {
     let readme = include_str!("../../README.md");
     let marker = "<!-- tests/it/under_systemd.rs runs this block";
     let after = &readme[readme
@@ -145,7 +150,7 @@ fn readme_install_block() -> String {
 }
 
 /// The source tree as an operator has it after `cargo build --release`, staged inside.
-fn stage_source(c: &Container) -> String {
+pub fn stage_source(c: &Container) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for f in [
         "README.md",
@@ -162,7 +167,7 @@ fn stage_source(c: &Container) -> String {
 
 /// Install socketd the way README.md tells an operator to, every command of its block but
 /// `cargo build` (the test's binary stands in for the release build).
-fn install_by_readme(c: &Container) {
+pub fn install_by_readme(c: &Container) {
     let src = stage_source(c);
     let block = readme_install_block();
     let script: String = block
@@ -182,7 +187,7 @@ fn install_by_readme(c: &Container) {
 /// Echo clients on `port` in a loop from `threads` threads (inside the container's network
 /// namespace) while `during` runs; returns (exchanges done, failures). Bounded: each thread
 /// stops after 20,000 exchanges or 60s even if `during` takes longer.
-fn echo_load<T: Send>(
+pub fn echo_load<T: Send>(
     c: &Container,
     port: u16,
     threads: usize,
@@ -401,7 +406,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
 
 /// `packaging/build-deb` around the binary under test (`--profile dev --no-build`) into `out`;
 /// the package's path, or `None` (skipped, with the reason) without cargo-deb outside CI.
-fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
+pub fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
     let cargo = env!("CARGO");
     let mut probe = std::process::Command::new(cargo);
     probe.args(["deb", "--version"]);
@@ -419,7 +424,7 @@ fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut cmd = std::process::Command::new(root.join("packaging/build-deb"));
-    cmd.args(["--profile", "dev", "--no-build", "-q", "-o"])
+    cmd.args(["--profile", "dev", "--no-build", "--fast", "-q", "-o"])
         .arg(out)
         .env("CARGO", cargo)
         .current_dir(root);
@@ -457,6 +462,9 @@ fn debian_package_installs_and_serves_under_systemd() {
     // This host image (a container build) has a policy-rc.d that forbids maintainer scripts to
     // start or stop services (exit 101); a real machine has none. Removed in the overlay only.
     c.sh("rm -f /usr/sbin/policy-rc.d");
+    // man-db's trigger rebuilds the whole man index on every install and removal (seconds);
+    // `man socketd` below finds the page by its path without it.
+    c.sh("rm -f /var/lib/man-db/auto-update");
     c.sh(&format!("dpkg -i {staged}"));
 
     let files = c.sh("dpkg -L socketd");
@@ -533,6 +541,25 @@ fn debian_package_installs_and_serves_under_systemd() {
          _socketd socketd ch socketd; printf \"%s\\n\" \"${COMPREPLY[@]}\"'",
     );
     assert!(completion.lines().any(|l| l == "check"), "{completion:?}");
+    // zsh and fish find theirs where the package put them (their default search paths).
+    if c.exec(&["sh", "-c", "command -v zsh && command -v fish"])
+        .status
+        .success()
+    {
+        let fish = c.sh("fish -c 'complete -C\"socketd ch\"'");
+        assert!(fish.starts_with("check\t"), "{fish:?}");
+        let zsh = c.sh(
+            "zsh -n /usr/share/zsh/vendor-completions/_socketd && \
+             zsh -fc 'autoload -U compinit && compinit -u -d /run/zcompdump && print -r -- $_comps[socketd]'",
+        );
+        assert_eq!(zsh.trim(), "_socketd");
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs zsh and fish (.ci/run)"
+        );
+        eprintln!("zsh/fish completions not tried: zsh or fish is not installed");
+    }
 
     c.sh("systemctl enable --now socketd");
     assert_shipped_services_answer(&c);
