@@ -358,7 +358,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     wait_journal(
         &c,
         "socketd",
-        "stopping: 1 connections in flight",
+        "connections in flight, waiting up to",
         Duration::from_secs(20),
     );
     let refused = c.in_net(|| tcp_echo(17007, b"late").unwrap_err());
@@ -388,7 +388,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
         &format!("socketd ready: {LISTENERS} listeners"),
         "reload: done (10 kept, 1 added, 1 removed)",
         "reload refused",
-        "stopping: 1 connections in flight",
+        "connections in flight, waiting up to",
         "socketd stopped",
     ];
     let mut at = 0;
