@@ -288,6 +288,32 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
         "name = \"echo-extra\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:17107\"\nhandler = \"echo\"",
     );
     assert_ne!(added, SYSTEMD_CONFIG);
+    // ...and one listener per other worker model, so that the unit's hardening (system-call
+    // filter, no new privileges, W^X memory, read-only /) is shown to let each one work.
+    let added = format!(
+        "{added}
+[[listener]]
+name = \"echo-forked\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17108\"
+handler = \"echo\"
+workers = \"forked\"
+
+[[listener]]
+name = \"cat-exec\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17109\"
+handler = \"exec\"
+exec = {{ argv = [\"/bin/cat\"] }}
+
+[[listener]]
+name = \"echo-event\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17110\"
+handler = \"echo\"
+workers = \"event\"
+"
+    );
     let (done, failures, reload) = echo_load(&c, 17007, 4, || {
         c.write(CONFIG, &added);
         let out = c.exec_timeout(&["systemctl", "reload", "socketd"], SYSTEMCTL);
@@ -307,10 +333,13 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     );
     assert_contains(
         &c.journal("socketd"),
-        &["reload: done (10 kept, 1 added, 1 removed)"],
+        &["reload: done (10 kept, 4 added, 1 removed)"],
     );
     c.in_net(|| {
         assert_eq!(tcp_echo(17107, b"new").unwrap(), b"new");
+        assert_eq!(tcp_echo(17108, b"forked").unwrap(), b"forked");
+        assert_eq!(tcp_echo(17109, b"exec'd cat").unwrap(), b"exec'd cat");
+        assert_eq!(tcp_echo(17110, b"event").unwrap(), b"event");
         let gone = tcp_echo(17009, b"x").unwrap_err();
         assert_eq!(gone.kind(), io::ErrorKind::ConnectionRefused, "{gone}");
     });
@@ -386,7 +415,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     let order = [
         "listener `echo-unix` listening on unix /run/socketd/echo.sock",
         &format!("socketd ready: {LISTENERS} listeners"),
-        "reload: done (10 kept, 1 added, 1 removed)",
+        "reload: done (10 kept, 4 added, 1 removed)",
         "reload refused",
         "connections in flight, waiting up to",
         "socketd stopped",
@@ -398,6 +427,11 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
             .unwrap_or_else(|| panic!("{line:?} missing or out of order in:\n{journal}"));
         at += i + line.len();
     }
+    // The hardening refused nothing socketd does (a filtered call fails with EPERM, logged).
+    assert!(
+        !journal.contains("Operation not permitted") && !journal.contains("panicked"),
+        "{journal}"
+    );
     let info = c.sh("journalctl -u socketd -p info..info -o cat --no-pager");
     assert_contains(&info, &["socketd ready", "socketd stopped"]);
     eprintln!("under systemd, installed by README: {:?}", t0.elapsed());
