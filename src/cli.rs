@@ -42,8 +42,8 @@ struct Cli {
     daemon: bool,
 
     /// Write the daemon's pid to FILE (locked: a second instance is refused), removed on exit.
-    /// Overrides `[daemon] pidfile`.
-    #[arg(long, value_name = "FILE")]
+    /// Overrides `[daemon] pidfile`. `upgrade` finds the daemon by it.
+    #[arg(long, global = true, value_name = "FILE")]
     pidfile: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -55,6 +55,11 @@ enum Command {
     /// Validate the config file without binding anything; prints `ok` and exits 0, or lists
     /// every problem and exits 1 (for systemd's ExecStartPre).
     Check,
+    /// Replace the running daemon's binary without refusing a connection: the daemon starts
+    /// the new binary with every listening socket, and stops accepting and drains only once
+    /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
+    /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
+    Upgrade(crate::upgrade_cli::UpgradeArgs),
 }
 
 /// Parse the command line and run: the whole `main` of socketd and of custom daemons.
@@ -72,6 +77,9 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
+        Some(Command::Upgrade(args)) => {
+            crate::upgrade_cli::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
+        }
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
     }
 }
@@ -112,6 +120,8 @@ fn run(
 ) -> ExitCode {
     use crate::daemon::{detach::Detached, pidfile::Pidfile, privileges};
 
+    // The new process of a binary upgrade: take its descriptors before anything else opens one.
+    let mut handover = crate::daemon::handover::Handover::from_env();
     crate::logging::init_stderr(log::LevelFilter::Info);
     std::panic::set_hook(Box::new(|info| log::error!("{info}")));
     let config = match Config::load(path, &registry) {
@@ -140,7 +150,11 @@ fn run(
         }
     };
     let pidfile_path = pidfile.or_else(|| config.daemon.pidfile.clone());
-    let mut pidfile = match pidfile_path.as_deref().map(Pidfile::lock).transpose() {
+    let lock = |p: &std::path::Path| match &handover {
+        Some(h) => Pidfile::replace(p, h.from),
+        None => Pidfile::lock(p),
+    };
+    let mut pidfile = match pidfile_path.as_deref().map(lock).transpose() {
         Ok(p) => p,
         Err(message) => {
             log::error!("not starting: {message}");
@@ -163,7 +177,8 @@ fn run(
         log::info!("running as uid {} gid {}", ids.uid, ids.gid);
     }
     let ready = std::rc::Rc::new(std::cell::RefCell::new(None));
-    if detach {
+    // The new process of an upgrade is already detached (or not) as the old one was.
+    if detach && handover.is_none() {
         if log_target == crate::config::LogTarget::Stderr {
             log::warn!(
                 "--daemon with log = \"stderr\": messages after start-up go to /dev/null; set \
@@ -197,11 +212,25 @@ fn run(
     if let Some(pipe) = ready.borrow().as_ref() {
         pipe.detach_stdio();
     }
-    let on_ready = std::rc::Rc::clone(&ready);
+    if let Some(mut h) = handover.take() {
+        h.restore_stderr();
+        *ready.borrow_mut() = Some(h.ready);
+    }
+    let pidfile = std::rc::Rc::new(std::cell::RefCell::new(pidfile));
+    let (on_ready, ready_pidfile) = (std::rc::Rc::clone(&ready), std::rc::Rc::clone(&pidfile));
     server.on_ready(move || {
-        if let Some(mut pipe) = on_ready.borrow_mut().take() {
-            pipe.ready();
+        let Some(mut pipe) = on_ready.borrow_mut().take() else {
+            return;
+        };
+        // An upgrade's new pidfile takes the old one's place only now, when this serves.
+        if let Some(p) = ready_pidfile.borrow_mut().as_mut() {
+            if let Err(e) = p.commit() {
+                let why = format!("cannot move the pidfile into {}: {e}", p.path().display());
+                log::error!("{why}");
+                return pipe.failed(EXIT_START, &why);
+            }
         }
+        pipe.ready();
     });
     let code = match server.serve() {
         Ok(()) => ExitCode::SUCCESS,

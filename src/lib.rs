@@ -17,4 +17,5 @@ pub mod protect;
 mod reload;
 pub mod server;
 mod slot;
+pub mod upgrade_cli;
 pub mod worker;

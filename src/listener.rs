@@ -63,6 +63,8 @@ pub struct Listener {
     local: ListenAddr,
     /// A unix socket file we created and must remove on close.
     unlink: Option<PathBuf>,
+    /// Passed by the service manager (socket activation, fd store), not bound here.
+    from_manager: bool,
 }
 
 /// One accepted stream connection or received datagram.
@@ -90,6 +92,7 @@ impl Listener {
                     socket: Socket4::Tcp(l),
                     local,
                     unlink: None,
+                    from_manager: false,
                 }
             }
             (ListenAddr::Inet(addr), Protocol::Udp) => {
@@ -100,6 +103,7 @@ impl Listener {
                     socket: Socket4::Udp(u),
                     local,
                     unlink: None,
+                    from_manager: false,
                 }
             }
             (ListenAddr::Path(path), Protocol::Unix) => {
@@ -113,6 +117,7 @@ impl Listener {
                     socket: Socket4::Unix(l),
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
+                    from_manager: false,
                 }
             }
             (ListenAddr::Path(path), Protocol::UnixDgram) => {
@@ -126,6 +131,7 @@ impl Listener {
                     socket: Socket4::UnixDgram(d),
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
+                    from_manager: false,
                 }
             }
             (addr, proto) => {
@@ -170,6 +176,7 @@ impl Listener {
             socket,
             local,
             unlink: None,
+            from_manager: true,
         };
         let nonblocking = match &listener.socket {
             Socket4::Tcp(s) => s.set_nonblocking(true),
@@ -189,6 +196,26 @@ impl Listener {
     /// The unix socket file socketd created for this listener (not one it adopted).
     pub fn own_socket_file(&self) -> Option<&Path> {
         self.unlink.as_deref()
+    }
+
+    /// Whether the service manager passed this socket (to this process or, before a binary
+    /// upgrade, to the old one).
+    pub fn from_manager(&self) -> bool {
+        self.from_manager
+    }
+
+    /// Set where an adopted socket came from, when an upgrade handed it over: `owned_file`
+    /// makes its unix socket file this process's to remove when it stops for good.
+    pub fn set_origin(&mut self, owned_file: bool, from_manager: bool) {
+        self.from_manager = from_manager;
+        if let (true, ListenAddr::Path(p)) = (owned_file, &self.local) {
+            self.unlink = Some(p.clone());
+        }
+    }
+
+    /// Leave the unix socket file in place on close: another process serves it now.
+    pub fn release_file(&mut self) {
+        self.unlink = None;
     }
 
     /// The local IP address, for handlers and exec environments.

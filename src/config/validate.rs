@@ -169,6 +169,7 @@ pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonC
             "shutdown_timeout",
             d.shutdown_timeout,
         ),
+        upgrade_timeout: c.duration(&raw.upgrade_timeout, "upgrade_timeout", d.upgrade_timeout),
         pidfile: c.text(&raw.pidfile, "pidfile").map(PathBuf::from),
         user: c.text(&raw.user, "user"),
         group: c.text(&raw.group, "group"),

@@ -27,6 +27,10 @@ pub struct Notify {
     /// The last `STATUS=` sent and when, so refreshes are rate-limited and skip repeats.
     last_status: String,
     status_at: Option<Instant>,
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` as given, for the new process of a binary upgrade.
+    inherited: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// The new process of an upgrade: the old one says `READY=1` (with `MAINPID=`) for it.
+    defer_ready: bool,
 }
 
 /// How often the loop may refresh `STATUS=` as connections come and go.
@@ -40,6 +44,11 @@ impl Notify {
     pub fn from_env() -> Notify {
         let watchdog = sd_notify::watchdog_enabled();
         let path = std::env::var_os("NOTIFY_SOCKET");
+        let inherited: Vec<_> = ["NOTIFY_SOCKET", "WATCHDOG_USEC"]
+            .into_iter()
+            .filter_map(|k| Some((k.into(), std::env::var_os(k)?)))
+            .filter(|(k, _)| k != "WATCHDOG_USEC" || watchdog.is_some())
+            .collect();
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
             std::env::remove_var(var);
         }
@@ -60,8 +69,36 @@ impl Notify {
         Notify {
             target,
             watchdog_every,
+            inherited,
             ..Notify::default()
         }
+    }
+
+    /// The manager's variables for the new process of a binary upgrade (it becomes the main
+    /// process, so it notifies and feeds the watchdog in turn).
+    pub fn child_env(&self) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        self.inherited.clone()
+    }
+
+    /// This is the new process of an upgrade: its first `ready` only starts the watchdog
+    /// clock, since the manager takes notifications from the main process only until the old
+    /// one names this one with `MAINPID=` (`handed_over`).
+    pub fn defer_first_ready(&mut self) {
+        self.defer_ready = true;
+    }
+
+    /// Upgrade done: tell the manager `pid` is the main process now and ready, then go quiet
+    /// (this process's further messages would be refused, and the new one feeds the
+    /// watchdog).
+    pub fn handed_over(&mut self, pid: u32, status: &str) {
+        self.send(&[
+            NotifyState::MainPid(pid),
+            NotifyState::Ready,
+            NotifyState::Status(status),
+        ]);
+        self.target = None;
+        self.next_watchdog = None;
+        self.watchdog_every = None;
     }
 
     /// Whether a service manager is listening at all.
@@ -73,7 +110,9 @@ impl Notify {
     pub fn ready(&mut self, status: &str) {
         self.last_status = status.to_string();
         self.status_at = Some(Instant::now());
-        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        if !std::mem::take(&mut self.defer_ready) {
+            self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        }
         if let Some(every) = self.watchdog_every {
             self.next_watchdog = Some(Instant::now() + every);
         }

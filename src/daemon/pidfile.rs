@@ -4,6 +4,11 @@
 //!
 //! The lock lives on the open file description, which survives `fork`, so the detached daemon
 //! keeps holding it after the starting process exits.
+//!
+//! A binary upgrade moves the pidfile without a gap: the new process writes and locks a new
+//! file beside it (`replace`) and, once serving, renames it over the old one (`commit`). The
+//! path names a locked file holding a live pid at every moment, so a second instance is
+//! refused throughout; the old process then sees the path is no longer its file and leaves it.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
@@ -19,6 +24,8 @@ pub struct Pidfile {
     path: PathBuf,
     /// Only the process whose pid is in the file removes it (not a parent that forked).
     owner: Option<u32>,
+    /// `replace`: the new file, not yet renamed over `path`.
+    pending: Option<PathBuf>,
 }
 
 impl Pidfile {
@@ -54,6 +61,7 @@ impl Pidfile {
                 file,
                 path: path.to_path_buf(),
                 owner: Some(std::process::id()), // until a detach hands it to the daemon
+                pending: None,
             })),
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();
@@ -72,6 +80,61 @@ impl Pidfile {
             }
             Err((_, e)) => Err(format!("cannot lock the pidfile {}: {e}", path.display())),
         }
+    }
+
+    /// For the new process of an upgrade from pid `from`: a locked file beside `path`, to be
+    /// renamed over it by `commit` once this process serves. Refused when `path` is locked by
+    /// a process other than `from`.
+    pub fn replace(path: &Path, from: u32) -> Result<Pidfile, String> {
+        if let Ok(mut current) = File::open(path) {
+            let mut text = String::new();
+            let _ = current.read_to_string(&mut text);
+            let holder = text.trim().parse::<u32>().ok();
+            let locked = matches!(
+                Flock::lock(current, FlockArg::LockSharedNonblock),
+                Err((_, nix::errno::Errno::EWOULDBLOCK))
+            );
+            if locked && holder != Some(from) {
+                let who = holder.map_or_else(String::new, |p| format!(" (pid {p})"));
+                return Err(format!(
+                    "another socketd{who} holds the pidfile {}, not the process upgrading                      (pid {from})",
+                    path.display()
+                ));
+            }
+        }
+        let name = path.file_name().map_or_else(
+            || "socketd.pid".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let temp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&temp)
+            .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| format!("cannot lock {}: {e}", temp.display()))?;
+        Ok(Pidfile {
+            file,
+            path: path.to_path_buf(),
+            owner: Some(std::process::id()),
+            pending: Some(temp),
+        })
+    }
+
+    /// Move a `replace`d pidfile into place (rename: atomic). No-op for a `lock`ed one.
+    pub fn commit(&mut self) -> io::Result<()> {
+        if let Some(temp) = self.pending.take() {
+            if let Err(e) = std::fs::rename(&temp, &self.path) {
+                self.pending = Some(temp);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Write this process's pid (after detaching: the daemon's own pid).
@@ -101,6 +164,15 @@ fn same_file(file: &File, path: &Path) -> bool {
 impl Drop for Pidfile {
     fn drop(&mut self) {
         if self.owner != Some(std::process::id()) {
+            return;
+        }
+        if let Some(temp) = self.pending.take() {
+            // Never moved into place (an upgrade that did not take over).
+            let _ = std::fs::remove_file(temp);
+            return;
+        }
+        if !same_file(&self.file, &self.path) {
+            // Another process (the new one of an upgrade) has its own pidfile there now.
             return;
         }
         // Removing needs write access to the directory, which a daemon that dropped root may
