@@ -13,6 +13,8 @@ use crate::config::Config;
 use crate::handler::Registry;
 use crate::server::{ServeError, Server};
 
+mod upgrade;
+
 /// Default config path for a system install.
 pub const DEFAULT_CONFIG: &str = "/etc/socketd/socketd.toml";
 
@@ -59,7 +61,7 @@ enum Command {
     /// the new binary with every listening socket, and stops accepting and drains only once
     /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
     /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
-    Upgrade(crate::upgrade_cli::UpgradeArgs),
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 /// Parse the command line and run: the whole `main` of socketd and of custom daemons.
@@ -78,7 +80,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
         Some(Command::Upgrade(args)) => {
-            crate::upgrade_cli::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
+            upgrade::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
         }
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
     }

@@ -12,5 +12,4 @@ pub mod handover;
 pub mod notify;
 pub mod pidfile;
 pub mod privileges;
-pub mod syslog;
 pub mod upgrade;
