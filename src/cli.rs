@@ -152,8 +152,10 @@ fn run(
         }
     };
     let pidfile_path = pidfile.or_else(|| config.daemon.pidfile.clone());
-    let lock = |p: &std::path::Path| match &handover {
-        Some(h) => Pidfile::replace(p, h.from),
+    // The new process of an upgrade shares the old one's locked pidfile, when it is the same.
+    let shared = handover.as_mut().and_then(|h| h.pidfile.take());
+    let lock = |p: &std::path::Path| match shared.and_then(|fd| Pidfile::adopt(fd, p)) {
+        Some(adopted) => Ok(adopted),
         None => Pidfile::lock(p),
     };
     let mut pidfile = match pidfile_path.as_deref().map(lock).transpose() {
@@ -163,6 +165,9 @@ fn run(
             return ExitCode::from(EXIT_START);
         }
     };
+    if let Some(p) = &pidfile {
+        crate::daemon::upgrade::share_pidfile(p.as_fd());
+    }
     let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
     let mut server = match Server::bind(config, registry) {
         Ok(s) => s,
@@ -224,10 +229,10 @@ fn run(
         let Some(mut pipe) = on_ready.borrow_mut().take() else {
             return;
         };
-        // An upgrade's new pidfile takes the old one's place only now, when this serves.
+        // The new process of an upgrade writes its pid into the shared pidfile only now.
         if let Some(p) = ready_pidfile.borrow_mut().as_mut() {
             if let Err(e) = p.commit() {
-                let why = format!("cannot move the pidfile into {}: {e}", p.path().display());
+                let why = format!("cannot write the pidfile {}: {e}", p.path().display());
                 log::error!("{why}");
                 return pipe.failed(EXIT_START, &why);
             }

@@ -65,6 +65,9 @@ pub struct Listener {
     unlink: Option<PathBuf>,
     /// Passed by the service manager (socket activation, fd store), not bound here.
     from_manager: bool,
+    /// Handed over by an upgrade with a socket file socketd created: this process's to
+    /// remove only once it has taken over (`claim_file`), never if it fails to start.
+    pending_file: Option<PathBuf>,
 }
 
 /// One accepted stream connection or received datagram.
@@ -93,6 +96,7 @@ impl Listener {
                     local,
                     unlink: None,
                     from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Inet(addr), Protocol::Udp) => {
@@ -104,6 +108,7 @@ impl Listener {
                     local,
                     unlink: None,
                     from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Path(path), Protocol::Unix) => {
@@ -118,6 +123,7 @@ impl Listener {
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
                     from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Path(path), Protocol::UnixDgram) => {
@@ -132,6 +138,7 @@ impl Listener {
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
                     from_manager: false,
+                    pending_file: None,
                 }
             }
             (addr, proto) => {
@@ -177,6 +184,7 @@ impl Listener {
             local,
             unlink: None,
             from_manager: true,
+            pending_file: None,
         };
         let nonblocking = match &listener.socket {
             Socket4::Tcp(s) => s.set_nonblocking(true),
@@ -205,11 +213,19 @@ impl Listener {
     }
 
     /// Set where an adopted socket came from, when an upgrade handed it over: `owned_file`
-    /// makes its unix socket file this process's to remove when it stops for good.
+    /// makes its unix socket file this process's to remove when it stops for good, once it
+    /// has taken over (`claim_file`).
     pub fn set_origin(&mut self, owned_file: bool, from_manager: bool) {
         self.from_manager = from_manager;
         if let (true, ListenAddr::Path(p)) = (owned_file, &self.local) {
-            self.unlink = Some(p.clone());
+            self.pending_file = Some(p.clone());
+        }
+    }
+
+    /// This process serves now: a socket file handed over with the socket is its to remove.
+    pub fn claim_file(&mut self) {
+        if let Some(p) = self.pending_file.take() {
+            self.unlink = Some(p);
         }
     }
 

@@ -235,6 +235,9 @@ impl Server {
                 );
             }
         }
+        for l in self.slots.values_mut().filter_map(|s| s.listener.as_mut()) {
+            l.claim_file(); // an upgrade's new process has taken over
+        }
         log::info!("socketd ready: {} listeners", self.slots.len());
         let status = self.status_line();
         self.notify.ready(&status);

@@ -11,7 +11,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
 use super::detach::ReadyPipe;
-use super::upgrade::{ENV_FROM, ENV_READY_FD, ENV_STDERR_FD};
+use super::upgrade::{ENV_FROM, ENV_PIDFILE_FD, ENV_READY_FD, ENV_STDERR_FD};
 
 /// The old process's pid, when this process is the new one of an upgrade.
 static FROM: OnceLock<u32> = OnceLock::new();
@@ -31,6 +31,8 @@ pub struct Handover {
     pub ready: ReadyPipe,
     /// The real stderr, until `restore_stderr` puts it on fd 2.
     stderr: Option<OwnedFd>,
+    /// The old process's open, locked pidfile (see `pidfile::Pidfile::adopt`).
+    pub pidfile: Option<OwnedFd>,
 }
 
 impl Handover {
@@ -46,17 +48,23 @@ impl Handover {
         };
         let ready = fd(ENV_READY_FD);
         let stderr = fd(ENV_STDERR_FD);
+        let pidfile = fd(ENV_PIDFILE_FD);
         let from = std::env::var(ENV_FROM).ok().and_then(|v| v.parse().ok());
-        for var in [ENV_READY_FD, ENV_STDERR_FD, ENV_FROM] {
+        for var in [ENV_READY_FD, ENV_STDERR_FD, ENV_FROM, ENV_PIDFILE_FD] {
             std::env::remove_var(var);
         }
         let (ready, stderr, from) = (ready?, stderr?, from?);
         let _ = FROM.set(from);
+        // SAFETY: as for the two below: put here by the old process for this one, taken once.
+        let pidfile = pidfile.map(|p| unsafe { OwnedFd::from_raw_fd(p) });
         // SAFETY: the old process put these two descriptors here for this process alone
         // (checked open above); each is taken once, and made close-on-exec at once.
         let (ready, stderr) =
             unsafe { (OwnedFd::from_raw_fd(ready), OwnedFd::from_raw_fd(stderr)) };
-        for fd in [&ready, &stderr] {
+        for fd in [Some(&ready), Some(&stderr), pidfile.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             let _ = nix::fcntl::fcntl(
                 fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -66,6 +74,7 @@ impl Handover {
             from,
             ready: ReadyPipe::from_fd(ready),
             stderr: Some(stderr),
+            pidfile,
         })
     }
 

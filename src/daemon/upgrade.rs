@@ -48,6 +48,18 @@ pub const ENV_OWNED: &str = "SOCKETD_UPGRADE_OWNED";
 /// fd store): bound where the unit says, so adopted by name whatever their address.
 pub const ENV_MANAGER: &str = "SOCKETD_UPGRADE_MANAGER";
 
+/// The pidfile's descriptor: the new process writes its pid into the same locked file.
+pub const ENV_PIDFILE_FD: &str = "SOCKETD_UPGRADE_PIDFILE_FD";
+
+/// The locked pidfile's descriptor, if this process has one (`share_pidfile`).
+static PIDFILE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Hand the pidfile (open and locked, kept open by the caller for the life of the process) to
+/// the new process of an upgrade, so the lock passes over with no gap.
+pub fn share_pidfile(fd: BorrowedFd<'_>) {
+    PIDFILE_FD.store(fd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How much of the new process's start-up output is kept for the failure report.
 const TAIL: usize = 4096;
 
@@ -114,9 +126,10 @@ pub fn spawn(
     let n = sockets.len();
     let ready_at = 3 + n as RawFd;
     let stderr_at = ready_at + 1;
+    let pidfile_at = stderr_at + 1;
     // Every descriptor the child moves into place is first duplicated at or above `base`, so
     // moving one never overwrites another still to be moved.
-    let base = stderr_at + 1;
+    let base = pidfile_at + 1;
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let high = |fd: BorrowedFd<'_>| -> io::Result<OwnedFd> {
@@ -132,6 +145,12 @@ pub fn spawn(
     moves.push((high(io::stderr().as_fd())?, stderr_at));
     moves.push((high(out_w.as_fd())?, 2));
     drop((ready_w, out_w));
+    let pidfile = PIDFILE_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if pidfile >= 0 {
+        // SAFETY: `share_pidfile`'s caller keeps this descriptor open for the process's life.
+        let fd = unsafe { BorrowedFd::borrow_raw(pidfile) };
+        moves.push((high(fd)?, pidfile_at));
+    }
 
     let names: Vec<&str> = sockets.iter().map(|s| s.name).collect();
     let owned: Vec<&str> = sockets
@@ -155,6 +174,9 @@ pub fn spawn(
     add(ENV_FROM, std::process::id().to_string());
     add(ENV_OWNED, owned.join(":"));
     add(ENV_MANAGER, manager.join(":"));
+    if pidfile >= 0 {
+        add(ENV_PIDFILE_FD, pidfile_at.to_string());
+    }
     env.extend(extra_env.iter().cloned());
     let mut env: Vec<Vec<u8>> = env
         .into_iter()

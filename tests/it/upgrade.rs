@@ -594,20 +594,66 @@ fn a_second_upgrade_during_one_is_refused() {
 }
 
 #[test]
-fn a_second_instance_is_refused_while_the_pidfile_changes_hands() {
+fn the_pidfile_and_its_lock_pass_to_the_new_process_without_a_gap() {
     let mut d = start(&config("20s"));
     let old = d.pid();
     install_copy(&d);
     let new = upgrade_ok(&d, old);
-    let mut cmd = command(&d.dir().join(BIN));
-    cmd.arg("--config").arg(d.config_path());
-    let out = run_with_timeout(cmd, READY_TIMEOUT);
-    assert_eq!(out.code(), Some(3), "{}", out.describe());
-    assert_contains(
-        &out.stderr,
-        &[&format!("another socketd (pid {}) is running", new.pid)],
-    );
+    let (bin, cfg) = (d.dir().join(BIN), d.config_path().to_path_buf());
+    let second = || {
+        let mut cmd = command(&bin);
+        cmd.arg("--config").arg(&cfg);
+        let out = run_with_timeout(cmd, READY_TIMEOUT);
+        assert_eq!(out.code(), Some(3), "{}", out.describe());
+        assert_contains(
+            &out.stderr,
+            &[&format!("another socketd (pid {}) is running", new.pid)],
+        );
+    };
+    // While both processes run (they share the lock) ...
+    second();
     assert_exit_code(d.wait_exit(HANDOVER_BUDGET), 0, &d);
+    // ... and after the old one has exited (it left the lock and the file to the new one).
+    second();
+    assert_eq!(pid_in_pidfile(&d), new.pid);
     new.signal(libc::SIGTERM);
     new.wait_gone(STOP_BUDGET);
+    assert!(
+        !d.dir().join("socketd.pid").exists(),
+        "pidfile left after the stop"
+    );
+}
+
+#[test]
+fn a_new_process_that_cannot_bind_is_rolled_back_and_the_pidfile_lock_stays() {
+    let mut d = start(&config("10s"));
+    install_copy(&d);
+    // The new config adds a listener on a port someone else holds: the new process fails at
+    // bind, after it took its share of the pidfile's lock.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    d.write_config(&format!(
+        "{}{}",
+        config("10s"),
+        listener("extra", "tcp", &format!("127.0.0.1:{port}"), "echo")
+    ));
+    let out = upgrade(&d);
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    let line = d.wait_log("upgrade failed:", READY_TIMEOUT);
+    assert_contains(
+        &line,
+        &["listener `extra`: cannot listen on tcp 127.0.0.1:"],
+    );
+    still_serving(&d);
+    // The failed process must not have released the lock it shared with the old one.
+    let mut cmd = command(&d.dir().join(BIN));
+    cmd.arg("--config").arg(d.config_path());
+    let second = run_with_timeout(cmd, READY_TIMEOUT);
+    assert_eq!(second.code(), Some(3), "{}", second.describe());
+    assert_contains(
+        &second.stderr,
+        &[&format!("another socketd (pid {}) is running", d.pid())],
+    );
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
