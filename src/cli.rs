@@ -64,6 +64,12 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
 }
 
+/// The command line as a clap `Command`: what the man page and the shell completions are
+/// generated from (`examples/package_assets.rs`), so they always match the parser.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Parse the command line and run: the whole `main` of socketd and of custom daemons.
 pub fn main_with(registry: Registry) -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -154,11 +160,11 @@ fn run(
     let pidfile_path = pidfile.or_else(|| config.daemon.pidfile.clone());
     // The new process of an upgrade shares the old one's locked pidfile, when it is the same.
     let shared = handover.as_mut().and_then(|h| h.pidfile.take());
-    let lock = |p: &std::path::Path| match shared.and_then(|fd| Pidfile::adopt(fd, p)) {
+    let lock_pidfile = |p: &std::path::Path| match shared.and_then(|fd| Pidfile::adopt(fd, p)) {
         Some(adopted) => Ok(adopted),
         None => Pidfile::lock(p),
     };
-    let mut pidfile = match pidfile_path.as_deref().map(lock).transpose() {
+    let mut pidfile = match pidfile_path.as_deref().map(lock_pidfile).transpose() {
         Ok(p) => p,
         Err(message) => {
             log::error!("not starting: {message}");
@@ -169,7 +175,7 @@ fn run(
         crate::daemon::upgrade::share_pidfile(p.as_fd());
     }
     let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
-    let mut server = match Server::bind(config, registry) {
+    let mut server = match Server::bind_daemon(config, registry) {
         Ok(s) => s,
         Err(e) => {
             log::error!("not starting: {}", chain(&e));
@@ -183,7 +189,7 @@ fn run(
         }
         log::info!("running as uid {} gid {}", ids.uid, ids.gid);
     }
-    let ready = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let ready = std::sync::Arc::new(std::sync::Mutex::new(None));
     // The new process of an upgrade is already detached (or not) as the old one was.
     if detach && handover.is_none() {
         if log_target == crate::config::LogTarget::Stderr {
@@ -193,7 +199,7 @@ fn run(
             );
         }
         match crate::daemon::detach::detach(EXIT_START) {
-            Ok(Detached::Daemon(pipe)) => *ready.borrow_mut() = Some(pipe),
+            Ok(Detached::Daemon(pipe)) => *lock(&ready) = Some(pipe),
             Err(message) => {
                 log::error!("not starting: {message}");
                 return ExitCode::from(EXIT_START);
@@ -207,7 +213,7 @@ fn run(
                 p.path().display()
             );
             log::error!("{why}");
-            if let Some(pipe) = ready.borrow_mut().as_mut() {
+            if let Some(pipe) = lock(&ready).as_mut() {
                 pipe.failed(EXIT_START, &why);
             }
             return ExitCode::from(EXIT_START);
@@ -216,21 +222,24 @@ fn run(
     if log_target == crate::config::LogTarget::Syslog {
         crate::logging::use_syslog(&syslog);
     }
-    if let Some(pipe) = ready.borrow().as_ref() {
+    if let Some(pipe) = lock(&ready).as_ref() {
         pipe.detach_stdio();
     }
     if let Some(mut h) = handover.take() {
         h.restore_stderr();
-        *ready.borrow_mut() = Some(h.ready);
+        *lock(&ready) = Some(h.ready);
     }
-    let pidfile = std::rc::Rc::new(std::cell::RefCell::new(pidfile));
-    let (on_ready, ready_pidfile) = (std::rc::Rc::clone(&ready), std::rc::Rc::clone(&pidfile));
+    let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
+    let (on_ready, ready_pidfile) = (
+        std::sync::Arc::clone(&ready),
+        std::sync::Arc::clone(&pidfile),
+    );
     server.on_ready(move || {
-        let Some(mut pipe) = on_ready.borrow_mut().take() else {
+        let Some(mut pipe) = lock(&on_ready).take() else {
             return;
         };
         // The new process of an upgrade writes its pid into the shared pidfile only now.
-        if let Some(p) = ready_pidfile.borrow_mut().as_mut() {
+        if let Some(p) = lock(&ready_pidfile).as_mut() {
             if let Err(e) = p.commit() {
                 let why = format!("cannot write the pidfile {}: {e}", p.path().display());
                 log::error!("{why}");
@@ -244,7 +253,7 @@ fn run(
         Err(e) => {
             let why = chain(&e);
             log::error!("{why}");
-            if let Some(pipe) = ready.borrow_mut().as_mut() {
+            if let Some(pipe) = lock(&ready).as_mut() {
                 pipe.failed(EXIT_RUNTIME, &why);
             }
             ExitCode::from(EXIT_RUNTIME)
@@ -252,6 +261,11 @@ fn run(
     };
     drop(pidfile);
     code
+}
+
+/// The readiness pipe's lock; a poisoned one is still the pipe (nothing panics holding it).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The error and its causes on one line, each said once.

@@ -28,7 +28,7 @@ pub(super) const EXITED: Token = Token(usize::MAX - 3);
 pub type Outcome = Result<u32, String>;
 
 /// Called once with the outcome (the control socket answers its client with it).
-pub type Reply = Box<dyn FnOnce(Outcome)>;
+pub type Reply = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An upgrade in progress.
 pub(super) struct InProgress {

@@ -39,13 +39,30 @@ fn config(upgrade_timeout: &str) -> String {
 fn start(config_toml: &str) -> Daemon {
     let d = Daemon::spawn_with(config_toml, |dir, cfg| {
         let bin = dir.join(BIN);
-        std::fs::copy(SOCKETD, &bin).expect("copy the binary");
+        copy_binary(Path::new(SOCKETD), &bin);
         let mut cmd = command(&bin);
         cmd.arg("--config").arg(cfg);
         cmd
     });
     d.wait_ready();
     d
+}
+
+/// Copy an executable with `cp`, so this (multi-threaded) test process never holds it open
+/// for writing: a child forked meanwhile by another test would inherit that descriptor, and
+/// executing the file while any process has it open for writing fails with ETXTBSY.
+fn copy_binary(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }
 
 /// Put `bin` at the daemon's binary path the way a package manager does (a new file renamed
@@ -57,16 +74,16 @@ fn install(d: &Daemon, write: impl FnOnce(&Path)) {
 }
 
 fn install_copy(d: &Daemon) {
-    install(d, |p| {
-        std::fs::copy(SOCKETD, p).expect("copy the binary");
-    });
+    install(d, |p| copy_binary(Path::new(SOCKETD), p));
 }
 
 fn install_script(d: &Daemon, body: &str) {
     install(d, |p| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::write(p, format!("#!/bin/sh\n{body}\n")).expect("write the script");
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let text = p.with_extension("txt");
+        std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+        std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        copy_binary(&text, p);
     });
 }
 
