@@ -23,6 +23,7 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod fdstore;
 mod handle;
 mod reload;
 mod status;
@@ -93,6 +94,8 @@ pub struct Server {
     on_ready: Vec<Box<dyn FnOnce() + Send>>,
     /// A binary upgrade waiting for its new process (`upgrade`).
     upgrading: Option<upgrade::InProgress>,
+    /// Listening sockets in the service manager's fd store (`fdstore`).
+    fd_stored: fdstore::Stored,
 }
 
 impl std::fmt::Debug for Server {
@@ -177,6 +180,7 @@ impl Server {
             },
             on_ready: Vec::new(),
             upgrading: None,
+            fd_stored: fdstore::Stored::new(),
         };
         if crate::daemon::handover::from_pid().is_some() {
             server.notify.defer_first_ready();
@@ -318,6 +322,7 @@ impl Server {
         }
         let status = self.status_line();
         self.notify.ready(&status);
+        self.sync_fd_store();
         for hook in std::mem::take(&mut self.on_ready) {
             hook();
         }
@@ -611,6 +616,7 @@ impl Server {
     fn reload(&mut self) {
         self.notify.reloading();
         reload::reload(self);
+        self.sync_fd_store();
         let status = self.status_line();
         self.notify.ready(&status);
     }

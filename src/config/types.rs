@@ -48,6 +48,9 @@ pub struct DaemonConfig {
     pub shutdown_timeout: Duration,
     /// How long the new process of a binary upgrade may take to become ready.
     pub upgrade_timeout: Duration,
+    /// Keep every listening socket in systemd's file-descriptor store (`FDSTORE=1`), so a
+    /// `systemctl restart` gets them back and refuses nothing; unix socket files stay.
+    pub fd_store: bool,
     pub pidfile: Option<PathBuf>,
     pub user: Option<String>,
     pub group: Option<String>,
@@ -62,6 +65,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             upgrade_timeout: defaults::UPGRADE_TIMEOUT,
+            fd_store: false,
             pidfile: None,
             user: None,
             group: None,

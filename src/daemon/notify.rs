@@ -135,6 +135,36 @@ impl Notify {
         self.send(&[NotifyState::Stopping, NotifyState::Status(status)]);
     }
 
+    /// `FDSTORE=1` with `FDNAME=name`: keep `fd` in the manager's file-descriptor store (it
+    /// passes it back with `LISTEN_FDS` on the next start). Without a manager, a no-op.
+    pub fn store_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        let Some((socket, addr)) = &self.target else {
+            return Ok(());
+        };
+        let msg = format!("FDSTORE=1\nFDNAME={name}\n");
+        let raw = [std::os::fd::AsRawFd::as_raw_fd(&fd)];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+        let iov = [io::IoSlice::new(msg.as_bytes())];
+        let to = nix_addr(addr)?;
+        nix::sys::socket::sendmsg(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            Some(&to),
+        )?;
+        Ok(())
+    }
+
+    /// `FDSTOREREMOVE=1` with `FDNAME=name`: the listener is gone; drop its stored socket.
+    pub fn remove_stored_fd(&mut self, name: &str) {
+        let name = format!("FDNAME={name}");
+        self.send(&[
+            NotifyState::Custom("FDSTOREREMOVE=1"),
+            NotifyState::Custom(&name),
+        ]);
+    }
+
     /// `STATUS=`: what `systemctl status` shows.
     pub fn status(&mut self, status: &str) {
         self.last_status = status.to_string();
@@ -187,6 +217,20 @@ impl Notify {
             }
         }
     }
+}
+
+/// The manager's address as nix wants it for `sendmsg`.
+fn nix_addr(addr: &SocketAddr) -> io::Result<nix::sys::socket::UnixAddr> {
+    if let Some(path) = addr.as_pathname() {
+        return Ok(nix::sys::socket::UnixAddr::new(path)?);
+    }
+    if let Some(name) = addr.as_abstract_name() {
+        return Ok(nix::sys::socket::UnixAddr::new_abstract(name)?);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "an unnamed notify socket address",
+    ))
 }
 
 /// An unbound non-blocking datagram socket and the manager's address: a path, or an abstract

@@ -18,6 +18,7 @@ mod forked_exec;
 mod handlers;
 mod hostile;
 mod log_lines;
+mod manager;
 mod protection;
 mod proxy;
 mod reload;
