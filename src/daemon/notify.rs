@@ -64,11 +64,6 @@ impl Notify {
         }
     }
 
-    /// Whether a service manager is listening at all.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// `READY=1` with a status line; also starts the watchdog clock.
     pub fn ready(&mut self, status: &str) {
         self.last_status = status.to_string();
