@@ -10,6 +10,7 @@ mod harness;
 mod concurrency;
 mod config_errors;
 mod daemon_mode;
+mod deploy;
 mod event;
 mod exec;
 mod file;
