@@ -10,3 +10,4 @@ pub mod notify;
 pub mod pidfile;
 pub mod privileges;
 pub mod syslog;
+pub mod syslog_line;
