@@ -25,10 +25,10 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use log::{Level, Record};
-use socket2::{Domain, Socket, Type};
 use super::syslog_line::{self, Header};
 use crate::config::{SyslogAddr, SyslogConfig, SyslogFormat};
+use log::{Level, Record};
+use socket2::{Domain, Socket, Type};
 
 /// How often an unreachable syslog daemon is tried again (only when there is a line to send).
 pub const RETRY: Duration = Duration::from_secs(1);

@@ -79,7 +79,11 @@ pub fn format(h: &Header, severity: u8, text: &str, now: SystemTime) -> Vec<u8> 
     let line = match h.format {
         SyslogFormat::Rfc3164 => {
             let month = MONTHS[(c.month as usize - 1) % 12];
-            let host = h.hostname.as_deref().map(|n| format!("{n} ")).unwrap_or_default();
+            let host = h
+                .hostname
+                .as_deref()
+                .map(|n| format!("{n} "))
+                .unwrap_or_default();
             format!(
                 "<{pri}>{month} {:>2} {:02}:{:02}:{:02} {host}socketd[{}]: {text}",
                 c.day, c.hour, c.minute, c.second, h.pid

@@ -230,6 +230,11 @@ impl Handler for ProxyHandler {
         match req {
             Request::Stream(s) => {
                 let client = s.conn().try_clone()?;
+                // Upstreams answer in several small writes (nginx: headers, then the body);
+                // with Nagle on, each later one would wait for the client's delayed ACK.
+                if let Conn::Tcp(t) = &client {
+                    let _ = t.set_nodelay(true);
+                }
                 let peer = s.peer().clone();
                 let up = match self.0.connect_blocking() {
                     Ok(u) => u,

@@ -25,3 +25,4 @@ mod services;
 mod start;
 mod stop;
 mod systemd;
+mod traffic;
