@@ -229,3 +229,89 @@ fn forked_listener_lines_carry_the_daemon_pid() {
     }
     d_stop(d);
 }
+
+/// `sshd -i` exits with status 255 when its client disconnects: its normal end, so it must
+/// not be a warning, or warnings lose their meaning. The rule: a non-zero exit status after
+/// the client had closed its side of the connection is the client's doing (info); with the
+/// client still connected it is the program's failure (warn). Both exec worker models.
+#[test]
+fn exit_status_after_the_client_left_is_not_a_warning() {
+    for workers in ["threaded", "forked"] {
+        let mut toml = exec_listener(
+            "after",
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            "{ argv = [\"/bin/sh\", \"-c\", \"cat >/dev/null; exit 255\"] }",
+        );
+        toml.push_str(&exec_listener(
+            "before",
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            "{ argv = [\"/bin/sh\", \"-c\", \"exit 255\"] }",
+        ));
+        let d = Daemon::start(&toml);
+        // The client leaves first: the program reads EOF and exits 255.
+        let mut a = d.connect("after");
+        a.write_all(b"bye").expect("write");
+        a.shutdown_write();
+        assert!(a.closed_within(IO_TIMEOUT), "{workers}: program ended");
+        let line = d.wait_log("listener `after`: /bin/sh", IO_TIMEOUT);
+        assert!(
+            line.contains("INFO") && line.contains("status 255"),
+            "{workers}: {line}"
+        );
+        // The program fails while the client is still there.
+        let mut b = d.connect("before");
+        assert!(b.closed_within(IO_TIMEOUT), "{workers}: program ended");
+        let line = d.wait_log("listener `before`: /bin/sh", IO_TIMEOUT);
+        assert!(
+            line.contains("WARN") && line.contains("status 255"),
+            "{workers}: {line}"
+        );
+        drop((a, b));
+        d_stop(d);
+    }
+}
+
+/// A chatty program cannot flood the log through its stderr: past a burst, lines are dropped
+/// (at most a steady rate is logged) and what was dropped is counted in one line, so every
+/// line is accounted for. Both exec worker models.
+#[test]
+fn a_chatty_programs_stderr_is_capped_and_the_drops_counted() {
+    const LINES: usize = 5000;
+    for workers in ["threaded", "forked"] {
+        let d = Daemon::start(&exec_listener(
+            "chatty",
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            &format!("{{ argv = [\"/bin/sh\", \"-c\", \"seq 1 {LINES} >&2\"], stderr = \"log\" }}"),
+        ));
+        let mut c = d.connect("chatty");
+        assert!(c.closed_within(IO_TIMEOUT), "{workers}: program ended");
+        let summary = d.wait_log("stderr lines", IO_TIMEOUT);
+        d.wait_log("access: listener `chatty`", IO_TIMEOUT);
+        let log = d.log();
+        let logged = log
+            .lines()
+            .filter(|l| {
+                l.contains("listener `chatty` pid ")
+                    && l.rsplit(": ")
+                        .next()
+                        .is_some_and(|n| n.parse::<usize>().is_ok())
+            })
+            .count();
+        let dropped: usize = summary
+            .split("pid ")
+            .nth(1)
+            .and_then(|r| r.split(": ").nth(1))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{workers}: count in {summary:?}"));
+        assert!(logged < LINES / 4, "{workers}: {logged} lines logged");
+        assert_eq!(logged + dropped, LINES, "{workers}: {summary}");
+        d_stop(d);
+    }
+}
