@@ -23,6 +23,7 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod reload;
 mod status;
 mod stop;
 
@@ -372,7 +373,7 @@ impl Server {
 
     fn reload(&mut self) {
         self.notify.reloading();
-        crate::reload::reload(self);
+        reload::reload(self);
         let status = self.status_line();
         self.notify.ready(&status);
     }

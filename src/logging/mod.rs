@@ -10,6 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+pub mod syslog;
+pub mod syslog_line;
+
 struct StderrLogger {
     journald: bool,
 }
@@ -18,11 +21,11 @@ static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
 
 /// Set once `log = "syslog"` is in force (after detaching); the installed logger then hands
 /// every record to it. `log::set_logger` can be called only once, hence the indirection.
-static SYSLOG: OnceLock<crate::daemon::syslog::Syslog> = OnceLock::new();
+static SYSLOG: OnceLock<syslog::Syslog> = OnceLock::new();
 
 /// Send every log line to syslog from now on (the stderr logger must be installed).
 pub fn use_syslog(cfg: &crate::config::SyslogConfig) {
-    let _ = SYSLOG.set(crate::daemon::syslog::Syslog::new(cfg));
+    let _ = SYSLOG.set(syslog::Syslog::new(cfg));
 }
 
 /// One line on stderr in the foreground format; also syslog's fallback.
@@ -87,7 +90,7 @@ impl Log for StderrLogger {
 pub fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
-    let (y, mo, day) = crate::handler::clock::civil_from_days((secs / 86_400) as i64);
+    let (y, mo, day) = crate::clock::civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
     format!(
         "{y:04}-{mo:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
