@@ -11,6 +11,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use crate::exec::{d_stop, exec_listener};
+use crate::forked::fork_servers;
 use crate::harness::*;
 
 const MODELS: [&str; 3] = ["threaded", "forked", "event"];
@@ -314,4 +315,53 @@ fn a_chatty_programs_stderr_is_capped_and_the_drops_counted() {
         assert_eq!(logged + dropped, LINES, "{workers}: {summary}");
         d_stop(d);
     }
+}
+
+/// The state letter of /proc/PID/stat (`Z` for a zombie), or `None` once it is reaped.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// A fork server that dies is reaped at once (no zombie until the daemon stops), logged, and
+/// replaced by a new one forked from a surviving fork server (the daemon has threads by then),
+/// which gets every forked listener's config and socket: after every original fork server has
+/// been killed, forked TCP and UDP listeners still serve, and the daemon still stops cleanly.
+#[test]
+fn a_dead_fork_server_is_reaped_logged_and_replaced() {
+    let d = Daemon::start(
+        "[[listener]]\nname = \"tcp\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\n\
+         handler = \"echo\"\nworkers = \"forked\"\n\
+         [[listener]]\nname = \"udp\"\nprotocol = \"udp\"\naddress = \"127.0.0.1:0\"\n\
+         handler = \"echo\"\nworkers = \"forked\"\n",
+    );
+    let original = fork_servers(&d);
+    for (i, victim) in original.iter().enumerate() {
+        // SAFETY: kill sends a signal to a pid this test just read as the daemon's child.
+        unsafe { libc::kill(*victim, libc::SIGKILL) };
+        wait_until("the killed fork server reaped", READY_TIMEOUT, || {
+            proc_state(*victim).is_none()
+        });
+        d.wait_log_count("is gone", i + 1, READY_TIMEOUT);
+        wait_until("a replacement fork server", READY_TIMEOUT, || {
+            let now = fork_servers(&d);
+            now.len() == original.len() && !now.contains(victim)
+        });
+    }
+    let log = d.log();
+    assert!(
+        log.contains(&format!("fork server (pid {}) is gone", original[0]))
+            && log.contains("replaced by pid"),
+        "{log}"
+    );
+    // Every fork server now is a replacement; each serves both listeners.
+    for round in 0..original.len() * 2 {
+        let mut s = d.connect("tcp");
+        s.write_all(b"again\n").expect("write");
+        assert_eq!(s.read_line(), "again\n", "tcp round {round}");
+        let u = d.dgram("udp");
+        assert_eq!(u.request(b"dgram"), b"dgram", "udp round {round}");
+    }
+    assert!(!d.log().contains("not started"), "{}", d.log());
+    d_stop(d);
 }
