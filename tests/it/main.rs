@@ -24,5 +24,7 @@ mod reload;
 mod services;
 mod start;
 mod stop;
+mod sysd;
 mod systemd;
 mod traffic;
+mod under_systemd;
