@@ -82,10 +82,18 @@ struct Process {
     alive: AtomicBool,
     /// Jobs in flight in this process.
     load: AtomicUsize,
+    /// When it was forked, and whether as a replacement: a replacement that dies young is not
+    /// replaced again (no crash loop of forks).
+    born: Instant,
+    replacement: bool,
 }
 
+/// A replacement fork server that dies sooner than this after its start is not replaced:
+/// whatever killed it would likely kill the next one too, and a loop of forks helps nobody.
+const MIN_LIFE: Duration = Duration::from_secs(1);
+
 impl Process {
-    fn new(sock: OwnedFd, pid: Pid) -> io::Result<Arc<Process>> {
+    fn new(sock: OwnedFd, pid: Pid, replacement: bool) -> io::Result<Arc<Process>> {
         setsockopt(
             &sock,
             sockopt::SendTimeout,
@@ -96,6 +104,8 @@ impl Process {
             pid,
             alive: AtomicBool::new(true),
             load: AtomicUsize::new(0),
+            born: Instant::now(),
+            replacement,
         }))
     }
 }
@@ -137,7 +147,7 @@ fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Arc<Process>> {
         }
         ForkResult::Parent { child } => {
             drop(theirs);
-            Process::new(ours, child)
+            Process::new(ours, child, false)
         }
     }
 }
@@ -460,6 +470,13 @@ impl Inner {
             Some(how) => log::warn!("fork server (pid {pid}) reaped: {how}"),
             None => log::warn!("fork server (pid {pid}) was already reaped"),
         }
+        if process.replacement && process.born.elapsed() < MIN_LIFE {
+            log::error!(
+                "fork server (pid {pid}), itself a replacement, died within {MIN_LIFE:?} of its \
+                 start; not replacing it again"
+            );
+            return;
+        }
         let survivor = self
             .servers()
             .into_iter()
@@ -498,7 +515,7 @@ impl Inner {
                 return;
             }
         };
-        let process = match Process::new(sock, pid) {
+        let process = match Process::new(sock, pid, true) {
             Ok(p) => p,
             Err(e) => {
                 log::error!("new fork server (pid {pid}): {e}");
