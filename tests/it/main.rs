@@ -28,5 +28,6 @@ mod start;
 mod stop;
 mod sysd;
 mod systemd;
+mod traffic;
 mod under_systemd;
 mod upgrade;
