@@ -25,6 +25,8 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use syslog::{LogFormat, Severity};
+
 use super::syslog_line::{self, Header};
 use crate::config::{SyslogAddr, SyslogConfig, SyslogFormat};
 use log::{Level, Record};
@@ -180,7 +182,7 @@ impl Syslog {
                     );
                     st.down = false;
                     st.dropped = 0;
-                    let again = st.line(syslog_line::NOTICE, &note);
+                    let again = st.line(Severity::LOG_NOTICE, &note);
                     let _ = self.send(st, &again);
                 }
                 Ok(true)
@@ -226,8 +228,15 @@ impl Syslog {
 
 impl State {
     /// One formatted message, stamped now.
-    fn line(&self, severity: u8, text: &str) -> Vec<u8> {
-        syslog_line::format(&self.header, severity, text, std::time::SystemTime::now())
+    fn line(&self, severity: Severity, text: &str) -> Vec<u8> {
+        let mut line = Vec::with_capacity(128);
+        let stamp = syslog_line::Line {
+            header: &self.header,
+            now: std::time::SystemTime::now(),
+        };
+        // Writing into a Vec cannot fail.
+        let _ = stamp.format(&mut line, severity, text);
+        line
     }
 
     /// In a process forked since the last line: forget the parent's socket (and what it had
@@ -298,12 +307,12 @@ fn connect(target: &SyslogAddr) -> io::Result<Conn> {
     }
 }
 
-fn severity(level: Level) -> u8 {
+fn severity(level: Level) -> Severity {
     match level {
-        Level::Error => syslog_line::ERR,
-        Level::Warn => syslog_line::WARNING,
-        Level::Info => syslog_line::INFO,
-        Level::Debug | Level::Trace => syslog_line::DEBUG,
+        Level::Error => Severity::LOG_ERR,
+        Level::Warn => Severity::LOG_WARNING,
+        Level::Info => Severity::LOG_INFO,
+        Level::Debug | Level::Trace => Severity::LOG_DEBUG,
     }
 }
 

@@ -5,8 +5,15 @@
 //! strict receivers refuse `Dec 03`. RFC 5424 §6: `<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID
 //! MSGID STRUCTURED-DATA MSG`, with the NILVALUE `-` for the MSGID and structured data socketd
 //! does not have. Both carry UTC (socketd reads no time zone database).
+//!
+//! The `syslog` crate gives the vocabulary (`Severity`, the `LogFormat` trait); its own
+//! `Formatter3164` pads the day with a zero and `Formatter5424` writes a numeric MSGID, so the
+//! bytes are written here, as a `LogFormat` of our own.
 
+use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use syslog::{LogFormat, Severity};
 
 use crate::config::SyslogFormat;
 
@@ -21,13 +28,6 @@ pub struct Header {
     /// The pid every line names: the daemon's, whichever process writes the line.
     pub pid: u32,
 }
-
-/// Severity codes (RFC 5424 table 2) socketd uses.
-pub const ERR: u8 = 3;
-pub const WARNING: u8 = 4;
-pub const NOTICE: u8 = 5;
-pub const INFO: u8 = 6;
-pub const DEBUG: u8 = 7;
 
 const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -72,9 +72,26 @@ impl Civil {
     }
 }
 
-/// One message: `severity` is a code above, `text` the line without a newline.
-pub fn format(h: &Header, severity: u8, text: &str, now: SystemTime) -> Vec<u8> {
-    let pri = u32::from(h.facility) * 8 + u32::from(severity);
+/// The syslog formatter of one logger at one instant: the crate's `LogFormat` with socketd's
+/// bytes (the clock is a field so tests drive the date).
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    /// What every message of the logger shares.
+    pub header: &'a Header,
+    /// The instant the message is stamped with.
+    pub now: SystemTime,
+}
+
+impl LogFormat<&str> for Line<'_> {
+    fn format<W: Write>(&self, w: &mut W, severity: Severity, text: &str) -> syslog::Result<()> {
+        w.write_all(&format(self.header, severity, text, self.now))
+            .map_err(syslog::Error::Write)
+    }
+}
+
+/// One message: `text` is the line without a newline.
+pub fn format(h: &Header, severity: Severity, text: &str, now: SystemTime) -> Vec<u8> {
+    let pri = u32::from(h.facility) * 8 + severity as u32;
     let c = Civil::of(now);
     let line = match h.format {
         SyslogFormat::Rfc3164 => {
@@ -128,7 +145,7 @@ mod tests {
     fn rfc3164_pads_a_single_digit_day_with_a_space() {
         let line = format(
             &header(SyslogFormat::Rfc3164, None),
-            INFO,
+            Severity::LOG_INFO,
             "hello",
             at(1_796_277_909, 0),
         );
@@ -138,7 +155,7 @@ mod tests {
         );
         let line = format(
             &header(SyslogFormat::Rfc3164, Some("box")),
-            WARNING,
+            Severity::LOG_WARNING,
             "two digits",
             at(1_796_277_909 + 10 * 86_400, 0),
         );
@@ -153,7 +170,7 @@ mod tests {
     fn rfc5424_uses_the_nilvalue_for_msgid() {
         let line = format(
             &header(SyslogFormat::Rfc5424, Some("box")),
-            ERR,
+            Severity::LOG_ERR,
             "x",
             at(951_782_400, 123_456), // 2000-02-29, a leap day
         );
