@@ -50,36 +50,52 @@ pub(super) struct RawSni {
 /// Whether clients must present a certificate signed by `client_ca`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ClientAuth {
+    /// A client without a certificate from `client_ca` is refused in the handshake.
     Required,
+    /// A client may present one (then it must verify) or none.
     Optional,
 }
 
 /// The lowest TLS version accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MinVersion {
+    /// TLS 1.2 and 1.3.
     Tls12,
+    /// TLS 1.3 only.
     Tls13,
 }
 
 /// One extra certificate chosen by SNI.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SniCert {
+    /// Names it serves: exact, or `*.example` for one label below.
     pub names: Vec<String>,
+    /// The PEM chain.
     pub cert: PathBuf,
+    /// Its PEM private key.
     pub key: PathBuf,
 }
 
 /// A validated `tls` table.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TlsSettings {
+    /// The default certificate chain (PEM, leaf first).
     pub cert: PathBuf,
+    /// Its private key (PEM).
     pub key: PathBuf,
+    /// CA certificates for client certificates (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required (with `client_ca`).
     pub client_auth: ClientAuth,
+    /// Revocation lists for client certificates.
     pub crl: Option<PathBuf>,
+    /// ALPN protocols offered, in order of preference.
     pub alpn: Vec<String>,
+    /// The lowest version accepted.
     pub min_version: MinVersion,
+    /// Extra certificates chosen by SNI.
     pub sni: Vec<SniCert>,
+    /// How long a client may take to finish the handshake.
     pub handshake_timeout: Duration,
     /// A hash of every file's contents at validation: rotated files make a changed config.
     pub fingerprint: String,

@@ -737,13 +737,6 @@ impl Session {
     }
 }
 
-/// A helper for tests and callers: the pair's blocking end with a read timeout.
-pub fn blocking(end: StdUnix, timeout: Option<Duration>) -> io::Result<StdUnix> {
-    end.set_nonblocking(false)?;
-    end.set_read_timeout(timeout)?;
-    Ok(end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,9 @@ pub struct TlsInfo {
     pub alpn: Option<String>,
     /// The client certificate (leaf) as DER, when one was presented (and so verified).
     pub client_cert: Option<Vec<u8>>,
-    /// Its subject and issuer distinguished names (`CN=a, O=b`).
+    /// Its subject distinguished name (`CN=a, O=b`).
     pub client_subject: Option<String>,
+    /// Its issuer's distinguished name.
     pub client_issuer: Option<String>,
 }
 
@@ -113,6 +114,7 @@ impl TlsInfo {
         }
     }
 
+    /// The inverse of `encode`.
     pub fn decode(bytes: &[u8]) -> io::Result<TlsInfo> {
         let text = std::str::from_utf8(bytes).map_err(io::Error::other)?;
         toml::from_str(text).map_err(io::Error::other)

@@ -11,9 +11,9 @@
 //! hold a worker. This module knows no listener, handler or config type: `config` uses `load`
 //! to check files, and everything above uses the front.
 
-pub mod client;
-pub mod front;
+pub(crate) mod client;
+pub(crate) mod front;
 pub mod info;
-pub mod load;
+pub(crate) mod load;
 
 pub use info::TlsInfo;
