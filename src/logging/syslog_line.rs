@@ -13,6 +13,7 @@ use crate::config::SyslogFormat;
 /// What every message of one logger shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// RFC 3164 or RFC 5424.
     pub format: SyslogFormat,
     /// Facility code, 0 (kern) to 23 (local7).
     pub facility: u8,
@@ -22,11 +23,15 @@ pub struct Header {
     pub pid: u32,
 }
 
-/// Severity codes (RFC 5424 table 2) socketd uses.
+/// Severity `err` (RFC 5424 table 2).
 pub const ERR: u8 = 3;
+/// Severity `warning`.
 pub const WARNING: u8 = 4;
+/// Severity `notice`.
 pub const NOTICE: u8 = 5;
+/// Severity `info`.
 pub const INFO: u8 = 6;
+/// Severity `debug`.
 pub const DEBUG: u8 = 7;
 
 const MONTHS: [&str; 12] = [
