@@ -29,3 +29,4 @@ mod sysd;
 mod systemd;
 mod under_systemd;
 mod upgrade;
+mod upgrade_under_systemd;

@@ -19,12 +19,12 @@ use crate::sysd::{Container, SHARE};
 
 /// The config a systemd deployment installs as /etc/socketd/socketd.toml.
 const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
-const CONFIG: &str = "/etc/socketd/socketd.toml";
+pub(crate) const CONFIG: &str = "/etc/socketd/socketd.toml";
 /// Listeners in `SYSTEMD_CONFIG`.
 const LISTENERS: usize = 11;
-const UNIX_ECHO: &str = "/run/socketd/echo.sock";
+pub(crate) const UNIX_ECHO: &str = "/run/socketd/echo.sock";
 /// How long a start, reload or stop through systemctl may take here.
-const SYSTEMCTL: Duration = Duration::from_secs(60);
+pub(crate) const SYSTEMCTL: Duration = Duration::from_secs(60);
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -32,7 +32,7 @@ fn local(port: u16) -> SocketAddr {
 
 /// One echo exchange over TCP: connect, send, half-close, read all. Errors are returned (a
 /// refused connection is an `Err`), never retried.
-fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub(crate) fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&local(port), IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -53,7 +53,7 @@ fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
 }
 
 /// One datagram to a UDP service and its answer.
-fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub(crate) fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.connect(local(port))?;
@@ -64,7 +64,7 @@ fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// One echo exchange over a Unix stream socket at `path` (a host path into the container).
-fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub(crate) fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(msg)?;
@@ -75,7 +75,7 @@ fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Every service of the shipped systemd config answers, from outside the service.
-fn assert_shipped_services_answer(c: &Container) {
+pub(crate) fn assert_shipped_services_answer(c: &Container) {
     c.in_net(|| {
         assert_eq!(tcp_echo(17007, b"echo tcp").unwrap(), b"echo tcp");
         assert_eq!(udp_request(17007, b"echo udp").unwrap(), b"echo udp");
@@ -110,7 +110,7 @@ fn assert_shipped_services_answer(c: &Container) {
 
 /// Poll the unit's journal until it holds `needle`; returns the journal. Panics after `timeout`.
 #[track_caller]
-fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
+pub(crate) fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let j = c.journal(unit);
@@ -126,7 +126,7 @@ fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> S
 }
 
 /// `systemctl show -p NAME --value socketd`.
-fn show(c: &Container, property: &str) -> String {
+pub(crate) fn show(c: &Container, property: &str) -> String {
     c.exec(&["systemctl", "show", "-p", property, "--value", "socketd"])
         .stdout
         .trim()
@@ -162,7 +162,7 @@ fn stage_source(c: &Container) -> String {
 
 /// Install socketd the way README.md tells an operator to, every command of its block but
 /// `cargo build` (the test's binary stands in for the release build).
-fn install_by_readme(c: &Container) {
+pub(crate) fn install_by_readme(c: &Container) {
     let src = stage_source(c);
     let block = readme_install_block();
     let script: String = block
@@ -182,7 +182,7 @@ fn install_by_readme(c: &Container) {
 /// Echo clients on `port` in a loop from `threads` threads (inside the container's network
 /// namespace) while `during` runs; returns (exchanges done, failures). Bounded: each thread
 /// stops after 20,000 exchanges or 60s even if `during` takes longer.
-fn echo_load<T: Send>(
+pub(crate) fn echo_load<T: Send>(
     c: &Container,
     port: u16,
     threads: usize,
