@@ -625,7 +625,7 @@ impl Server {
 
     fn reload(&mut self) {
         self.notify.reloading();
-        reload::reload(self);
+        self.reload_config();
         self.sync_fd_store();
         let status = self.status_line();
         self.notify.ready(&status);
@@ -683,37 +683,5 @@ impl Server {
         self.slots
             .values()
             .find_map(|s| s.listener.as_ref().map(|l| l.local_addr().clone()))
-    }
-}
-
-/// What `reload` needs from the server; kept in one place so the reload planner stays a
-/// separate, testable concern.
-impl Server {
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.registry
-    }
-    pub(crate) fn config(&self) -> &Config {
-        &self.config
-    }
-    pub(crate) fn parts_mut(&mut self) -> (&mut BTreeMap<usize, Slot>, &mio::Registry) {
-        (&mut self.slots, self.poll.registry())
-    }
-    pub(crate) fn install(
-        &mut self,
-        cfg: crate::config::ListenerConfig,
-        listener: Listener,
-    ) -> Result<usize, ServeError> {
-        let id = self.add_slot(cfg, listener)?;
-        if let Some(slot) = self.slots.get_mut(&id) {
-            slot.watch(self.poll.registry());
-        }
-        self.again.push(id);
-        Ok(id)
-    }
-    pub(crate) fn set_config(&mut self, config: Config) {
-        self.config = config;
-    }
-    pub(crate) fn stopping(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.shared.stopping)
     }
 }

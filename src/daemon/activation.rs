@@ -114,11 +114,6 @@ impl Inherited {
         Inherited { passed }
     }
 
-    /// Whether any passed socket is still unclaimed.
-    pub fn is_empty(&self) -> bool {
-        self.passed.is_empty()
-    }
-
     /// The passed socket for `cfg`: by fd name first, else by protocol and address.
     pub fn take_for(&mut self, cfg: &ListenerConfig) -> Option<Taken> {
         let by_name = self

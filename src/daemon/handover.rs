@@ -25,8 +25,6 @@ pub fn from_pid() -> Option<u32> {
 /// This process is the new one of an upgrade.
 #[derive(Debug)]
 pub struct Handover {
-    /// The old process (this one's parent).
-    pub from: u32,
     /// Tells the old process `ok` once this one serves.
     pub ready: ReadyPipe,
     /// The real stderr, until `restore_stderr` puts it on fd 2.
@@ -71,7 +69,6 @@ impl Handover {
             );
         }
         Some(Handover {
-            from,
             ready: ReadyPipe::from_fd(ready),
             stderr: Some(stderr),
             pidfile,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::harness::*;
 use crate::sysd::Container;
-use crate::under_systemd::{
+use crate::deploy::{
     assert_shipped_services_answer, echo_load, install_by_readme, show, tcp_echo, udp_request,
     unix_echo, wait_journal, CONFIG, SYSTEMCTL, UNIX_ECHO,
 };
