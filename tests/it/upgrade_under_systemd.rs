@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use crate::harness::*;
-use crate::sysd::Container;
 use crate::deploy::{
     assert_shipped_services_answer, echo_load, install_by_readme, show, tcp_echo, udp_request,
     unix_echo, wait_journal, CONFIG, SYSTEMCTL, UNIX_ECHO,
 };
+use crate::harness::*;
+use crate::sysd::Container;
 
 /// Put a fresh copy of the binary at /usr/local/bin/socketd the way a package does: a new file
 /// renamed over the old one (the running binary stays intact).
