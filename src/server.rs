@@ -96,6 +96,9 @@ pub struct Server {
     upgrading: Option<upgrade::InProgress>,
     /// Listening sockets in the service manager's fd store (`fdstore`).
     fd_stored: fdstore::Stored,
+    /// The store has been brought in line once; when to try again for the rest.
+    fd_store_synced: bool,
+    fd_store_retry: Option<Instant>,
 }
 
 impl std::fmt::Debug for Server {
@@ -181,6 +184,8 @@ impl Server {
             on_ready: Vec::new(),
             upgrading: None,
             fd_stored: fdstore::Stored::new(),
+            fd_store_synced: false,
+            fd_store_retry: None,
         };
         if crate::daemon::handover::from_pid().is_some() {
             server.notify.defer_first_ready();
@@ -207,7 +212,7 @@ impl Server {
                         ),
                     }
                     let mut l = Listener::adopt(taken.fd, cfg)?;
-                    l.set_origin(taken.owned_file, taken.from_manager);
+                    l.set_origin(taken.owned_file, taken.from_manager, taken.path);
                     l
                 }
                 None => Listener::bind(cfg)?,
@@ -364,6 +369,7 @@ impl Server {
         self.collect_done();
         self.revisit();
         self.tick_guards();
+        self.retry_fd_store();
         self.check_upgrade();
         self.check_stop();
         Ok(())
@@ -505,9 +511,13 @@ impl Server {
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for t in [self.notify.watchdog_due(), self.upgrade_deadline()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.notify.watchdog_due(),
+            self.upgrade_deadline(),
+            self.fd_store_retry,
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(t, |n| n.min(t)));
         }

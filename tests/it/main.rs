@@ -31,3 +31,4 @@ mod systemd;
 mod traffic;
 mod under_systemd;
 mod upgrade;
+mod upgrade_under_systemd;
