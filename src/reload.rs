@@ -28,8 +28,9 @@ fn same_socket(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     a.protocol == b.protocol && a.address == b.address
 }
 
-/// Apply the config file's current content, or keep everything as it is and say why not.
-pub(crate) fn reload(server: &mut Server) {
+/// Apply the config file's current content, or keep everything as it is and say why not:
+/// `Ok` with a summary of what changed, or `Err` with every reason it was refused.
+pub(crate) fn reload(server: &mut Server) -> Result<String, Vec<String>> {
     let path = server.config().origin.clone();
     log::info!("reload: reading {}", path.display());
     let new = match Config::load(&path, server.registry()) {
@@ -39,18 +40,18 @@ pub(crate) fn reload(server: &mut Server) {
                 log::error!("reload refused: {d}");
             }
             log::error!("reload refused: the running configuration stays in force");
-            return;
+            return Err(e.diagnostics.iter().map(|d| d.to_string()).collect());
         }
     };
     let plan = match plan(server, &new) {
         Ok(p) => p,
         Err(e) => {
             log::error!("reload rolled back: {e}; the running configuration stays in force");
-            return;
+            return Err(vec![e]);
         }
     };
     warn_restart_only(&server.config().daemon, &new.daemon);
-    apply(server, new, plan);
+    Ok(apply(server, new, plan))
 }
 
 fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, String> {
@@ -98,7 +99,7 @@ fn plan(server: &mut Server, new: &Config) -> Result<Vec<Source>, String> {
     Ok(sources)
 }
 
-fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
+fn apply(server: &mut Server, new: Config, plan: Vec<Source>) -> String {
     let stopping = server.stopping();
     let mut live = HashSet::new();
     let (mut kept, mut added) = (0, 0);
@@ -158,7 +159,9 @@ fn apply(server: &mut Server, new: Config, plan: Vec<Source>) {
     }
     slots.retain(|_, s| s.listener.is_some() || s.busy > 0);
     server.set_config(new);
-    log::info!("reload: done ({kept} kept, {added} added, {removed} removed)");
+    let summary = format!("{kept} kept, {added} added, {removed} removed");
+    log::info!("reload: done ({summary})");
+    summary
 }
 
 fn install(
@@ -217,6 +220,12 @@ fn warn_restart_only(old: &crate::config::DaemonConfig, new: &crate::config::Dae
     }
     if old.syslog != new.syslog {
         needs.push("syslog");
+    }
+    if old.control != new.control {
+        needs.push("control/control_mode/control_group");
+    }
+    if old.metrics != new.metrics {
+        needs.push("metrics");
     }
     if !needs.is_empty() {
         log::warn!(

@@ -23,6 +23,7 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod ops;
 mod status;
 mod stop;
 
@@ -77,6 +78,8 @@ pub struct Server {
     notify: crate::daemon::notify::Notify,
     /// Run once when the daemon is serving (release a detaching parent, …).
     on_ready: Vec<Box<dyn FnOnce()>>,
+    /// The control socket, metrics endpoint and what they report (`ops`).
+    ops: ops::Ops,
 }
 
 impl std::fmt::Debug for Server {
@@ -103,6 +106,7 @@ impl Server {
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER).map_err(io_err("cannot create the waker"))?,
         );
+        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut server = Server {
@@ -132,6 +136,7 @@ impl Server {
             killed: false,
             notify: crate::daemon::notify::Notify::from_env(),
             on_ready: Vec::new(),
+            ops,
         };
         // Sockets from the service manager first; a listener none was passed for binds its own.
         let mut inherited = crate::daemon::activation::Inherited::from_env();
@@ -214,6 +219,7 @@ impl Server {
                 );
             }
         }
+        self.start_ops()?;
         log::info!("socketd ready: {} listeners", self.slots.len());
         let status = self.status_line();
         self.notify.ready(&status);
@@ -246,6 +252,7 @@ impl Server {
                 }
             }
             self.collect_done();
+            self.answer_asks();
             self.revisit();
             self.tick_guards();
             self.check_stop();
@@ -327,6 +334,11 @@ impl Server {
             };
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
+            if done.outcome != crate::worker::Outcome::Ok {
+                slot.stats
+                    .handler_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if slot.listener.is_none() {
                 if slot.busy == 0 {
                     log::info!("listener `{}`: drained", slot.cfg.name);
@@ -356,7 +368,7 @@ impl Server {
                     _ => self.stop_now("second stop signal"),
                 },
                 SIGQUIT => self.stop_now("SIGQUIT"),
-                SIGHUP if self.state == State::Running => self.reload(),
+                SIGHUP if self.state == State::Running => drop(self.reload()),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
                 SIGUSR1 => self.log_status(),
                 _ => {}
@@ -368,13 +380,6 @@ impl Server {
     /// of `--daemon`).
     pub fn on_ready(&mut self, hook: impl FnOnce() + 'static) {
         self.on_ready.push(Box::new(hook));
-    }
-
-    fn reload(&mut self) {
-        self.notify.reloading();
-        crate::reload::reload(self);
-        let status = self.status_line();
-        self.notify.ready(&status);
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,11 @@ pub struct Slot {
     pub fork: Option<crate::worker::forked::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// Counters for status and metrics (by listener name: they outlive this slot).
+    pub stats: Arc<crate::stats::ListenerStats>,
+    /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
+    /// accepted until `socketd resume`.
+    pub paused: bool,
     /// A `wait = true` exec listener's program, resolved once per config (accounts included)
     /// rather than on every drain.
     wait: Option<crate::exec::Program>,
@@ -102,6 +107,7 @@ impl Slot {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
         let wait = crate::handler::exec::wait_program(&cfg);
+        let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -117,7 +123,9 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            stats,
             wait,
+            paused: false,
         })
     }
 
@@ -136,6 +144,9 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if self.paused {
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -165,6 +176,10 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.paused {
+            self.unwatch(poll);
+            return Drained::Empty;
+        }
         if let Some(program) = self.wait.clone() {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
@@ -198,6 +213,7 @@ impl Slot {
                     else {
                         continue;
                     };
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if self.cfg.workers == WorkerModel::Event {
                         self.dispatch_event(shared, conn, peer, ticket);
                         continue;
@@ -208,6 +224,7 @@ impl Slot {
                     if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now()) {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
                         let (id, cfg) = (self.id, &self.cfg);
                         if let Err(e) =

@@ -8,6 +8,7 @@
 
 mod across;
 mod error;
+mod ops;
 mod parse;
 mod protection;
 mod raw;
@@ -18,6 +19,7 @@ mod validate;
 mod values;
 
 pub use error::{ConfigError, Diagnostic};
+pub use ops::{AccessLogTarget, ControlConfig};
 pub use protection::{
     parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,
 };

@@ -82,6 +82,7 @@ impl RefusalLog {
         now: Instant,
     ) {
         self.totals[reason.index()] += 1;
+        crate::stats::listener(listener).refused(reason);
         if self.quiet_until.is_some() {
             self.counts[reason.index()] += 1;
             return;

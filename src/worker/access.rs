@@ -110,7 +110,14 @@ fn outcome_word(o: &Outcome) -> &'static str {
     }
 }
 
-/// Log the access line of a finished connection.
+/// Whether the byte counters of an ending connection are wanted (a `getsockopt` each): for
+/// the access line or the metrics. Always in the daemon, which keeps per-listener counters.
+pub fn wanted() -> bool {
+    !super::forked::in_forked_child() || crate::access_log::enabled()
+}
+
+/// A finished connection: count it in the listener's metrics and hand its access line to
+/// the access log's sink (`[daemon] access_log`; never the daemon's own log).
 pub fn log_stream(
     listener: &str,
     peer: &PeerAddr,
@@ -118,16 +125,22 @@ pub fn log_stream(
     bytes: Bytes,
     outcome: &Outcome,
 ) {
-    log::info!(
-        "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
-        took,
-        count(bytes.received),
-        count(bytes.sent),
-        outcome_word(outcome)
-    );
+    if !super::forked::in_forked_child() {
+        crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
+    }
+    if crate::access_log::enabled() {
+        crate::access_log::line(format!(
+            "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
+            took,
+            count(bytes.received),
+            count(bytes.sent),
+            outcome_word(outcome)
+        ));
+    }
 }
 
-/// Log a finished datagram (debug level).
+/// A finished datagram: its bytes count in the metrics; its access line goes to the daemon's
+/// log at debug level only, so a UDP flood cannot flood any log.
 pub fn log_datagram(
     listener: &str,
     peer: &PeerAddr,
@@ -135,6 +148,12 @@ pub fn log_datagram(
     len: usize,
     outcome: &Outcome,
 ) {
+    if !super::forked::in_forked_child() {
+        let stats = crate::stats::listener(listener);
+        stats
+            .bytes_in
+            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     log::debug!(
         "access: listener `{listener}` peer {peer} duration {took:?} datagram in {len} outcome {}",
         outcome_word(outcome)

@@ -49,6 +49,11 @@ impl Notifier {
         Notifier { tx, waker }
     }
 
+    /// The loop's waker, for other threads that hand the loop work (the control socket).
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
     /// Report a finished job; the loop may already be gone at exit, which is fine.
     pub fn done(&self, done: Done) {
         if self.tx.send(done).is_ok() {
@@ -143,7 +148,7 @@ pub fn serve_stream<G>(
     let outcome = run(factory, ctx, &mut req);
     // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
-        Request::Stream(s) if log::log_enabled!(log::Level::Info) => access::bytes(s.conn()),
+        Request::Stream(s) if access::wanted() => access::bytes(s.conn()),
         _ => access::Bytes::default(),
     };
     drop(before_close);
