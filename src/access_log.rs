@@ -10,8 +10,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -54,6 +56,98 @@ fn shared() -> &'static Shared {
     SHARED.get_or_init(Shared::default)
 }
 
+/// Worker processes (forked workers, and the fork servers for exec programs) have neither the
+/// writer thread nor the daemon's counters: they send each ended connection over this
+/// datagram socket (created before the fork servers, so they inherit it) to a thread in the
+/// daemon, which counts it and writes its line. `-1` when there is none.
+static FORWARD_FD: AtomicI32 = AtomicI32::new(-1);
+/// The daemon's pid: any other process forwards.
+static DAEMON_PID: AtomicU32 = AtomicU32::new(0);
+/// The daemon's end of the forwarding socket, until `start` takes it.
+static FORWARD_RX: Mutex<Option<UnixDatagram>> = Mutex::new(None);
+/// The largest forwarded record (a longer one is cut to this).
+const MAX_FORWARD: usize = 8 * 1024;
+
+/// Create the forwarding socket. Call in the daemon before the fork servers are forked.
+pub fn prepare() -> std::io::Result<()> {
+    let (tx, rx) = UnixDatagram::pair()?;
+    tx.set_nonblocking(true)?;
+    DAEMON_PID.store(std::process::id(), Relaxed);
+    FORWARD_FD.store(std::os::fd::IntoRawFd::into_raw_fd(tx), Relaxed);
+    if let Ok(mut r) = FORWARD_RX.lock() {
+        *r = Some(rx);
+    }
+    Ok(())
+}
+
+/// The descriptor worker processes must keep open (or -1).
+pub fn forward_fd() -> RawFd {
+    FORWARD_FD.load(Relaxed)
+}
+
+/// Whether this process is a worker process that forwards to the daemon.
+pub fn forwards() -> bool {
+    let daemon = DAEMON_PID.load(Relaxed);
+    daemon != 0 && daemon != std::process::id() && forward_fd() >= 0
+}
+
+/// One ended connection, as a worker process sends it to the daemon.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ended {
+    pub listener: String,
+    pub micros: u64,
+    pub received: Option<u64>,
+    pub sent: Option<u64>,
+    /// The access line, when the daemon's access log is on.
+    pub line: Option<String>,
+}
+
+/// From a worker process: hand an ended connection to the daemon (never blocks; a full
+/// socket loses the record).
+pub fn forward(ended: &Ended) {
+    let fd = forward_fd();
+    if fd < 0 {
+        return;
+    }
+    let Ok(mut bytes) = serde_json::to_vec(ended) else {
+        return;
+    };
+    bytes.truncate(MAX_FORWARD);
+    // SAFETY: `fd` is the forwarding socket, open for the life of the process (kept by the
+    // descriptor sweeps); send(2) reads `bytes` only.
+    unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+/// In the daemon: count and write what worker processes forward.
+fn forward_loop(rx: &UnixDatagram) {
+    let mut buf = vec![0u8; MAX_FORWARD];
+    loop {
+        let n = match rx.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let Ok(e) = serde_json::from_slice::<Ended>(&buf[..n]) else {
+            continue;
+        };
+        crate::stats::listener(&e.listener).connection_ended(
+            Duration::from_micros(e.micros),
+            e.received,
+            e.sent,
+        );
+        if let Some(l) = e.line {
+            line(l);
+        }
+    }
+}
+
 /// What `socketd status` and the metrics show about the access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counts {
@@ -87,8 +181,7 @@ pub fn start(target: &AccessLogTarget, syslog: &SyslogConfig) -> std::io::Result
     let s = shared();
     let (tx, rx) = sync_channel(QUEUE_LINES);
     let mut writer = Writer::open(target, syslog);
-    s.enabled
-        .store(*target != AccessLogTarget::Off, Relaxed);
+    s.enabled.store(*target != AccessLogTarget::Off, Relaxed);
     set_current(target);
     let syslog = syslog.clone();
     std::thread::Builder::new()
@@ -97,6 +190,11 @@ pub fn start(target: &AccessLogTarget, syslog: &SyslogConfig) -> std::io::Result
             writer_loop(&mut writer, &rx, s, &syslog);
         })?;
     let _ = SINK.set(Sink { tx, shared: s });
+    if let Some(rx) = FORWARD_RX.lock().ok().and_then(|mut r| r.take()) {
+        std::thread::Builder::new()
+            .name("socketd:forwarded".into())
+            .spawn(move || forward_loop(&rx))?;
+    }
     Ok(())
 }
 
@@ -147,9 +245,15 @@ fn wake() {
 /// Where the writer thread writes.
 enum Writer {
     Off,
-    Stderr { journald: bool },
-    Syslog(Box<crate::daemon::syslog::Syslog>),
-    File { path: std::path::PathBuf, file: Option<File> },
+    Stderr {
+        journald: bool,
+    },
+    /// The daemon log's own connection when it logs to syslog, else one of its own.
+    Syslog(Option<Box<crate::daemon::syslog::Syslog>>),
+    File {
+        path: std::path::PathBuf,
+        file: Option<File>,
+    },
 }
 
 fn open_file(path: &std::path::Path) -> std::io::Result<File> {
@@ -168,9 +272,10 @@ impl Writer {
             AccessLogTarget::Stderr => Writer::Stderr {
                 journald: std::env::var_os("JOURNAL_STREAM").is_some(),
             },
-            AccessLogTarget::Syslog => {
-                Writer::Syslog(Box::new(crate::daemon::syslog::Syslog::new(syslog)))
-            }
+            AccessLogTarget::Syslog => Writer::Syslog(match crate::logging::syslog() {
+                Some(_) => None,
+                None => Some(Box::new(crate::daemon::syslog::Syslog::new(syslog))),
+            }),
             AccessLogTarget::File(path) => {
                 let file = match open_file(path) {
                     Ok(f) => Some(f),
@@ -226,7 +331,11 @@ impl Writer {
                     .write_all(buf.as_bytes())
                     .map_err(|e| (n, e.to_string()))
             }
-            Writer::Syslog(s) => {
+            Writer::Syslog(own) => {
+                let shared = crate::logging::syslog();
+                let Some(s) = own.as_deref().or(shared) else {
+                    return Ok(());
+                };
                 for l in lines {
                     s.log(
                         &log::Record::builder()
@@ -255,13 +364,9 @@ impl Writer {
     }
 }
 
-fn writer_loop(
-    writer: &mut Writer,
-    rx: &Receiver<Msg>,
-    s: &'static Shared,
-    syslog: &SyslogConfig,
-) {
-    let mut report_at = Instant::now() + REPORT_EVERY;
+fn writer_loop(writer: &mut Writer, rx: &Receiver<Msg>, s: &'static Shared, syslog: &SyslogConfig) {
+    // The first drop is reported at once, later ones at most every REPORT_EVERY.
+    let mut report_at = Instant::now();
     let mut reported = 0u64;
     let mut last_error = String::new();
     let mut batch: Vec<String> = Vec::new();
@@ -310,14 +415,15 @@ fn writer_loop(
                     format!("last error: {last_error}")
                 };
                 log::warn!(
-                    "access log: {} lines dropped in the last {}s ({dropped} since start); {why}",
+                    "access log: {} lines dropped ({dropped} since start; reported at most \
+                     every {}s); {why}",
                     dropped - reported,
                     REPORT_EVERY.as_secs()
                 );
                 reported = dropped;
                 last_error.clear();
+                report_at = now + REPORT_EVERY;
             }
-            report_at = now + REPORT_EVERY;
         }
     }
 }

@@ -304,7 +304,11 @@ pub fn render(status: &Value) -> String {
         "Reloads (SIGHUP or socketd reload), by result.",
     );
     let reloads = &status["reloads"];
-    o.sample("socketd_reloads_total", "result=\"ok\"", num(&reloads["ok"]));
+    o.sample(
+        "socketd_reloads_total",
+        "result=\"ok\"",
+        num(&reloads["ok"]),
+    );
     o.sample(
         "socketd_reloads_total",
         "result=\"refused\"",

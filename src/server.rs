@@ -204,6 +204,8 @@ impl Server {
         // `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool threads, event
         // loops and everything else start after this line.
         crate::worker::forked::cloexec_all();
+        // Worker processes send ended connections to the daemon over this (they inherit it).
+        crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
         let forks =
             crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
                 .map_err(io_err("cannot start the fork server for forked workers"))?;

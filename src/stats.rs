@@ -116,7 +116,9 @@ pub fn listener(name: &str) -> Arc<ListenerStats> {
 /// Every listener that has counters, by name (listeners a reload removed included).
 pub fn all() -> Vec<(String, Arc<ListenerStats>)> {
     let map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    map.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
+    map.iter()
+        .map(|(k, v)| (k.clone(), Arc::clone(v)))
+        .collect()
 }
 
 /// Reloads applied and refused since start (SIGHUP and `socketd reload` alike).
@@ -157,8 +159,15 @@ mod tests {
         assert_eq!(h.cumulative[3], 2, "<= 50ms");
         assert_eq!(h.cumulative[DURATION_BUCKETS.len() - 1], 2, "<= 1h");
         assert_eq!(h.cumulative[DURATION_BUCKETS.len()], 3, "+Inf");
-        assert!((h.sum_seconds - 7200.0205).abs() < 1e-6, "{}", h.sum_seconds);
-        assert_eq!((s.bytes_in.load(Relaxed), s.bytes_out.load(Relaxed)), (6, 8));
+        assert!(
+            (h.sum_seconds - 7200.0205).abs() < 1e-6,
+            "{}",
+            h.sum_seconds
+        );
+        assert_eq!(
+            (s.bytes_in.load(Relaxed), s.bytes_out.load(Relaxed)),
+            (6, 8)
+        );
     }
 
     #[test]

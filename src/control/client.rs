@@ -60,8 +60,12 @@ pub fn find_socket(config: &Path, control: Option<&Path>) -> Result<PathBuf, Str
 
 /// Send `command` to the daemon at `socket`; returns the answer and the open stream.
 pub fn request(socket: &Path, command: &Command) -> Result<(Value, UnixStream), String> {
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to the control socket {}: {e}", socket.display()))?;
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to the control socket {}: {e}",
+            socket.display()
+        )
+    })?;
     let _ = stream.set_write_timeout(Some(ANSWER_WAIT));
     let _ = stream.set_read_timeout(Some(ANSWER_WAIT));
     stream
@@ -189,11 +193,7 @@ fn print_status(s: &Value) {
         s["state"].as_str().unwrap_or("?"),
         humantime::format_duration(Duration::from_secs(up as u64))
     );
-    println!(
-        "process: {} fds, RSS {}",
-        p["fds"],
-        mib(&p["rss_bytes"])
-    );
+    println!("process: {} fds, RSS {}", p["fds"], mib(&p["rss_bytes"]));
     println!(
         "config: {} (sha256 {})",
         s["config"]["path"].as_str().unwrap_or("?"),
@@ -230,8 +230,16 @@ fn print_status(s: &Value) {
     }
     println!(
         "{:<16} {:<10} {:<24} {:<9} {:<10} {:>6} {:>9} {:>9} {:>8} {:>7}",
-        "LISTENER", "PROTO", "ADDRESS", "WORKERS", "STATE", "OPEN", "BUSY/MAX", "ACCEPTED",
-        "REFUSED", "ERRORS"
+        "LISTENER",
+        "PROTO",
+        "ADDRESS",
+        "WORKERS",
+        "STATE",
+        "OPEN",
+        "BUSY/MAX",
+        "ACCEPTED",
+        "REFUSED",
+        "ERRORS"
     );
     for l in s["listeners"].as_array().into_iter().flatten() {
         let refused: u64 = l["refused"]

@@ -85,7 +85,18 @@ impl Command {
             Some(Value::String(_)) => {}
             _ => return Err("the request has no \"command\" string".into()),
         }
-        serde_json::from_value(v).map_err(|e| format!("bad request: {e}"))
+        let keys: Vec<String> = m.keys().cloned().collect();
+        let command: Command =
+            serde_json::from_value(v).map_err(|e| format!("bad request: {e}"))?;
+        // serde ignores extra fields beside a unit variant's tag; a typo must not pass.
+        let known = serde_json::to_value(&command).unwrap_or(Value::Null);
+        if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
+            return Err(format!(
+                "bad request: unknown field `{k}` for command {}",
+                known["command"]
+            ));
+        }
+        Ok(command)
     }
 }
 

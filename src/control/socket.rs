@@ -75,10 +75,7 @@ impl ControlSocket {
             return Ok(None);
         };
         let context = |e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!("control socket {}: {e}", path.display()),
-            )
+            io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
         };
         crate::listener::clear_stale_socket(path).map_err(context)?;
         let file = SocketFile {
@@ -87,7 +84,8 @@ impl ControlSocket {
             group: cfg.group.clone(),
         };
         let listener =
-            crate::protect::socket_file::bind(path, &file, |p: &Path| UnixListener::bind(p)).map_err(context)?;
+            crate::protect::socket_file::bind(path, &file, |p: &Path| UnixListener::bind(p))
+                .map_err(context)?;
         let ino = std::fs::metadata(path).map_err(context)?.ino();
         Ok(Some(ControlSocket {
             listener,
@@ -182,7 +180,12 @@ fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(timeout_message(&buf))
             }
             Err(e) => return Err(format!("cannot read the request: {e}")),
@@ -192,10 +195,7 @@ fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
 
 fn timeout_message(buf: &[u8]) -> String {
     if buf.is_empty() {
-        format!(
-            "timed out: no request within {}s",
-            READ_DEADLINE.as_secs()
-        )
+        format!("timed out: no request within {}s", READ_DEADLINE.as_secs())
     } else {
         format!(
             "timed out: the request ({} bytes) did not end with a newline within {}s",

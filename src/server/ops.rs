@@ -133,7 +133,10 @@ impl Server {
                     if s.has_capacity() && !s.fd_starved {
                         s.watch(poll);
                     }
-                    log::info!("listener `{}`: accepting again (socketd resume)", s.cfg.name);
+                    log::info!(
+                        "listener `{}`: accepting again (socketd resume)",
+                        s.cfg.name
+                    );
                     json!({"listener": s.cfg.name, "paused": false})
                 });
                 // Connections queued while paused raise no new readiness edge: look now.

@@ -110,12 +110,6 @@ fn outcome_word(o: &Outcome) -> &'static str {
     }
 }
 
-/// Whether the byte counters of an ending connection are wanted (a `getsockopt` each): for
-/// the access line or the metrics. Always in the daemon, which keeps per-listener counters.
-pub fn wanted() -> bool {
-    !super::forked::in_forked_child() || crate::access_log::enabled()
-}
-
 /// A finished connection: count it in the listener's metrics and hand its access line to
 /// the access log's sink (`[daemon] access_log`; never the daemon's own log).
 pub fn log_stream(
@@ -125,17 +119,32 @@ pub fn log_stream(
     bytes: Bytes,
     outcome: &Outcome,
 ) {
-    if !super::forked::in_forked_child() {
-        crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
-    }
-    if crate::access_log::enabled() {
-        crate::access_log::line(format!(
+    // A worker process always sends the line: the daemon's access log may have been turned on
+    // by a reload since this process was forked, and the daemon decides.
+    let forwards = crate::access_log::forwards();
+    let line = (forwards || crate::access_log::enabled()).then(|| {
+        format!(
             "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
             took,
             count(bytes.received),
             count(bytes.sent),
             outcome_word(outcome)
-        ));
+        )
+    });
+    if forwards {
+        // A worker process: the daemon counts it and writes the line.
+        crate::access_log::forward(&crate::access_log::Ended {
+            listener: listener.to_string(),
+            micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            received: bytes.received,
+            sent: bytes.sent,
+            line,
+        });
+        return;
+    }
+    crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
+    if let Some(line) = line {
+        crate::access_log::line(line);
     }
 }
 
@@ -148,7 +157,7 @@ pub fn log_datagram(
     len: usize,
     outcome: &Outcome,
 ) {
-    if !super::forked::in_forked_child() {
+    if !crate::access_log::forwards() {
         let stats = crate::stats::listener(listener);
         stats
             .bytes_in

@@ -64,46 +64,61 @@ fn tag_pid(line: &str) -> i32 {
         .unwrap_or_else(|e| panic!("pid {pid:?} in {line:?}: {e}"))
 }
 
-/// A forked worker logs its access line itself; syslog must name the worker's pid, not the
-/// daemon's (which the logger saw when it was set up).
+/// A forked worker's own lines over syslog name the worker's pid, not the daemon's (which the
+/// logger saw when it was set up): here its debug line for a datagram. Its connections' access
+/// lines are written by the daemon's access log sink (`access_log = "syslog"`), so they carry
+/// the daemon's pid and count in its metrics.
 #[test]
 fn forked_workers_log_with_their_own_pid_over_syslog() {
     let dir = TestDir::new();
     let log_path = dir.path().join("log.sock");
     let sink = UnixDatagram::bind(&log_path).expect("bind the syslog sink");
     let config = format!(
-        "[daemon]\nlog = \"syslog\"\nshutdown_timeout = \"1s\"\n[daemon.syslog]\naddress = \"unix:{}\"\n\
+        "[daemon]\nlog = \"syslog\"\nlog_level = \"debug\"\naccess_log = \"syslog\"\n\
+         shutdown_timeout = \"1s\"\n[daemon.syslog]\naddress = \"unix:{}\"\n\
          [[listener]]\nname = \"fecho\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n\
+         workers = \"forked\"\n\
+         [[listener]]\nname = \"fudp\"\nprotocol = \"udp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n\
          workers = \"forked\"\n",
         log_path.display()
     );
     let mut d = Daemon::spawn(&config);
     let mut seen = Vec::new();
-    let ready = wait_syslog(&sink, "socketd ready: 1 listeners", &mut seen);
+    let ready = wait_syslog(&sink, "socketd ready: 2 listeners", &mut seen);
     assert_eq!(
         tag_pid(&ready),
         d.pid(),
         "the daemon's own lines: {ready:?}"
     );
-    let line = seen
-        .iter()
-        .find(|m| m.contains("listener `fecho` listening on tcp "))
-        .expect("listening line");
-    let addr: std::net::SocketAddr = line
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.trim().parse().ok())
-        .unwrap_or_else(|| panic!("address in {line:?}"));
-    let mut s = Stream::tcp(addr);
+    let addr_of = |proto: &str, name: &str| -> std::net::SocketAddr {
+        let line = seen
+            .iter()
+            .find(|m| m.contains(&format!("listener `{name}` listening on {proto} ")))
+            .expect("listening line");
+        line.rsplit(' ')
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("address in {line:?}"))
+    };
+    let (tcp, udp) = (addr_of("tcp", "fecho"), addr_of("udp", "fudp"));
+    let mut s = Stream::tcp(tcp);
     s.write_all(b"hello").expect("write");
     s.shutdown_write();
     assert_eq!(s.read_to_end_vec(), b"hello");
     let access = wait_syslog(&sink, "access: listener `fecho`", &mut seen);
-    let worker = tag_pid(&access);
-    assert_ne!(
-        worker,
+    assert!(access.contains(" in 5 out 5 outcome ok"), "{access}");
+    assert_eq!(
+        tag_pid(&access),
         d.pid(),
-        "a forked worker's access line carries the daemon's pid: {access:?}"
+        "the access line is written by the daemon's sink: {access:?}"
+    );
+    let c = Dgram::udp(udp);
+    assert_eq!(c.request(b"ping"), b"ping");
+    let worker_line = wait_syslog(&sink, "access: listener `fudp`", &mut seen);
+    assert_ne!(
+        tag_pid(&worker_line),
+        d.pid(),
+        "a forked worker's own line carries the daemon's pid: {worker_line:?}"
     );
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);

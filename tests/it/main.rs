@@ -9,6 +9,7 @@ mod harness;
 
 mod concurrency;
 mod config_errors;
+mod control;
 mod daemon_mode;
 mod event;
 mod exec;
@@ -18,6 +19,7 @@ mod forked_exec;
 mod handlers;
 mod hostile;
 mod log_lines;
+mod metrics;
 mod protection;
 mod proxy;
 mod reload;
