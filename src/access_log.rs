@@ -249,7 +249,7 @@ enum Writer {
         journald: bool,
     },
     /// The daemon log's own connection when it logs to syslog, else one of its own.
-    Syslog(Option<Box<crate::daemon::syslog::Syslog>>),
+    Syslog(Option<Box<crate::logging::syslog::Syslog>>),
     File {
         path: std::path::PathBuf,
         file: Option<File>,
@@ -272,9 +272,9 @@ impl Writer {
             AccessLogTarget::Stderr => Writer::Stderr {
                 journald: std::env::var_os("JOURNAL_STREAM").is_some(),
             },
-            AccessLogTarget::Syslog => Writer::Syslog(match crate::logging::syslog() {
+            AccessLogTarget::Syslog => Writer::Syslog(match crate::logging::shared_syslog() {
                 Some(_) => None,
-                None => Some(Box::new(crate::daemon::syslog::Syslog::new(syslog))),
+                None => Some(Box::new(crate::logging::syslog::Syslog::new(syslog))),
             }),
             AccessLogTarget::File(path) => {
                 let file = match open_file(path) {
@@ -332,7 +332,7 @@ impl Writer {
                     .map_err(|e| (n, e.to_string()))
             }
             Writer::Syslog(own) => {
-                let shared = crate::logging::syslog();
+                let shared = crate::logging::shared_syslog();
                 let Some(s) = own.as_deref().or(shared) else {
                     return Ok(());
                 };

@@ -7,7 +7,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,4 +196,14 @@ impl fmt::Display for PeerAddr {
             }
         }
     }
+}
+
+/// The largest datagram socketd reads: the whole UDP payload.
+pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Where datagram replies go: a handle on the listening socket.
+#[derive(Debug, Clone)]
+pub enum DatagramSocket {
+    Udp(Arc<std::net::UdpSocket>),
+    Unix(Arc<UnixDatagram>),
 }

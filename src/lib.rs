@@ -4,22 +4,30 @@
 //! and a worker model; a mio loop accepts and dispatches; signals drive stop and reload. A
 //! program that wants its own handlers builds a `Registry` and calls `cli::main_with`.
 
-pub mod access_log;
-pub mod cli;
-pub mod config;
+// Ground: below everything (see .ci/layers and README's Architecture).
+pub(crate) mod clock;
 pub mod conn;
+pub mod jobs;
+pub mod process;
+mod sha256;
+pub mod stats;
+// Config: text -> Config, knowing no handler.
+pub mod config;
+// Mechanics.
+pub(crate) mod access;
+pub mod access_log;
 pub mod control;
 pub mod daemon;
-mod event;
 pub mod exec;
-pub mod handler;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod protect;
-mod reload;
+// Handlers, then worker models, then the slot, then the loop.
+mod event;
+pub mod handler;
 pub mod server;
-mod sha256;
 mod slot;
-pub mod stats;
 pub mod worker;
+// The daemon.
+pub mod cli;

@@ -19,8 +19,8 @@ use mio::{Interest, Registry as PollRegistry, Token};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{defaults, ListenAddr, ListenerConfig, Protocol};
+use crate::conn::DatagramSocket;
 use crate::conn::{Conn, PeerAddr, PeerCred};
-use crate::handler::DatagramSocket;
 
 /// Why a listener could not be bound, with the listener named so the operator knows which.
 #[derive(Debug)]

@@ -203,7 +203,7 @@ pub fn render(status: &Value) -> String {
     );
     for l in listeners {
         let name = label(l["name"].as_str().unwrap_or(""));
-        for (_, reason) in crate::stats::REASONS {
+        for reason in crate::stats::REFUSAL_LABELS {
             let lbl = format!("listener=\"{name}\",reason=\"{reason}\"");
             o.sample(
                 "socketd_connections_refused_total",

@@ -24,6 +24,7 @@ use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
 mod ops;
+mod reload;
 mod status;
 mod stop;
 

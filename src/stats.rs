@@ -8,26 +8,24 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::protect::Reason;
-
 /// Upper bounds (seconds) of the connection-duration histogram's buckets (`+Inf` is implied).
 pub const DURATION_BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
 ];
 
-/// Refusal reasons with the label they carry in status and metrics.
-pub const REASONS: [(Reason, &str); 7] = [
-    (Reason::Acl, "acl"),
-    (Reason::MaxConnections, "max_connections"),
-    (Reason::MaxPerSource, "max_per_source"),
-    (Reason::Rate, "rate"),
-    (Reason::SourcePort, "source_port"),
-    (Reason::BadSource, "bad_source"),
-    (Reason::MaxDuration, "max_duration"),
+/// The refusal reasons' labels in status and metrics (`protect::Reason::label` gives them).
+pub const REFUSAL_LABELS: [&str; 7] = [
+    "acl",
+    "max_connections",
+    "max_per_source",
+    "rate",
+    "source_port",
+    "bad_source",
+    "max_duration",
 ];
 
-fn reason_index(r: Reason) -> usize {
-    REASONS.iter().position(|(x, _)| *x == r).unwrap_or(0)
+fn reason_index(label: &str) -> Option<usize> {
+    REFUSAL_LABELS.iter().position(|l| *l == label)
 }
 
 /// One listener's counters since the daemon started.
@@ -41,7 +39,7 @@ pub struct ListenerStats {
     /// payload bytes received.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    refused: [AtomicU64; REASONS.len()],
+    refused: [AtomicU64; REFUSAL_LABELS.len()],
     /// Connection durations: per-bucket counts (not cumulative), the sum in microseconds and
     /// the count.
     buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
@@ -58,14 +56,16 @@ pub struct Histogram {
 }
 
 impl ListenerStats {
-    /// Count one refusal (or cut) for `reason`.
-    pub fn refused(&self, reason: Reason) {
-        self.refused[reason_index(reason)].fetch_add(1, Relaxed);
+    /// Count one refusal (or cut) for the reason labelled `label` (one of `REFUSAL_LABELS`).
+    pub fn refused(&self, label: &str) {
+        if let Some(i) = reason_index(label) {
+            self.refused[i].fetch_add(1, Relaxed);
+        }
     }
 
-    /// Refusals since start for `reason`.
-    pub fn refused_total(&self, reason: Reason) -> u64 {
-        self.refused[reason_index(reason)].load(Relaxed)
+    /// Refusals since start for the reason labelled `label`.
+    pub fn refused_total(&self, label: &str) -> u64 {
+        reason_index(label).map_or(0, |i| self.refused[i].load(Relaxed))
     }
 
     /// Record a connection that ended after `took`, with its byte counts when known.
@@ -173,13 +173,14 @@ mod tests {
     #[test]
     fn refusals_count_by_reason_and_names_are_shared() {
         let a = listener("stats-test-a");
-        a.refused(Reason::Rate);
-        a.refused(Reason::Rate);
-        a.refused(Reason::Acl);
+        a.refused("rate");
+        a.refused("rate");
+        a.refused("acl");
+        a.refused("no such reason");
         let again = listener("stats-test-a");
-        assert_eq!(again.refused_total(Reason::Rate), 2);
-        assert_eq!(again.refused_total(Reason::Acl), 1);
-        assert_eq!(again.refused_total(Reason::MaxDuration), 0);
+        assert_eq!(again.refused_total("rate"), 2);
+        assert_eq!(again.refused_total("acl"), 1);
+        assert_eq!(again.refused_total("max_duration"), 0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! listener and key.
 
 mod across;
+mod catalog;
 mod error;
 mod ops;
 mod parse;
@@ -18,6 +19,7 @@ pub mod types;
 mod validate;
 mod values;
 
+pub use catalog::{BuildContext, Catalog};
 pub use error::{ConfigError, Diagnostic};
 pub use ops::{AccessLogTarget, ControlConfig};
 pub use protection::{
@@ -29,17 +31,19 @@ pub use values::parse_duration;
 
 use std::path::Path;
 
-use crate::handler::Registry;
-
 impl Config {
     /// Parse and validate config text; `origin` is used in messages and kept for reloads.
-    pub fn from_str(text: &str, origin: &Path, registry: &Registry) -> Result<Config, ConfigError> {
-        parse::parse(text, origin, registry)
+    pub fn from_str(
+        text: &str,
+        origin: &Path,
+        catalog: &dyn Catalog,
+    ) -> Result<Config, ConfigError> {
+        parse::parse(text, origin, catalog)
     }
 
     /// Read, parse and validate a config file.
-    pub fn load(path: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path, catalog: &dyn Catalog) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, e))?;
-        Config::from_str(&text, path, registry)
+        Config::from_str(&text, path, catalog)
     }
 }

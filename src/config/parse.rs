@@ -17,10 +17,14 @@ use super::error::{ConfigError, Diagnostics};
 use super::raw::{field_names, read_table, RawConfig, RawDaemon, RawListener};
 use super::types::*;
 use super::validate::{validate_daemon, validate_listener, Check, HandlerSettings, Section};
-use crate::handler::Registry;
+use super::Catalog;
 
 /// Parse and validate `text`; `origin` names the file in every diagnostic.
-pub(super) fn parse(text: &str, origin: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+pub(super) fn parse(
+    text: &str,
+    origin: &Path,
+    registry: &dyn Catalog,
+) -> Result<Config, ConfigError> {
     let mut diags = Diagnostics::new(text, origin);
     let (doc, syntax_errors) = DeTable::parse_recoverable(text);
     if !syntax_errors.is_empty() {
@@ -105,7 +109,7 @@ fn report_syntax(errors: &[toml::de::Error], diags: &mut Diagnostics<'_>) {
 /// The `listener` value: an array of tables (`[[listener]]` or `listener = [{...}]`).
 fn read_listeners(
     value: &Spanned<DeValue<'_>>,
-    registry: &Registry,
+    registry: &dyn Catalog,
     diags: &mut Diagnostics<'_>,
 ) -> Vec<ListenerConfig> {
     let Some(items) = value.get_ref().as_array() else {
@@ -148,7 +152,7 @@ fn read_listener(
     number: usize,
     mut table: Spanned<DeTable<'_>>,
     names_seen: &mut Vec<String>,
-    registry: &Registry,
+    registry: &dyn Catalog,
     diags: &mut Diagnostics<'_>,
 ) -> (Section, RawListener, Option<ListenerConfig>) {
     let string = |key: &str| {

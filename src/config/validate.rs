@@ -15,7 +15,7 @@ use super::error::Diagnostics;
 use super::raw::{RawDaemon, RawListener};
 use super::types::*;
 use super::values::{parse_duration, parse_inet, parse_unix_path, suggest};
-use crate::handler::{BuildContext, Registry};
+use super::{BuildContext, Catalog};
 
 /// Where in the file a problem is, as the first words of its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,7 +254,7 @@ pub(super) fn validate_listener(
     raw: &RawListener,
     table: &Range<usize>,
     settings: Option<HandlerSettings>,
-    registry: &Registry,
+    registry: &dyn Catalog,
     c: &mut Check<'_, '_>,
 ) -> Option<ListenerConfig> {
     let mark = c.diags.mark();
@@ -290,7 +290,7 @@ pub(super) fn validate_listener(
                 "handler `{h}` has no event-loop implementation (it blocks a thread per \
                  request); workers = \"event\" serves the built-ins {}; use workers = \
                  \"threaded\" or \"forked\" for `{h}`",
-                crate::event::HANDLERS.join(", ")
+                registry.event_names().join(", ")
             );
             c.error(&span.span(), "workers", detail);
         }
@@ -325,14 +325,14 @@ pub(super) fn validate_listener(
 /// Run the handler's builder, which checks its own settings, so `check` catches those too.
 /// Its complaint goes on the handler's table if there is one, else on the `handler` key.
 fn build_handler(
-    registry: &Registry,
+    registry: &dyn Catalog,
     handler: &str,
     ctx: &BuildContext<'_>,
     settings: Option<&HandlerSettings>,
     handler_span: &Range<usize>,
     c: &mut Check<'_, '_>,
 ) {
-    if let Err(detail) = registry.build(handler, ctx) {
+    if let Err(detail) = registry.check(handler, ctx) {
         match settings {
             Some(s) => c.error(&s.key, handler, detail),
             None => c.error(handler_span, "handler", detail),

@@ -9,4 +9,3 @@ pub mod detach;
 pub mod notify;
 pub mod pidfile;
 pub mod privileges;
-pub mod syslog;

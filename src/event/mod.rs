@@ -26,12 +26,10 @@ use crate::conn::{Conn, PeerAddr};
 use crate::handler::file::FileSettings;
 use crate::handler::proxy::ProxySettings;
 use crate::handler::{BuildContext, DatagramSocket};
-use crate::slot::Shared;
+use crate::worker::Shared;
 
 /// The handler names that have an event-loop implementation.
-pub const HANDLERS: &[&str] = &[
-    "echo", "discard", "chargen", "daytime", "time", "proxy", "file",
-];
+pub use crate::handler::EVENT_HANDLERS as HANDLERS;
 
 /// What an event loop serves for one listener, built from its config.
 #[derive(Debug)]
@@ -298,11 +296,11 @@ fn answer_datagram(service: &Service, data: &[u8], peer: &PeerAddr, reply: &Data
         Service::Echo => data,
         Service::Discard => return,
         Service::Daytime => {
-            owned = crate::handler::clock::daytime_line(std::time::SystemTime::now()).into_bytes();
+            owned = crate::clock::daytime_line(std::time::SystemTime::now()).into_bytes();
             &owned
         }
         Service::Time => {
-            owned = crate::handler::clock::rfc868_seconds(std::time::SystemTime::now())
+            owned = crate::clock::rfc868_seconds(std::time::SystemTime::now())
                 .to_be_bytes()
                 .to_vec();
             &owned

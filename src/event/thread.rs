@@ -214,10 +214,8 @@ impl Loop {
             Service::Daytime | Service::Time => {
                 let mut pending = Pending::default();
                 match &*service {
-                    Service::Daytime => {
-                        pending.set(crate::handler::clock::daytime_line(now).as_bytes())
-                    }
-                    _ => pending.set(&crate::handler::clock::rfc868_seconds(now).to_be_bytes()),
+                    Service::Daytime => pending.set(crate::clock::daytime_line(now).as_bytes()),
+                    _ => pending.set(&crate::clock::rfc868_seconds(now).to_be_bytes()),
                 }
                 Machine::Reply { pending }
             }
@@ -367,10 +365,10 @@ impl Loop {
         // when the line is logged).
         {
             let bytes = match &c.client {
-                EvStream::Tcp(s) => crate::worker::access::tcp_bytes(s.as_fd()),
-                EvStream::Unix(_) => crate::worker::access::Bytes::default(),
+                EvStream::Tcp(s) => crate::access::tcp_bytes(s.as_fd()),
+                EvStream::Unix(_) => crate::access::Bytes::default(),
             };
-            crate::worker::access::log_stream(
+            crate::access::log_stream(
                 &self.ctx.name,
                 &c.peer,
                 c.started.elapsed(),

@@ -205,7 +205,7 @@ fn cloexec_above_stderr() {
         )
     };
     if r != 0 {
-        crate::worker::forked::cloexec_all();
+        crate::process::cloexec_all();
     }
 }
 

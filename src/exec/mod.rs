@@ -20,7 +20,6 @@ pub mod direct;
 mod env;
 mod output;
 pub mod spawn;
-pub mod wait;
 
 pub use env::{connection_env, socket_env, Var};
 
@@ -151,7 +150,7 @@ impl Program {
             // setgroups, setgid and setuid system calls on memory allocated before the fork.
             unsafe { cmd.pre_exec(move || account.switch()) };
         }
-        if !crate::worker::forked::in_forked_child() {
+        if !crate::process::in_forked_child() {
             cmd.process_group(0);
         }
         cmd.stderr(match self.stderr {
@@ -164,7 +163,7 @@ impl Program {
 
     /// Start `cmd`, log its stderr if asked, and track it until it ends.
     pub fn spawn(&self, mut cmd: Command, listener: &str) -> io::Result<Running> {
-        let own_group = !crate::worker::forked::in_forked_child();
+        let own_group = !crate::process::in_forked_child();
         let mut child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", self.argv[0])))?;
@@ -340,7 +339,7 @@ pub(crate) fn idle_check(
     name: &str,
     pid: i32,
 ) -> IdleCheck {
-    match crate::worker::access::tcp_idle(conn) {
+    match crate::access::tcp_idle(conn) {
         Some(quiet) if quiet >= limit => {
             let _ = conn.shutdown(std::net::Shutdown::Both);
             log::info!(
@@ -425,4 +424,10 @@ impl Account {
         }
         Ok(())
     }
+}
+
+/// Switch a shared socket between the blocking mode programs expect and the loop's mode.
+pub(crate) fn set_blocking(fd: &std::os::fd::OwnedFd, blocking: bool) -> io::Result<()> {
+    let sock = socket2::SockRef::from(fd);
+    sock.set_nonblocking(!blocking)
 }

@@ -7,9 +7,9 @@
 use std::io;
 use std::time::SystemTime;
 
-use super::clock::daytime_line;
 use super::util::reply_once;
 use super::{Context, Handler, Request};
+use crate::clock::daytime_line;
 
 /// The RFC 867 daytime service; answers once, with the UTC wall clock.
 #[derive(Debug, Default)]

@@ -7,7 +7,6 @@
 //! is nothing but `Registry::with_builtins()` plus the CLI.
 
 pub mod chargen;
-pub(crate) mod clock;
 pub mod daytime;
 pub mod discard;
 pub mod echo;
@@ -20,12 +19,13 @@ pub mod util;
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::{ListenerConfig, Protocol};
+pub use crate::config::BuildContext;
+use crate::config::{Catalog, ListenerConfig};
+pub use crate::conn::DatagramSocket;
 use crate::conn::{Conn, PeerAddr, SharedConn};
 
 /// One request's life, in socketserver's order: `setup`, then `handle`, then `finish` (which
@@ -45,18 +45,13 @@ pub trait Handler: Send {
     }
 }
 
+/// The built-in handler names that also have an event-loop implementation (`crate::event`).
+pub const EVENT_HANDLERS: &[&str] = &[
+    "echo", "discard", "chargen", "daytime", "time", "proxy", "file",
+];
+
 /// Makes one fresh handler per request; cheap to clone and share across workers.
 pub type Factory = Arc<dyn Fn() -> Box<dyn Handler> + Send + Sync>;
-
-/// What a builder is told about the listener it is building for, so it can refuse settings or a
-/// protocol it does not support with a message that `check` shows the operator.
-#[derive(Debug, Clone, Copy)]
-pub struct BuildContext<'a> {
-    pub listener: &'a str,
-    pub protocol: Protocol,
-    /// The table named after the handler, if the listener has one.
-    pub settings: Option<&'a toml::Table>,
-}
 
 /// Turns a listener's settings into a factory, or says what is wrong with them. Builders are
 /// called at `check` time and again at (re)start, so they must not have side effects.
@@ -93,10 +88,7 @@ impl Registry {
         r.register("proxy", proxy::build);
         r.register("exec", exec::build);
         r.register("file", file::build);
-        r.event_capable = crate::event::HANDLERS
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        r.event_capable = EVENT_HANDLERS.iter().map(|s| s.to_string()).collect();
         r
     }
 
@@ -162,6 +154,28 @@ impl Registry {
                 settings: l.handler_settings.as_ref(),
             },
         )
+    }
+}
+
+impl Catalog for Registry {
+    fn contains(&self, name: &str) -> bool {
+        Registry::contains(self, name)
+    }
+
+    fn names(&self) -> Vec<&str> {
+        Registry::names(self)
+    }
+
+    fn has_event(&self, name: &str) -> bool {
+        Registry::has_event(self, name)
+    }
+
+    fn event_names(&self) -> Vec<&str> {
+        EVENT_HANDLERS.to_vec()
+    }
+
+    fn check(&self, name: &str, ctx: &BuildContext<'_>) -> Result<(), String> {
+        self.build(name, ctx).map(drop)
     }
 }
 
@@ -250,13 +264,6 @@ impl StreamRequest {
     pub fn conn(&self) -> &Conn {
         self.wfile.get_ref()
     }
-}
-
-/// Where datagram replies go: a handle on the listening socket.
-#[derive(Debug, Clone)]
-pub enum DatagramSocket {
-    Udp(Arc<std::net::UdpSocket>),
-    Unix(Arc<UnixDatagram>),
 }
 
 /// One received datagram and the means to answer it (socketserver's `(data, socket)` pair).

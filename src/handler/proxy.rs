@@ -265,7 +265,7 @@ impl Handler for ProxyHandler {
                 sock.connect(addr)?;
                 sock.set_read_timeout(Some(self.0.connect_timeout))?;
                 sock.send(d.data())?;
-                let mut buf = vec![0u8; crate::slot::MAX_DATAGRAM];
+                let mut buf = vec![0u8; crate::conn::MAX_DATAGRAM];
                 match sock.recv(&mut buf) {
                     Ok(n) => d.reply(&buf[..n]).map(|_| ()),
                     Err(e)

@@ -7,9 +7,9 @@
 use std::io;
 use std::time::SystemTime;
 
-use super::clock::rfc868_seconds;
 use super::util::reply_once;
 use super::{Context, Handler, Request};
+use crate::clock::rfc868_seconds;
 
 /// The RFC 868 time service; answers once, in network byte order.
 #[derive(Debug, Default)]

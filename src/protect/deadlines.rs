@@ -11,7 +11,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use crate::worker::Tracker;
+use crate::jobs::Tracker;
 
 /// Pending connection deadlines of one listener, earliest first.
 #[derive(Debug, Default)]

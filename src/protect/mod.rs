@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::config::{ListenerConfig, Protocol};
 use crate::conn::{canonical_ip, Conn, PeerAddr};
-use crate::worker::Tracker;
+use crate::jobs::Tracker;
 
 pub use limits::Ticket;
 pub use refusals::Reason;

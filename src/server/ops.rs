@@ -14,7 +14,7 @@ use super::stop::State;
 use super::{io_err, ServeError, Server};
 use crate::config::Config;
 use crate::control::{Ask, Command, ControlSocket, LoopLink, Reply, Then};
-use crate::stats::REASONS;
+use crate::stats::REFUSAL_LABELS;
 
 /// What the loop keeps for operating the daemon.
 pub(super) struct Ops {
@@ -209,7 +209,7 @@ impl Server {
         crate::access_log::reopen();
         self.notify.reloading();
         let old_access = self.config.daemon.access_log.clone();
-        let outcome = crate::reload::reload(self);
+        let outcome = super::reload::reload(self);
         match &outcome {
             Ok(_) => {
                 crate::stats::RELOADS_OK.fetch_add(1, Relaxed);
@@ -243,9 +243,9 @@ impl Server {
             .values()
             .map(|s| {
                 let stats = &s.stats;
-                let refused: serde_json::Map<String, Value> = REASONS
+                let refused: serde_json::Map<String, Value> = REFUSAL_LABELS
                     .iter()
-                    .map(|(r, label)| (label.to_string(), json!(stats.refused_total(*r))))
+                    .map(|label| (label.to_string(), json!(stats.refused_total(label))))
                     .collect();
                 let state = if s.listener.is_none() {
                     "draining"

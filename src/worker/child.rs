@@ -67,7 +67,7 @@ impl Child<'_> {
             }
             (JobKind::Wait, _, Some(s)) => {
                 // inetd hands the socket over blocking; the fork server restores it at reap.
-                if let Err(e) = crate::exec::wait::set_blocking(s, true) {
+                if let Err(e) = crate::exec::set_blocking(s, true) {
                     log::error!("listener `{name}`: cannot make the socket blocking: {e}");
                 } else {
                     let vars = crate::exec::socket_env(s.as_fd());

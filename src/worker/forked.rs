@@ -38,20 +38,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the fork server gets to exit once its socket closed, before SIGKILL.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 
-pub use super::link::Link;
-
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-
-/// Called first thing in a forked worker.
-pub(super) fn mark_child() {
-    IN_CHILD.store(true, Ordering::Relaxed);
-}
-
-/// True inside a forked worker: exec programs then stay in the child's process group, which
-/// the fork server signals as a whole at stop.
-pub fn in_forked_child() -> bool {
-    IN_CHILD.load(Ordering::Relaxed)
-}
+pub(super) use crate::process::mark_child;
+pub use crate::process::{cloexec_all, in_forked_child};
 
 /// The most fork servers started, whatever the number of CPUs.
 const MAX_FORK_SERVERS: usize = 8;
@@ -254,7 +242,7 @@ impl ForkServer {
 
     /// Send to every fork server still running (one that died gets no more jobs either); the
     /// first error, if any, or an error when none is running.
-    pub(super) fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    pub(crate) fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let (mut running, mut first_error) = (0, None);
         for (index, p) in self.servers.iter().enumerate() {
             if p.alive.load(Ordering::Relaxed) {
@@ -441,26 +429,5 @@ fn outcome(pid: i32, ending: &Ending) -> Outcome {
             Outcome::Error(why.clone())
         }
         Ending::Program => Outcome::Ok,
-    }
-}
-
-/// Mark every descriptor above stderr close-on-exec, including any the daemon inherited from
-/// whoever started it, so programs the daemon runs get only what is handed to them.
-pub fn cloexec_all() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    for fd in fds.into_iter().filter(|fd| *fd > 2) {
-        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-        // SAFETY: called while the process has one thread, so `fd` (just listed, maybe the
-        // directory handle, now closed: then fcntl fails harmlessly) cannot change meaning.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
-            let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
-            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
-        }
     }
 }

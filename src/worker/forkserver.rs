@@ -348,8 +348,7 @@ impl State {
                 if wait {
                     // The program had the socket blocking; the loop watches it again after this.
                     let socket = self.listeners.get(&slot).and_then(|e| e.socket.as_ref());
-                    if let Some(Err(e)) = socket.map(|s| crate::exec::wait::set_blocking(s, false))
-                    {
+                    if let Some(Err(e)) = socket.map(|s| crate::exec::set_blocking(s, false)) {
                         log::error!("fork server: slot {slot}: cannot make the socket non-blocking again: {e}");
                     }
                 }

@@ -4,127 +4,31 @@
 //! jobs in flight, and every job reports `Done` through a channel plus the loop's `Waker`, so a
 //! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
 
-pub mod access;
 mod child;
 pub mod forked;
 mod forkserver;
-mod link;
 mod programs;
 mod start;
 pub mod threaded;
 pub mod wire;
 
-use std::collections::HashMap;
-use std::os::fd::RawFd;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+pub use crate::jobs::{Done, Notifier, Outcome, Tracker};
 
-use mio::Waker;
-
-/// How a finished job ended, for the access log and the counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    Error(String),
-    Panic(String),
-}
-
-/// A job's report back to the loop.
+/// Things every slot needs from the server to dispatch work.
 #[derive(Debug)]
-pub struct Done {
-    /// The listener slot id the job was dispatched from (ids are never reused).
-    pub listener: usize,
-    pub outcome: Outcome,
-}
-
-/// How a worker tells the loop that a job ended.
-#[derive(Debug, Clone)]
-pub struct Notifier {
-    tx: Sender<Done>,
-    waker: Arc<Waker>,
-}
-
-impl Notifier {
-    pub fn new(tx: Sender<Done>, waker: Arc<Waker>) -> Notifier {
-        Notifier { tx, waker }
-    }
-
-    /// The loop's waker, for other threads that hand the loop work (the control socket).
-    pub fn waker(&self) -> Arc<Waker> {
-        Arc::clone(&self.waker)
-    }
-
-    /// Report a finished job; the loop may already be gone at exit, which is fine.
-    pub fn done(&self, done: Done) {
-        if self.tx.send(done).is_ok() {
-            let _ = self.waker.wake();
-        }
-    }
-}
-
-/// Open connections' fds, so a stop that reaches its deadline can shut them down and unblock
-/// their handlers. A worker removes its entry before closing the fd, under the same lock, so
-/// the loop never touches a number the kernel may have handed to someone else.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    open: Mutex<HashMap<u64, RawFd>>,
-}
-
-impl Tracker {
-    pub fn insert(&self, id: u64, fd: RawFd) {
-        if let Ok(mut m) = self.open.lock() {
-            m.insert(id, fd);
-        }
-    }
-
-    pub fn remove(&self, id: u64) {
-        if let Ok(mut m) = self.open.lock() {
-            m.remove(&id);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.open.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether connection `id` is still open (its job has not ended).
-    pub fn contains(&self, id: u64) -> bool {
-        self.open
-            .lock()
-            .map(|m| m.contains_key(&id))
-            .unwrap_or(false)
-    }
-
-    /// Shut down one connection both ways (a limit ran out); false if it already ended.
-    pub fn shutdown(&self, id: u64) -> bool {
-        let Ok(m) = self.open.lock() else {
-            return false;
-        };
-        match m.get(&id) {
-            Some(fd) => {
-                let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Shut down every open connection (both directions): blocked reads see EOF, writes fail.
-    pub fn shutdown_all(&self) -> usize {
-        let Ok(m) = self.open.lock() else { return 0 };
-        for fd in m.values() {
-            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
-        }
-        m.len()
-    }
+pub struct Shared {
+    pub notifier: Notifier,
+    pub tracker: Arc<Tracker>,
+    pub stopping: Arc<AtomicBool>,
+    pub next_conn: u64,
+    /// `workers = "forked"`: the fork server, once `Server::serve` has started it.
+    pub forks: Option<Arc<forked::ForkServer>>,
 }
 
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use crate::conn::{Conn, PeerAddr};
 use crate::handler::{
@@ -146,15 +50,15 @@ pub fn serve_stream<G>(
     let started = std::time::Instant::now();
     let mut req = Request::Stream(StreamRequest::new(conn, peer.clone(), local));
     let outcome = run(factory, ctx, &mut req);
-    // One getsockopt: the metrics count bytes whether or not the access log is on.
+    // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
-        Request::Stream(s) => access::bytes(s.conn()),
-        _ => access::Bytes::default(),
+        Request::Stream(s) => crate::access::bytes(s.conn()),
+        _ => crate::access::Bytes::default(),
     };
     drop(before_close);
     drop(req);
     let outcome = report(ctx, &peer, outcome);
-    access::log_stream(
+    crate::access::log_stream(
         ctx.listener_name(),
         &peer,
         started.elapsed(),
@@ -176,7 +80,7 @@ pub fn serve_datagram(
     let mut req = Request::Datagram(DatagramRequest::new(data, peer.clone(), socket));
     let outcome = run(factory, ctx, &mut req);
     let outcome = report(ctx, &peer, outcome);
-    access::log_datagram(ctx.listener_name(), &peer, started.elapsed(), len, &outcome);
+    crate::access::log_datagram(ctx.listener_name(), &peer, started.elapsed(), len, &outcome);
     outcome
 }
 

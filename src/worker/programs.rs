@@ -227,8 +227,8 @@ impl Programs {
         };
         crate::exec::log_exit(&p.listener, &p.name, pid, code, signal);
         if let Some((peer, conn)) = &p.conn {
-            let bytes = conn.as_ref().map(super::access::bytes).unwrap_or_default();
-            super::access::log_stream(
+            let bytes = conn.as_ref().map(crate::access::bytes).unwrap_or_default();
+            crate::access::log_stream(
                 &p.listener,
                 peer,
                 now.duration_since(p.at),

@@ -206,11 +206,11 @@ fn spawn(
         }
         (JobKind::Wait, _, Some(s)) => {
             // inetd hands the socket over blocking; the reaper makes it non-blocking again.
-            crate::exec::wait::set_blocking(s, true).map_err(cannot)?;
+            crate::exec::set_blocking(s, true).map_err(cannot)?;
             let vars = crate::exec::socket_env(s.as_fd());
             let spawned = program.spawn(&vars, s.as_fd(), s.as_fd(), stderr, &to_default);
             if spawned.is_err() {
-                let _ = crate::exec::wait::set_blocking(s, false);
+                let _ = crate::exec::set_blocking(s, false);
             }
             spawned.map_err(cannot)
         }

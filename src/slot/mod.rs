@@ -16,7 +16,10 @@ use crate::config::{ListenerConfig, WorkerModel};
 use crate::handler::{Context, DatagramSocket, Factory};
 use crate::listener::{Incoming, Listener};
 use crate::worker::threaded::Pool;
-use crate::worker::{serve_datagram, serve_stream, Done, Notifier, Tracker};
+use crate::worker::{serve_datagram, serve_stream, Done, Tracker};
+
+mod link;
+mod wait;
 
 /// Connections accepted (or datagrams read) per readiness event before other listeners get a
 /// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
@@ -25,19 +28,9 @@ pub const FAIR_BATCH: usize = 64;
 /// How long to wait before accepting again after the process ran out of file descriptors.
 pub const FD_RETRY: Duration = Duration::from_millis(200);
 
-/// The largest datagram socketd reads: the whole UDP payload.
-pub const MAX_DATAGRAM: usize = 65_536;
+pub use crate::conn::MAX_DATAGRAM;
 
-/// Things every slot needs from the server to dispatch work.
-#[derive(Debug)]
-pub struct Shared {
-    pub notifier: Notifier,
-    pub tracker: Arc<Tracker>,
-    pub stopping: Arc<AtomicBool>,
-    pub next_conn: u64,
-    /// `workers = "forked"`: the fork server, once `Server::serve` has started it.
-    pub forks: Option<Arc<crate::worker::forked::ForkServer>>,
-}
+pub use crate::worker::Shared;
 
 /// What the loop should do with a listener after draining it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +66,7 @@ pub struct Slot {
     /// Admission control, limits and timeouts (`protect`), checked before any dispatch.
     pub guard: crate::protect::Guard,
     /// `workers = "forked"`: this listener's registration with the fork server.
-    pub fork: Option<crate::worker::forked::Link>,
+    pub fork: Option<link::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
     /// Counters for status and metrics (by listener name: they outlive this slot).

@@ -10,6 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+pub mod syslog;
+
 struct StderrLogger {
     journald: bool,
 }
@@ -18,16 +20,16 @@ static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
 
 /// Set once `log = "syslog"` is in force (after detaching); the installed logger then hands
 /// every record to it. `log::set_logger` can be called only once, hence the indirection.
-static SYSLOG: OnceLock<crate::daemon::syslog::Syslog> = OnceLock::new();
+static SYSLOG: OnceLock<syslog::Syslog> = OnceLock::new();
 
 /// Send every log line to syslog from now on (the stderr logger must be installed).
 pub fn use_syslog(cfg: &crate::config::SyslogConfig) {
-    let _ = SYSLOG.set(crate::daemon::syslog::Syslog::new(cfg));
+    let _ = SYSLOG.set(syslog::Syslog::new(cfg));
 }
 
 /// The daemon log's syslog connection, once `log = "syslog"` is in force (the access log
 /// shares it rather than open a second connection to the same `[daemon.syslog]` address).
-pub fn syslog() -> Option<&'static crate::daemon::syslog::Syslog> {
+pub fn shared_syslog() -> Option<&'static crate::logging::syslog::Syslog> {
     SYSLOG.get()
 }
 
@@ -93,7 +95,7 @@ impl Log for StderrLogger {
 pub fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
-    let (y, mo, day) = crate::handler::clock::civil_from_days((secs / 86_400) as i64);
+    let (y, mo, day) = crate::clock::civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
     format!(
         "{y:04}-{mo:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",

@@ -18,20 +18,14 @@ use std::time::Instant;
 use mio::Registry as PollRegistry;
 use nix::sys::socket::{recv, MsgFlags};
 
+use crate::conn::DatagramSocket;
 use crate::conn::PeerAddr;
-use crate::exec::Program;
-use crate::handler::DatagramSocket;
+use crate::exec::{set_blocking, Program};
+use crate::jobs::{Done, Outcome};
 use crate::listener::Socket4;
 use crate::slot::{Drained, Shared, Slot, FD_RETRY};
 use crate::worker::forked::ForkJob;
 use crate::worker::wire::JobKind;
-use crate::worker::{Done, Outcome};
-
-/// Switch a shared socket between the blocking mode programs expect and the loop's mode.
-pub(crate) fn set_blocking(fd: &OwnedFd, blocking: bool) -> io::Result<()> {
-    let sock = socket2::SockRef::from(fd);
-    sock.set_nonblocking(!blocking)
-}
 
 /// Run the program with `socket` as stdin and stdout and wait for it.
 pub fn run(program: &Program, listener: &str, socket: OwnedFd) -> io::Result<()> {

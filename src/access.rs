@@ -13,8 +13,8 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use super::Outcome;
 use crate::conn::{Conn, PeerAddr};
+use crate::jobs::Outcome;
 
 /// Bytes received and sent on a connection, when the kernel keeps count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

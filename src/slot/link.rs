@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use super::forked::{ForkJob, ForkServer};
-use super::wire::{JobKind, ToServer};
 use crate::config::ListenerConfig;
 use crate::conn::PeerAddr;
+use crate::worker::forked::{ForkJob, ForkServer};
+use crate::worker::wire::{JobKind, ToServer};
 
 /// A slot's registration with the fork server: which config it last sent, and a `Forget` when
 /// the slot goes away.
