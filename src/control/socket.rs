@@ -77,6 +77,20 @@ impl ControlSocket {
         let context = |e: io::Error| {
             io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "control socket {}: the directory {} does not exist; create it (under \
+                         systemd, RuntimeDirectory=socketd makes /run/socketd) or change \
+                         [daemon] control",
+                        path.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         crate::listener::clear_stale_socket(path).map_err(context)?;
         let file = SocketFile {
             mode: Some(cfg.mode),
