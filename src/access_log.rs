@@ -5,7 +5,8 @@
 //! Workers hand lines to a bounded queue (`QUEUE_LINES`) without waiting; one writer thread
 //! writes them out. When the queue is full, or a write fails (a full disk, a stopped syslog
 //! daemon), the line is dropped and counted; the count is shown by `socketd status` and the
-//! metrics, and a warning goes to the daemon's log at most every `REPORT_EVERY`. A file target
+//! metrics, and the loop (not the writer, which may be stuck in a write) warns in the daemon's
+//! log at once and then at most every `REPORT_EVERY`. A file target
 //! is reopened on SIGHUP (every reload) and by `socketd reopen-logs`, for logrotate.
 
 use std::fs::{File, OpenOptions};
@@ -42,6 +43,25 @@ struct Shared {
     reopen: AtomicBool,
     retarget: Mutex<Option<AccessLogTarget>>,
     current: Mutex<String>,
+    report: Mutex<Report>,
+}
+
+/// What the daemon's log was last told about drops.
+struct Report {
+    reported: u64,
+    /// Not before this.
+    at: Instant,
+    last_error: String,
+}
+
+impl Default for Report {
+    fn default() -> Report {
+        Report {
+            reported: 0,
+            at: Instant::now(),
+            last_error: String::new(),
+        }
+    }
 }
 
 struct Sink {
@@ -365,10 +385,6 @@ impl Writer {
 }
 
 fn writer_loop(writer: &mut Writer, rx: &Receiver<Msg>, s: &'static Shared, syslog: &SyslogConfig) {
-    // The first drop is reported at once, later ones at most every REPORT_EVERY.
-    let mut report_at = Instant::now();
-    let mut reported = 0u64;
-    let mut last_error = String::new();
     let mut batch: Vec<String> = Vec::new();
     loop {
         let first = match rx.recv_timeout(REPORT_EVERY) {
@@ -400,30 +416,44 @@ fn writer_loop(writer: &mut Writer, rx: &Receiver<Msg>, s: &'static Shared, sysl
                 }
                 Err((lost, why)) => {
                     s.dropped.fetch_add(lost, Relaxed);
-                    last_error = why;
+                    if let Ok(mut r) = s.report.lock() {
+                        r.last_error = why;
+                    }
                 }
             }
             batch.clear();
         }
-        let now = Instant::now();
-        if now >= report_at {
-            let dropped = s.dropped.load(Relaxed);
-            if dropped > reported {
-                let why = if last_error.is_empty() {
-                    "the queue was full (the writer could not keep up)".to_string()
-                } else {
-                    format!("last error: {last_error}")
-                };
-                log::warn!(
-                    "access log: {} lines dropped ({dropped} since start; reported at most \
-                     every {}s); {why}",
-                    dropped - reported,
-                    REPORT_EVERY.as_secs()
-                );
-                reported = dropped;
-                last_error.clear();
-                report_at = now + REPORT_EVERY;
-            }
-        }
     }
+}
+
+/// When the loop should call `report_drops` next (`None`: nothing to report).
+pub fn next_report() -> Option<Instant> {
+    let s = shared();
+    let r = s.report.lock().ok()?;
+    (s.dropped.load(Relaxed) > r.reported).then_some(r.at)
+}
+
+/// Called by the daemon's loop (never blocked by the sink, unlike the writer thread): say in
+/// the daemon's log how many access lines were dropped, the first time at once, then at most
+/// every `REPORT_EVERY`.
+pub fn report_drops(now: Instant) {
+    let s = shared();
+    let dropped = s.dropped.load(Relaxed);
+    let Ok(mut r) = s.report.lock() else { return };
+    if dropped <= r.reported || now < r.at {
+        return;
+    }
+    let why = if r.last_error.is_empty() {
+        "the writer could not keep up (queue full)".to_string()
+    } else {
+        format!("last error: {}", r.last_error)
+    };
+    log::warn!(
+        "access log: {} lines dropped ({dropped} since start; reported at most every {}s); {why}",
+        dropped - r.reported,
+        REPORT_EVERY.as_secs()
+    );
+    r.reported = dropped;
+    r.last_error.clear();
+    r.at = now + REPORT_EVERY;
 }

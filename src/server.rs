@@ -258,6 +258,7 @@ impl Server {
             self.answer_asks();
             self.revisit();
             self.tick_guards();
+            crate::access_log::report_drops(Instant::now());
             self.check_stop();
         }
         // Slots hold links to the fork server; then it is told to exit and waited for.
@@ -290,6 +291,9 @@ impl Server {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let Some(t) = self.notify.watchdog_due() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if let Some(t) = crate::access_log::next_report() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let State::Draining { deadline, forced } = self.state {

@@ -177,71 +177,117 @@ fn a_real_scrape_parses_and_counts_what_happened() {
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
 
-/// 10,000 connections from 16 clients at once; meanwhile scrapes and `socketd status` keep
-/// answering, and afterwards the counters hold every connection.
+/// Raise this process's soft open-file limit to `want` if the hard limit allows; the limit
+/// in force afterwards.
+fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read only the struct passed.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// 10,000 connections open at once (each served once, then held); meanwhile scrapes and
+/// `socketd status` answer and count every one of them as open; when they close, the gauges go
+/// back to 0 and the counters hold all 10,000.
 #[test]
-fn metrics_and_status_stay_responsive_under_ten_thousand_connections() {
-    const CLIENTS: usize = 16;
-    const EACH: usize = 625;
+fn metrics_and_status_stay_responsive_with_ten_thousand_open_connections() {
+    const CONNS: usize = 10_000;
+    let limit = raise_nofile(CONNS as u64 + 2_000);
+    if limit < CONNS as u64 + 2_000 {
+        eprintln!(
+            "skipped: RLIMIT_NOFILE is {limit}, the test needs {}",
+            CONNS + 2_000
+        );
+        return;
+    }
     let mut d = Daemon::start(
         "[daemon]\ncontrol = \"{dir}/control\"\n[daemon.metrics]\naddress = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n\
-         workers = \"event\"\nmax_workers = 4096\n",
+         workers = \"event\"\nthreads = 2\nmax_workers = 12000\n",
     );
     let (maddr, eaddr) = (metrics_addr(&d), d.addr("echo"));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let load: Vec<_> = (0..CLIENTS)
+    // Four clients open 2,500 each; every connection is served once, then held open.
+    let clients: Vec<_> = (0..4)
         .map(|_| {
-            let done = std::sync::Arc::clone(&done);
             std::thread::spawn(move || {
-                for _ in 0..EACH {
-                    let mut s = Stream::tcp(eaddr);
+                let mut held = Vec::with_capacity(CONNS / 4);
+                for _ in 0..CONNS / 4 {
+                    let mut s = TcpStream::connect_timeout(&eaddr, IO_TIMEOUT).expect("connect");
+                    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
                     s.write_all(b"x").expect("send");
-                    s.shutdown_write();
-                    assert_eq!(s.read_to_end_vec(), b"x");
-                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).expect("echo");
+                    held.push(s);
                 }
+                held
             })
         })
         .collect();
+    // Scrapes and status while the connections pile up: each must answer (their own
+    // deadlines: 20s for HTTP, 65s for the client) and parse.
     let mut answered = 0;
-    while done.load(std::sync::atomic::Ordering::Relaxed) < CLIENTS * EACH
-        && !load.iter().all(|t| t.is_finished())
-    {
-        // Each one has its own deadline (the client's 65s, the HTTP read's 20s): a daemon
-        // that stopped answering fails here rather than hanging.
+    while !clients.iter().all(|c| c.is_finished()) {
         let m = parse(&scrape(maddr));
-        assert!(m.contains_key("socketd_connections_accepted_total{listener=echo}"));
+        assert!(m.contains_key("socketd_connections_open{listener=echo}"));
         assert_eq!(status(&d)["state"], "running");
         answered += 1;
     }
-    for t in load {
-        t.join().expect("load thread");
-    }
-    eprintln!("{answered} scrapes and status calls answered during the load");
-    assert!(answered >= 1, "none answered during the load");
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let held: Vec<TcpStream> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("client"))
+        .collect();
+    eprintln!("{answered} scrapes and status calls answered while 10,000 connections opened");
+    assert!(answered >= 1);
+    let m = parse(&scrape(maddr));
+    assert_eq!(
+        value(&m, "socketd_connections_open{listener=echo}"),
+        CONNS as f64
+    );
+    assert_eq!(
+        value(&m, "socketd_connections_accepted_total{listener=echo}"),
+        CONNS as f64
+    );
+    assert!(value(&m, "socketd_process_open_fds{}") >= CONNS as f64);
+    let s = status(&d);
+    assert_eq!(listener(&s, "echo")["open"], CONNS);
+    assert!(
+        s["process"]["fds"]
+            .as_u64()
+            .is_some_and(|n| n >= CONNS as u64),
+        "{}",
+        s["process"]
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = parse(&scrape(maddr));
-        let count = value(
+        let ended = value(
             &m,
             "socketd_connection_duration_seconds_count{listener=echo}",
         );
-        if count == (CLIENTS * EACH) as f64 {
-            assert_eq!(
-                value(&m, "socketd_connections_accepted_total{listener=echo}"),
-                (CLIENTS * EACH) as f64
-            );
+        if ended == CONNS as f64 {
+            assert_eq!(value(&m, "socketd_connections_open{listener=echo}"), 0.0);
             assert_eq!(
                 value(&m, "socketd_received_bytes_total{listener=echo}"),
-                (CLIENTS * EACH) as f64
+                CONNS as f64
+            );
+            assert_eq!(
+                value(&m, "socketd_sent_bytes_total{listener=echo}"),
+                CONNS as f64
             );
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "all connections counted: {count}"
-        );
+        assert!(Instant::now() < deadline, "all connections ended: {ended}");
         std::thread::sleep(POLL);
     }
     d.signal(libc::SIGTERM);
@@ -335,4 +381,77 @@ fn forked_connections_are_counted_and_logged_by_the_daemon() {
     }
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+/// An access log whose reader does not keep up (a FIFO the test opened and never reads): the
+/// writer blocks on the full pipe, the bounded queue fills, and further lines are dropped and
+/// counted; every connection is still served and the loop warns in the daemon's log.
+#[test]
+fn a_stuck_access_log_drops_lines_with_a_count_and_the_service_goes_on() {
+    const CLIENTS: usize = 16;
+    const EACH: usize = 750;
+    let dir = TestDir::new();
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // The read end, held open and never read.
+    let _reader = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open the fifo's read end")
+    };
+    let mut d = Daemon::start(&format!(
+        "[daemon]\ncontrol = \"{{dir}}/control\"\naccess_log = \"file:{}\"\n{}",
+        fifo.display(),
+        echo("echo")
+    ));
+    let addr = d.addr("echo");
+    let load: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..EACH {
+                    let mut s = Stream::tcp(addr);
+                    s.write_all(b"x").expect("send");
+                    s.shutdown_write();
+                    assert_eq!(s.read_to_end_vec(), b"x");
+                }
+            })
+        })
+        .collect();
+    for t in load {
+        t.join().expect("every connection served");
+    }
+    let total = (CLIENTS * EACH) as u64;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let s = status(&d);
+        let l = listener(&s, "echo");
+        let (written, dropped) = (
+            s["access_log"]["written"].as_u64().unwrap_or(0),
+            s["access_log"]["dropped"].as_u64().unwrap_or(0),
+        );
+        if l["served"] == total && dropped > 0 {
+            // Written, dropped, and the rest still queued or in the blocked write.
+            assert!(written + dropped <= total, "{s}");
+            assert!(written < total, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "lines dropped: {s}");
+        std::thread::sleep(POLL);
+    }
+    let warning = d.wait_log("access log: ", READY_TIMEOUT);
+    assert_contains(&warning, &["lines dropped", "queue full"]);
+    round_trip_echo(&d);
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+fn round_trip_echo(d: &Daemon) {
+    let mut s = d.connect("echo");
+    s.write_all(b"still\n").expect("send");
+    assert_eq!(s.read_line(), "still\n");
 }
