@@ -90,6 +90,9 @@ const MAX_FORWARD: usize = 8 * 1024;
 
 /// Create the forwarding socket. Call in the daemon before the fork servers are forked.
 pub fn prepare() -> std::io::Result<()> {
+    if forward_fd() >= 0 {
+        return Ok(()); // another server in this process made it already
+    }
     let (tx, rx) = UnixDatagram::pair()?;
     tx.set_nonblocking(true)?;
     DAEMON_PID.store(std::process::id(), Relaxed);

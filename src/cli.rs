@@ -152,19 +152,19 @@ pub fn main_with(registry: Registry) -> ExitCode {
             };
         }
     };
-    if let Some((request, json)) = cli.command.as_ref().and_then(Command::control) {
-        use crate::control::client;
-        return match client::find_socket(&cli.config, cli.control.as_deref()) {
-            Ok(socket) => client::run(&socket, request, json),
-            Err(e) => {
-                eprintln!("socketd: {e}");
-                ExitCode::from(client::EXIT_UNREACHABLE)
-            }
-        };
-    }
-    match cli.command {
-        Some(_) => check(&cli.config, &registry),
-        None => run(&cli.config, registry, cli.daemon, cli.pidfile),
+    let Some(command) = cli.command else {
+        return run(&cli.config, registry, cli.daemon, cli.pidfile);
+    };
+    let Some((request, json)) = command.control() else {
+        return check(&cli.config, &registry);
+    };
+    use crate::control::client;
+    match client::find_socket(&cli.config, cli.control.as_deref()) {
+        Ok(socket) => client::run(&socket, request, json),
+        Err(e) => {
+            eprintln!("socketd: {e}");
+            ExitCode::from(client::EXIT_UNREACHABLE)
+        }
     }
 }
 

@@ -462,3 +462,30 @@ fn clients_without_a_socket_are_told_how_to_get_one() {
     );
     stop(d);
 }
+
+#[test]
+fn check_names_the_file_line_and_key_of_bad_operating_settings() {
+    let (out, path, _dir) = check(
+        "[daemon]\ncontrol = \"\"\ncontrol_mode = \"rw\"\ncontrol_group = \"no-such-group-here\"\n\
+         access_log = \"file:relative.log\"\n[daemon.metrics]\naddress = \"localhost:9107\"\nport = 1\n",
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let d = out.diagnostics(&path).join("\n");
+    assert_contains(
+        &d,
+        &[
+            ":2:11: [daemon]: key `control`: the socket path is empty",
+            ":3:16: [daemon]: key `control_mode`: \"rw\" is not an octal file mode",
+            ":4:17: [daemon]: key `control_group`: no group \"no-such-group-here\"",
+            ":5:14: [daemon]: key `access_log`: \"relative.log\" is not an absolute path; valid values: \"off\"",
+            ":7:11: [daemon]: key `metrics.address`: \"localhost:9107\" is not an ip:port address",
+            "e.g. address = \"127.0.0.1:9107\"",
+            "unknown key `port`",
+        ],
+    );
+    let (ok, _, _dir) = check(
+        "[daemon]\ncontrol = \"/run/socketd/control\"\ncontrol_mode = \"0660\"\n\
+         access_log = \"syslog\"\n[daemon.metrics]\naddress = \"127.0.0.1:9107\"\n",
+    );
+    assert_eq!(ok.code(), Some(0), "{}", ok.describe());
+}
