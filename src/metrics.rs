@@ -131,7 +131,7 @@ fn scrape(mut stream: TcpStream, link: &LoopLink) {
     let mut words = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
+    if method != "GET" {
         let _ = respond(&mut stream, "405 Method Not Allowed", "only GET\n");
         return;
     }
