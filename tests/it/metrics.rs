@@ -90,12 +90,28 @@ fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
 
 #[test]
 fn a_real_scrape_parses_and_counts_what_happened() {
-    let mut d = Daemon::start(&format!(
+    // `broken` runs a program that is removed after the start: its spawn fails, a handler
+    // error.
+    let mut d = Daemon::spawn_with(&format!(
         "[daemon]\ncontrol = \"{{dir}}/control\"\n[daemon.metrics]\naddress = \"127.0.0.1:0\"\n{}\
          [[listener]]\nname = \"closed\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n\
-         deny = [\"127.0.0.0/8\"]\n",
+         deny = [\"127.0.0.0/8\"]\n\
+         [[listener]]\nname = \"broken\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"exec\"\n\
+         exec = {{ argv = [\"{{dir}}/prog\"] }}\n",
         echo("echo")
-    ));
+    ), |dir, config| {
+        let prog = dir.join("prog");
+        std::fs::write(&prog, "#!/bin/sh\necho hi\n").expect("write prog");
+        std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mut cmd = socketd_cmd();
+        cmd.arg("--config").arg(config);
+        cmd
+    });
+    d.wait_ready();
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", READY_TIMEOUT);
+    std::fs::remove_file(d.dir().join("prog")).expect("remove prog");
     let addr = metrics_addr(&d);
     for i in 0..4 {
         let mut s = d.connect("echo");
@@ -107,8 +123,16 @@ fn a_real_scrape_parses_and_counts_what_happened() {
         let mut s = d.connect("closed");
         assert!(s.closed_within(IO_TIMEOUT), "a denied peer is closed");
     }
-    d.signal(libc::SIGHUP);
-    d.wait_log("reload: done", READY_TIMEOUT);
+    let mut s = d.connect("broken");
+    assert!(
+        s.closed_within(IO_TIMEOUT),
+        "closed when the program cannot run"
+    );
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while listener(&status(&d), "broken")["handler_errors"] != 1 {
+        assert!(Instant::now() < deadline, "the failed spawn counted");
+        std::thread::sleep(POLL);
+    }
     // The status the scrape shows is taken after the workers reported (served == 4).
     let deadline = Instant::now() + READY_TIMEOUT;
     while listener(&status(&d), "echo")["served"] != 4 {
