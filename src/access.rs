@@ -122,7 +122,14 @@ pub fn log_stream(
     // A worker process always sends the line: the daemon's access log may have been turned on
     // by a reload since this process was forked, and the daemon decides.
     let forwards = crate::access_log::forwards();
-    let line = (forwards || crate::access_log::enabled()).then(|| {
+    // A library server has no sink: its access lines go through the `log` facade (info).
+    let sink = crate::access_log::started();
+    let wanted = if sink {
+        crate::access_log::enabled()
+    } else {
+        log::log_enabled!(log::Level::Info)
+    };
+    let line = (forwards || wanted).then(|| {
         format!(
             "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
             took,
@@ -143,8 +150,10 @@ pub fn log_stream(
         return;
     }
     crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
-    if let Some(line) = line {
-        crate::access_log::line(line);
+    match line {
+        Some(line) if sink => crate::access_log::line(line),
+        Some(line) => log::info!("{line}"),
+        None => {}
     }
 }
 

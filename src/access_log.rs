@@ -193,6 +193,12 @@ pub fn counts() -> Counts {
     }
 }
 
+/// Whether the sink runs (the daemon); a library server without one logs access lines
+/// through the `log` facade instead.
+pub fn started() -> bool {
+    SINK.get().is_some()
+}
+
 /// Whether access lines are wanted at all (so a worker can skip formatting them).
 pub fn enabled() -> bool {
     SINK.get().is_some() && shared().enabled.load(Relaxed)

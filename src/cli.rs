@@ -139,6 +139,12 @@ impl Command {
     }
 }
 
+/// The command line as a clap `Command`: what the man page and the shell completions are
+/// generated from (`examples/package_assets.rs`), so they always match the parser.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Parse the command line and run: the whole `main` of socketd and of custom daemons.
 pub fn main_with(registry: Registry) -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -240,7 +246,7 @@ fn run(
         }
     };
     let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
-    let mut server = match Server::bind(config, registry) {
+    let mut server = match Server::bind_daemon(config, registry) {
         Ok(s) => s,
         Err(e) => {
             log::error!("not starting: {}", chain(&e));
@@ -254,7 +260,7 @@ fn run(
         }
         log::info!("running as uid {} gid {}", ids.uid, ids.gid);
     }
-    let ready = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let ready = std::sync::Arc::new(std::sync::Mutex::new(None));
     if detach {
         if log_target == crate::config::LogTarget::Stderr {
             log::warn!(
@@ -263,7 +269,7 @@ fn run(
             );
         }
         match crate::daemon::detach::detach(EXIT_START) {
-            Ok(Detached::Daemon(pipe)) => *ready.borrow_mut() = Some(pipe),
+            Ok(Detached::Daemon(pipe)) => *lock(&ready) = Some(pipe),
             Err(message) => {
                 log::error!("not starting: {message}");
                 return ExitCode::from(EXIT_START);
@@ -277,7 +283,7 @@ fn run(
                 p.path().display()
             );
             log::error!("{why}");
-            if let Some(pipe) = ready.borrow_mut().as_mut() {
+            if let Some(pipe) = lock(&ready).as_mut() {
                 pipe.failed(EXIT_START, &why);
             }
             return ExitCode::from(EXIT_START);
@@ -286,12 +292,12 @@ fn run(
     if log_target == crate::config::LogTarget::Syslog {
         crate::logging::use_syslog(&syslog);
     }
-    if let Some(pipe) = ready.borrow().as_ref() {
+    if let Some(pipe) = lock(&ready).as_ref() {
         pipe.detach_stdio();
     }
-    let on_ready = std::rc::Rc::clone(&ready);
+    let on_ready = std::sync::Arc::clone(&ready);
     server.on_ready(move || {
-        if let Some(mut pipe) = on_ready.borrow_mut().take() {
+        if let Some(mut pipe) = lock(&on_ready).take() {
             pipe.ready();
         }
     });
@@ -300,7 +306,7 @@ fn run(
         Err(e) => {
             let why = chain(&e);
             log::error!("{why}");
-            if let Some(pipe) = ready.borrow_mut().as_mut() {
+            if let Some(pipe) = lock(&ready).as_mut() {
                 pipe.failed(EXIT_RUNTIME, &why);
             }
             ExitCode::from(EXIT_RUNTIME)
@@ -308,6 +314,11 @@ fn run(
     };
     drop(pidfile);
     code
+}
+
+/// The readiness pipe's lock; a poisoned one is still the pipe (nothing panics holding it).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The error and its causes on one line, each said once.

@@ -31,3 +31,12 @@ mod slot;
 pub mod worker;
 // The daemon.
 pub mod cli;
+// The library face.
+mod socketserver;
+
+pub use conn::PeerAddr;
+pub use handler::{Context, DatagramRequest, Handler, Registry, Request, StreamRequest};
+pub use server::ShutdownHandle;
+pub use socketserver::{
+    Error, Failure, TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer,
+};

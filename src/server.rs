@@ -23,11 +23,13 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod handle;
 mod ops;
 mod reload;
 mod status;
 mod stop;
 
+pub use handle::ShutdownHandle;
 use stop::State;
 
 const SIGNALS: Token = Token(0);
@@ -58,7 +60,15 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ServeError {
 /// can fail at start (addresses, permissions) fails before the process detaches or says READY.
 pub struct Server {
     poll: Poll,
-    signals: Signals,
+    /// The daemon's signals (`bind_daemon`); a library server has none.
+    signals: Option<Signals>,
+    /// What `ShutdownHandle`s share with the loop.
+    control: Arc<handle::Control>,
+    /// The daemon starts fork servers for every config (a reload may add a forked listener)
+    /// and only while single-threaded; a library server starts them only for a forked one.
+    daemon: bool,
+    /// `start` has run: fork servers started, listeners watched, READY said.
+    started: bool,
     done_rx: Receiver<Done>,
     shared: Shared,
     registry: Registry,
@@ -78,7 +88,7 @@ pub struct Server {
     /// The service manager's notify socket (no-op without `NOTIFY_SOCKET`).
     notify: crate::daemon::notify::Notify,
     /// Run once when the daemon is serving (release a detaching parent, …).
-    on_ready: Vec<Box<dyn FnOnce()>>,
+    on_ready: Vec<Box<dyn FnOnce() + Send>>,
     /// The control socket, metrics endpoint and what they report (`ops`).
     ops: ops::Ops,
 }
@@ -93,26 +103,48 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Bind every listener and set up the loop; nothing is accepted until `serve`.
+    /// Bind every listener and set up the loop, touching nothing process-wide: no signal
+    /// disposition, no resource limit, no inherited socket, no service-manager message. What a
+    /// library server is made of; nothing is accepted until `serve_forever`.
     pub fn bind(config: Config, registry: Registry) -> Result<Server, ServeError> {
+        Server::build(config, registry, false)
+    }
+
+    /// The daemon's `bind`: raise the descriptor limit, take over the signals (TERM and INT
+    /// stop, QUIT stops at once, HUP reloads, USR1 logs status), adopt sockets the service
+    /// manager passed, and talk to it (`NOTIFY_SOCKET`). Call it while the process has one
+    /// thread: every thread started later inherits the signal mask.
+    pub fn bind_daemon(config: Config, registry: Registry) -> Result<Server, ServeError> {
         // Before anything opens a descriptor or forks: every process of the daemon gets it.
         crate::protect::raise_fd_limit();
+        Server::build(config, registry, true)
+    }
+
+    fn build(config: Config, registry: Registry, daemon: bool) -> Result<Server, ServeError> {
         let poll = Poll::new().map_err(io_err("cannot create the event loop"))?;
-        // Signals first: no thread exists yet, so every thread started later inherits the mask.
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])
-            .map_err(io_err("cannot set up signal handling"))?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, mio::Interest::READABLE)
-            .map_err(io_err("cannot watch signals"))?;
+        let signals = if daemon {
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])
+                .map_err(io_err("cannot set up signal handling"))?;
+            poll.registry()
+                .register(&mut signals, SIGNALS, mio::Interest::READABLE)
+                .map_err(io_err("cannot watch signals"))?;
+            Some(signals)
+        } else {
+            None
+        };
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER).map_err(io_err("cannot create the waker"))?,
         );
-        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
+        let control = handle::Control::new(Arc::clone(&waker));
+        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let mut server = Server {
             poll,
             signals,
+            control,
+            daemon,
+            started: false,
             done_rx,
             shared: Shared {
                 notifier: Notifier::new(tx, waker),
@@ -120,6 +152,7 @@ impl Server {
                 stopping,
                 next_conn: 0,
                 forks: None,
+                budget: None,
             },
             registry,
             config: Config {
@@ -135,12 +168,20 @@ impl Server {
             buf: vec![0; MAX_DATAGRAM],
             kill_at: None,
             killed: false,
-            notify: crate::daemon::notify::Notify::from_env(),
+            notify: if daemon {
+                crate::daemon::notify::Notify::from_env()
+            } else {
+                crate::daemon::notify::Notify::default()
+            },
             on_ready: Vec::new(),
             ops,
         };
         // Sockets from the service manager first; a listener none was passed for binds its own.
-        let mut inherited = crate::daemon::activation::Inherited::from_env();
+        let mut inherited = if daemon {
+            crate::daemon::activation::Inherited::from_env()
+        } else {
+            crate::daemon::activation::Inherited::default()
+        };
         for cfg in &config.listeners {
             let listener = match inherited.take_for(cfg) {
                 Some((fd, fd_name)) => {
@@ -197,20 +238,54 @@ impl Server {
         Ok(id)
     }
 
-    /// Run until stopped (socketserver's `serve_forever`). Returns once every listener is
-    /// closed and in-flight work has finished or been cut off.
+    /// Run until stopped: the daemon's whole life (`serve_forever`, then `server_close`).
+    /// Returns once every listener is closed and in-flight work has finished or been cut off.
     pub fn serve(mut self) -> Result<(), ServeError> {
-        // Fork safety rests on this ordering: the fork server is forked here, while this process
-        // still has its only thread (bind, detach, privilege drop and logging start none;
-        // `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool threads, event
-        // loops and everything else start after this line.
-        crate::worker::forked::cloexec_all();
-        // Worker processes send ended connections to the daemon over this (they inherit it).
-        crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
-        let forks =
-            crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
-                .map_err(io_err("cannot start the fork server for forked workers"))?;
-        self.shared.forks = Some(Arc::new(forks));
+        self.serve_forever(&mut || {})?;
+        self.server_close();
+        log::info!("socketd stopped");
+        Ok(())
+    }
+
+    /// A handle that stops `serve_forever` from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(Arc::clone(&self.control))
+    }
+
+    /// Start what serving needs, once: fork servers, readiness watches, `READY=1`.
+    fn start(&mut self) -> Result<(), ServeError> {
+        if self.started {
+            return Ok(());
+        }
+        self.started = true;
+        let forked = self
+            .slots
+            .values()
+            .any(|s| s.cfg.workers == crate::config::WorkerModel::Forked);
+        if self.daemon {
+            // Fork safety rests on this ordering: the fork servers are forked here, while this
+            // process still has its only thread (bind, detach, privilege drop and logging start
+            // none; `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool
+            // threads, event loops and everything else start after this line.
+            crate::process::cloexec_all();
+            // Worker processes send ended connections to the daemon over this (they inherit it).
+            crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
+            let forks = crate::worker::forked::ForkServer::start(
+                &self.registry,
+                self.shared.notifier.clone(),
+            )
+            .map_err(io_err("cannot start the fork server for forked workers"))?;
+            self.shared.forks = Some(Arc::new(forks));
+        } else if forked {
+            // A library server may live in a process with other threads: see
+            // `ForkServer::start_threaded` for what its children can and cannot inherit.
+            let forks = crate::worker::forked::ForkServer::start_threaded(
+                &self.registry,
+                self.shared.notifier.clone(),
+            )
+            .map_err(io_err("cannot start the fork server for forked workers"))?;
+            self.shared.forks = Some(Arc::new(forks));
+        }
         for slot in self.slots.values_mut() {
             slot.watch(self.poll.registry());
             if let Some(l) = &slot.listener {
@@ -222,52 +297,170 @@ impl Server {
                 );
             }
         }
-        self.start_ops()?;
-        log::info!("socketd ready: {} listeners", self.slots.len());
+        if self.daemon {
+            self.start_ops()?;
+            log::info!("socketd ready: {} listeners", self.slots.len());
+        }
         let status = self.status_line();
         self.notify.ready(&status);
         for hook in std::mem::take(&mut self.on_ready) {
             hook();
         }
+        Ok(())
+    }
+
+    /// One turn of the loop: wait for readiness (at most `limit`), accept and dispatch, collect
+    /// finished jobs, run timers, and advance a stop.
+    fn turn(&mut self, events: &mut Events, limit: Option<Duration>) -> Result<(), ServeError> {
+        let now = Instant::now();
+        self.notify.tick(now);
+        if self.state == State::Running && self.notify.status_due(now) {
+            let line = self.status_line();
+            self.notify.refresh_status(&line);
+        }
+        let timeout = match (self.next_timeout(), limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Err(e) = self.poll.poll(events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(ServeError::Io {
+                context: "event loop failed",
+                source: e,
+            });
+        }
+        for event in events.iter() {
+            match event.token() {
+                SIGNALS => self.on_signals(),
+                WAKER => {}
+                Token(id) => self.drain(id),
+            }
+        }
+        self.collect_done();
+        self.answer_asks();
+        self.revisit();
+        self.tick_guards();
+        crate::access_log::report_drops(Instant::now());
+        self.check_stop();
+        Ok(())
+    }
+
+    /// socketserver's `serve_forever`: accept and serve until a `ShutdownHandle` asks to stop
+    /// (or, in the daemon, a stop signal arrives). `service_actions` runs on every turn of the
+    /// loop. On return nothing is accepted any more; connections in flight go on until
+    /// `server_close`.
+    pub fn serve_forever(&mut self, service_actions: &mut dyn FnMut()) -> Result<(), ServeError> {
+        self.start()?;
+        if self.state == State::Running {
+            self.resume_all();
+        }
+        self.control.enter();
         let mut events = Events::with_capacity(256);
-        while self.state != State::Stopped {
-            let now = Instant::now();
-            self.notify.tick(now);
-            if self.state == State::Running && self.notify.status_due(now) {
-                let line = self.status_line();
-                self.notify.refresh_status(&line);
+        let result = loop {
+            if self.state != State::Running || self.control.requested() {
+                break Ok(());
             }
-            let timeout = self.next_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            if let Err(e) = self.turn(&mut events, None) {
+                break Err(e);
+            }
+            service_actions();
+        };
+        if self.state == State::Running {
+            self.pause_all();
+        }
+        self.control.leave();
+        result
+    }
+
+    /// socketserver's `handle_request`: wait up to `timeout` (`None`: as long as it takes) for
+    /// one connection or datagram and dispatch it; with `wait_done`, also wait until its
+    /// handler has returned. Returns whether a request came.
+    pub fn handle_request(
+        &mut self,
+        timeout: Option<Duration>,
+        wait_done: bool,
+    ) -> Result<bool, ServeError> {
+        self.start()?;
+        if self.state != State::Running {
+            return Ok(false);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.shared.budget = Some(1);
+        self.resume_all();
+        let mut events = Events::with_capacity(64);
+        let result = loop {
+            if self.shared.budget == Some(0) {
+                break Ok(true);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) || self.state != State::Running {
+                break Ok(false);
+            }
+            if let Err(e) = self.turn(&mut events, left) {
+                break Err(e);
+            }
+        };
+        self.pause_all();
+        // The budget stays spent while the handler runs, so nothing else is accepted.
+        if let (Ok(true), true) = (&result, wait_done) {
+            while self.in_flight() > 0 && self.state == State::Running {
+                if let Err(e) = self.turn(&mut events, None) {
+                    self.shared.budget = None;
+                    return Err(e);
                 }
-                return Err(ServeError::Io {
-                    context: "event loop failed",
-                    source: e,
-                });
             }
-            for event in events.iter() {
-                match event.token() {
-                    SIGNALS => self.on_signals(),
-                    WAKER => {}
-                    Token(id) => self.drain(id),
-                }
-            }
+        }
+        self.shared.budget = None;
+        result
+    }
+
+    /// socketserver's `server_close`: stop accepting, let in-flight work finish (up to the
+    /// shutdown timeout, then cut it off), stop the fork servers and close every socket (a
+    /// unix socket file the server created is removed). Idempotent.
+    pub fn server_close(&mut self) {
+        if self.state == State::Running {
+            self.begin_stop();
+        }
+        let mut events = Events::with_capacity(64);
+        loop {
+            // Work may have finished before the stop began: look before waiting.
             self.collect_done();
-            self.answer_asks();
-            self.revisit();
-            self.tick_guards();
-            crate::access_log::report_drops(Instant::now());
             self.check_stop();
+            if self.state == State::Stopped {
+                break;
+            }
+            if let Err(e) = self.turn(&mut events, None) {
+                log::error!("{e}; closing without waiting for in-flight work");
+                self.stop_now("event loop failed");
+            }
         }
         // Slots hold links to the fork server; then it is told to exit and waited for.
         self.slots.clear();
         if let Some(forks) = self.shared.forks.take() {
             forks.shutdown();
         }
-        log::info!("socketd stopped");
-        Ok(())
+    }
+
+    /// Stop watching every listener (their sockets stay open: the backlog holds new clients).
+    fn pause_all(&mut self) {
+        self.again.clear();
+        self.retry.clear();
+        for slot in self.slots.values_mut() {
+            slot.unwatch(self.poll.registry());
+        }
+    }
+
+    /// Watch every open listener again, and look at each once (readiness may have come while
+    /// unwatched).
+    fn resume_all(&mut self) {
+        for slot in self.slots.values_mut() {
+            if slot.has_capacity() && !slot.fd_starved {
+                slot.watch(self.poll.registry());
+                self.again.push(slot.id);
+            }
+        }
     }
 
     /// Run due protection timers: cut connections past `max_duration`, write refusal summaries.
@@ -353,6 +546,7 @@ impl Server {
                 }
             } else if !slot.watching
                 && !slot.fd_starved
+                && self.shared.budget != Some(0)
                 && self.state == State::Running
                 && slot.has_capacity()
             {
@@ -367,7 +561,10 @@ impl Server {
     }
 
     fn on_signals(&mut self) {
-        let pending: Vec<i32> = self.signals.pending().collect();
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let pending: Vec<i32> = signals.pending().collect();
         for sig in pending {
             match sig {
                 SIGTERM | SIGINT => match self.state {
@@ -385,8 +582,62 @@ impl Server {
 
     /// Run `hook` once the daemon is serving, right after `READY=1` (e.g. release the parent
     /// of `--daemon`).
-    pub fn on_ready(&mut self, hook: impl FnOnce() + 'static) {
+    pub fn on_ready(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_ready.push(Box::new(hook));
+    }
+}
+
+/// What a library server (`crate::socketserver`) changes between `bind` and serving.
+impl Server {
+    /// Give the listener named like `cfg` new settings (worker model, `max_workers`): new
+    /// requests get them, as a reload would do.
+    pub(crate) fn set_listener(
+        &mut self,
+        cfg: crate::config::ListenerConfig,
+    ) -> Result<(), ServeError> {
+        let factory = self
+            .registry
+            .build_for(&cfg)
+            .map_err(|message| ServeError::Handler {
+                listener: cfg.name.clone(),
+                message,
+            })?;
+        let stopping = Arc::clone(&self.shared.stopping);
+        for slot in self.slots.values_mut() {
+            if slot.cfg.name == cfg.name {
+                let cfg = Arc::new(cfg.clone());
+                let ctx = crate::handler::Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
+                slot.reconfigure(cfg, Arc::clone(&factory), ctx);
+            }
+        }
+        if let Some(l) = self
+            .config
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == cfg.name)
+        {
+            *l = cfg;
+        }
+        Ok(())
+    }
+
+    /// `verify_request` for every listener.
+    pub(crate) fn set_verify(&mut self, verify: Option<crate::slot::Verify>) {
+        for slot in self.slots.values_mut() {
+            slot.verify = verify.clone();
+        }
+    }
+
+    /// How long `server_close` lets in-flight work run before cutting it off.
+    pub(crate) fn set_shutdown_timeout(&mut self, timeout: Duration) {
+        self.config.daemon.shutdown_timeout = timeout;
+    }
+
+    /// The first listener's bound address.
+    pub(crate) fn local_addr(&self) -> Option<crate::config::ListenAddr> {
+        self.slots
+            .values()
+            .find_map(|s| s.listener.as_ref().map(|l| l.local_addr().clone()))
     }
 }
 

@@ -292,3 +292,22 @@ pub struct ListenerConfig {
     /// The table named after the handler (`exec = {...}`), if the listener has one.
     pub handler_settings: Option<toml::Table>,
 }
+
+impl ListenerConfig {
+    /// A listener built in code rather than read from a file: the defaults a config file
+    /// would get for every key not given (threaded workers, `MAX_WORKERS`, no protection
+    /// beyond the defaults, no handler settings).
+    pub fn new(name: &str, protocol: Protocol, address: ListenAddr, handler: &str) -> Self {
+        ListenerConfig {
+            name: name.to_string(),
+            protocol,
+            address,
+            handler: handler.to_string(),
+            workers: defaults::WORKERS,
+            max_workers: defaults::MAX_WORKERS,
+            threads: defaults::threads(),
+            protect: Protection::default(),
+            handler_settings: None,
+        }
+    }
+}

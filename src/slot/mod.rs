@@ -32,6 +32,9 @@ pub use crate::conn::MAX_DATAGRAM;
 
 pub use crate::worker::Shared;
 
+/// socketserver's `verify_request`: judges a peer before any worker sees it.
+pub type Verify = Arc<dyn Fn(&crate::conn::PeerAddr) -> bool + Send + Sync>;
+
 /// What the loop should do with a listener after draining it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
@@ -74,6 +77,9 @@ pub struct Slot {
     /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
     /// accepted until `socketd resume`.
     pub paused: bool,
+    /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
+    /// dropped) before any worker sees it.
+    pub verify: Option<Verify>,
     /// A `wait = true` exec listener's program, resolved once per config (accounts included)
     /// rather than on every drain.
     wait: Option<crate::exec::Program>,
@@ -117,6 +123,7 @@ impl Slot {
             fork: None,
             events: crate::event::SlotEvents::default(),
             stats,
+            verify: None,
             wait,
             paused: false,
         })
@@ -129,6 +136,23 @@ impl Slot {
         self.ctx = ctx;
         self.cfg = cfg;
         self.factory = factory;
+    }
+
+    /// Whether `verify_request` (if any) lets `peer` in.
+    fn verified(&self, peer: &crate::conn::PeerAddr) -> bool {
+        match &self.verify {
+            Some(v) => {
+                let ok = v(peer);
+                if !ok {
+                    log::debug!(
+                        "listener `{}`: {peer} refused by verify_request",
+                        self.cfg.name
+                    );
+                }
+                ok
+            }
+            None => true,
+        }
     }
 
     pub fn token(&self) -> Token {
@@ -191,10 +215,18 @@ impl Slot {
                 self.unwatch(poll);
                 return Drained::Full;
             }
+            if shared.budget == Some(0) {
+                self.unwatch(poll);
+                return Drained::Full;
+            }
             let Some(listener) = &self.listener else {
                 return Drained::Empty;
             };
-            match listener.next(buf) {
+            let incoming = listener.next(buf);
+            if let (Ok(_), Some(n)) = (&incoming, shared.budget.as_mut()) {
+                *n = n.saturating_sub(1);
+            }
+            match incoming {
                 Ok(Incoming::Stream(conn, peer)) => {
                     low_fds = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut self.fd_starved) {
@@ -206,6 +238,9 @@ impl Slot {
                     else {
                         continue;
                     };
+                    if !self.verified(&peer) {
+                        continue;
+                    }
                     self.stats.accepted.fetch_add(1, Relaxed);
                     if self.cfg.workers == WorkerModel::Event {
                         self.dispatch_event(shared, conn, peer, ticket);
@@ -214,7 +249,9 @@ impl Slot {
                     self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
-                    if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now()) {
+                    if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now())
+                        || !self.verified(&peer)
+                    {
                         continue;
                     }
                     self.stats.accepted.fetch_add(1, Relaxed);

@@ -87,7 +87,8 @@ fn server_count() -> usize {
         .clamp(1, MAX_FORK_SERVERS)
 }
 
-/// Fork one fork server (the caller is single-threaded).
+/// Fork one fork server (the caller is single-threaded, or holds the locks `start_threaded`
+/// names).
 fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Process> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -95,8 +96,9 @@ fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Process> {
         None,
         SockFlag::SOCK_CLOEXEC,
     )?;
-    // SAFETY: the caller checked that this process has a single thread, so the child inherits
-    // no lock held by another thread; it runs the fork server and `_exit`s.
+    // SAFETY: the caller checked that this process has a single thread (or holds the locks the
+    // child will take, see `start_threaded`), so the child inherits no lock held by another
+    // thread that it waits for; it runs the fork server and `_exit`s.
     match unsafe { nix::unistd::fork() }? {
         ForkResult::Child => {
             drop(ours);
@@ -150,6 +152,38 @@ impl ForkServer {
             server.spawn_reader(index, notifier.clone())?;
         }
         log::debug!("fork servers started, pids {:?}", server.pids());
+        Ok(server)
+    }
+
+    /// Fork one fork server from a process that may already have other threads (a library
+    /// server in someone's program). The one fork from a multi-threaded process happens here,
+    /// once per server; every request's child is then forked by that single-threaded fork
+    /// server, never by the threaded process.
+    ///
+    /// A thread that holds a lock at the instant of this fork leaves it held in the fork server
+    /// and in every child, for good. So the fork happens with stdout and stderr locked by the
+    /// forking thread (the `pthread_atfork` "prepare" pattern: the children inherit them held
+    /// by their own thread, and release them), which covers socketd's logger and `println!`.
+    /// Locks of the program's own that another thread holds at that moment are not covered:
+    /// a forked handler must not wait for those (Python's `ForkingMixIn` promises less: it
+    /// forks the threaded process for every request).
+    pub fn start_threaded(registry: &Registry, notifier: Notifier) -> io::Result<ForkServer> {
+        let parent = nix::unistd::getpid();
+        let process = {
+            let out = std::io::stdout();
+            let err = std::io::stderr();
+            let _out = out.lock();
+            let _err = err.lock();
+            fork_one(registry, parent)?
+        };
+        let server = ForkServer {
+            servers: vec![process],
+            next_job: AtomicU64::new(0),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            closing: Arc::new(AtomicBool::new(false)),
+        };
+        server.spawn_reader(0, notifier)?;
+        log::debug!("fork server started, pid {:?}", server.pids());
         Ok(server)
     }
 

@@ -23,6 +23,8 @@ pub struct Shared {
     pub next_conn: u64,
     /// `workers = "forked"`: the fork server, once `Server::serve` has started it.
     pub forks: Option<Arc<forked::ForkServer>>,
+    /// `handle_request`: how many more requests may be taken (`None`: no limit).
+    pub budget: Option<usize>,
 }
 
 use std::net::SocketAddr;
