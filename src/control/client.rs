@@ -271,3 +271,34 @@ fn print_status(s: &Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find(text: &str) -> Result<PathBuf, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        find_socket(&path, None)
+    }
+
+    #[test]
+    fn the_socket_comes_from_the_daemon_table_even_in_an_invalid_file() {
+        assert_eq!(
+            find("[daemon]\ncontrol = \"/run/x/control\"\nbogus = 1\n[[listener]]\nname = 5\n"),
+            Ok(PathBuf::from("/run/x/control"))
+        );
+        assert!(find("[daemon]\n")
+            .unwrap_err()
+            .contains("has no control socket"));
+        assert!(find("[daemon\n")
+            .unwrap_err()
+            .contains("pass --control PATH"));
+        assert_eq!(
+            find_socket(Path::new("/nonexistent.toml"), Some(Path::new("/s"))),
+            Ok(PathBuf::from("/s")),
+            "--control wins without reading the file"
+        );
+    }
+}

@@ -293,7 +293,10 @@ impl Server {
                 "uptime_seconds": self.ops.started.elapsed().as_secs_f64(),
             },
             "config": {
-                "path": self.config.origin.display().to_string(),
+                "path": std::path::absolute(&self.config.origin)
+                    .unwrap_or_else(|_| self.config.origin.clone())
+                    .display()
+                    .to_string(),
                 "sha256": self.ops.config_sha256,
             },
             "reloads": {

@@ -489,3 +489,36 @@ fn check_names_the_file_line_and_key_of_bad_operating_settings() {
     );
     assert_eq!(ok.code(), Some(0), "{}", ok.describe());
 }
+
+/// Clients are served by at most 16 threads: with 16 silent clients holding them, the 17th is
+/// told "busy" at once (not queued, not a 17th thread); the daemon serves on, and once the
+/// silent ones time out the socket answers again.
+#[test]
+fn silent_clients_are_bounded_and_a_busy_socket_says_so() {
+    let d = Daemon::start(&format!("{CONTROL}{}", echo("echo")));
+    let path = d.dir().join("control");
+    let silent: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&path).expect("connect"))
+        .collect();
+    // The accept thread takes them in order; wait until all 16 are being served.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    let busy = loop {
+        let answer = raw(&path, b"{\"version\":1,\"command\":\"status\"}\n", false);
+        if answer.contains("busy") {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "never busy: {answer}");
+        std::thread::sleep(POLL);
+    };
+    assert!(busy.contains("\"ok\":false"), "{busy}");
+    round_trip(&d, "echo", "served meanwhile\n");
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.contains("timed out"), "{answer}");
+    }
+    assert_eq!(status(&d)["state"], "running", "answers again");
+    stop(d);
+}
