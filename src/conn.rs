@@ -15,7 +15,9 @@ use std::time::Duration;
 /// A connected, blocking stream socket handed to a handler.
 #[derive(Debug)]
 pub enum Conn {
+    /// A TCP connection.
     Tcp(TcpStream),
+    /// A Unix stream connection.
     Unix(UnixStream),
 }
 
@@ -36,6 +38,7 @@ impl Conn {
         }
     }
 
+    /// How long a read may wait (`None`: for ever).
     pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(d),
@@ -43,6 +46,7 @@ impl Conn {
         }
     }
 
+    /// How long a write may wait (`None`: for ever).
     pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_write_timeout(d),
@@ -50,6 +54,7 @@ impl Conn {
         }
     }
 
+    /// Non-blocking mode on or off.
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_nonblocking(on),
@@ -101,6 +106,7 @@ impl AsRawFd for Conn {
 pub struct SharedConn(Arc<Conn>);
 
 impl SharedConn {
+    /// Share `conn`.
     pub fn new(conn: Conn) -> SharedConn {
         SharedConn(Arc::new(conn))
     }
@@ -139,19 +145,25 @@ impl Write for SharedConn {
 /// Credentials of a Unix peer from SO_PEERCRED, taken at accept time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerCred {
+    /// The peer process id.
     pub pid: i32,
+    /// The peer's user id.
     pub uid: u32,
+    /// The peer's group id.
     pub gid: u32,
 }
 
 /// Who is on the other end: logged, matched and passed on as an address, never a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerAddr {
+    /// An IP peer.
     Inet(SocketAddr),
     /// A Unix peer: its bound path if it has one (datagram senders may), and its credentials
     /// when the kernel gives them (stream sockets).
     Unix {
+        /// The path the peer bound, if any.
         path: Option<PathBuf>,
+        /// SO_PEERCRED, when the kernel gives it.
         cred: Option<PeerCred>,
     },
 }
@@ -204,6 +216,8 @@ pub const MAX_DATAGRAM: usize = 65_536;
 /// Where datagram replies go: a handle on the listening socket.
 #[derive(Debug, Clone)]
 pub enum DatagramSocket {
+    /// A UDP listener's socket.
     Udp(Arc<std::net::UdpSocket>),
+    /// A Unix datagram listener's socket.
     Unix(Arc<UnixDatagram>),
 }

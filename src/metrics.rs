@@ -35,9 +35,22 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Bind `addr` (port 0 picks one: see `local_addr`, logged and in `socketd status`).
+    /// SO_REUSEPORT: the new process of a binary upgrade binds the same address while the old
+    /// one still serves it (both run as the same user; the kernel takes no other).
     pub fn bind(addr: SocketAddr) -> io::Result<Endpoint> {
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+        let bind = || -> io::Result<TcpListener> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&addr.into())?;
+            s.listen(64)?;
+            Ok(s.into())
+        };
+        let listener = bind().map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
         let addr = listener.local_addr()?;
         Ok(Endpoint { listener, addr })
     }

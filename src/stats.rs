@@ -113,14 +113,6 @@ pub fn listener(name: &str) -> Arc<ListenerStats> {
     Arc::clone(map.entry(name.to_string()).or_default())
 }
 
-/// Every listener that has counters, by name (listeners a reload removed included).
-pub fn all() -> Vec<(String, Arc<ListenerStats>)> {
-    let map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    map.iter()
-        .map(|(k, v)| (k.clone(), Arc::clone(v)))
-        .collect()
-}
-
 /// Reloads applied and refused since start (SIGHUP and `socketd reload` alike).
 pub static RELOADS_OK: AtomicU64 = AtomicU64::new(0);
 pub static RELOADS_REFUSED: AtomicU64 = AtomicU64::new(0);

@@ -20,6 +20,7 @@ pub const CONTROL_GROUP_MODE: u32 = 0o660;
 /// The control socket (`socketd status`, `reload`, …); off unless `control` is set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ControlConfig {
+    /// Where the socket is (`control`); `None`: no control socket.
     pub path: Option<PathBuf>,
     /// The socket file's mode.
     pub mode: u32,
@@ -33,6 +34,7 @@ pub enum AccessLogTarget {
     /// No access lines (the default: see README, "Access log").
     #[default]
     Off,
+    /// To the daemon's stderr (the foreground; under journald it shares the daemon's stream).
     Stderr,
     /// The syslog destination of `[daemon.syslog]`.
     Syslog,

@@ -28,7 +28,9 @@ pub mod protection_defaults {
 /// `rate = "N/s"`: at most `count` new connections or datagrams per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rate {
+    /// How many new connections or datagrams.
     pub count: u32,
+    /// … per this long.
     pub per: Duration,
 }
 

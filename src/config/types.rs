@@ -15,6 +15,9 @@ pub mod defaults {
     use std::time::Duration;
     /// How long in-flight connections may run on after a stop begins.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long the new process of a binary upgrade has to become ready before it is killed
+    /// and the old one carries on.
+    pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
     /// Threads or children one listener may use at once.
     pub const MAX_WORKERS: usize = 64;
     /// Kernel accept queue length for stream listeners.
@@ -35,18 +38,31 @@ pub mod defaults {
 pub struct Config {
     /// Where the text came from; reloads re-read this path.
     pub origin: PathBuf,
+    /// `[daemon]`.
     pub daemon: DaemonConfig,
+    /// Every `[[listener]]`, in file order.
     pub listeners: Vec<ListenerConfig>,
 }
 
 /// `[daemon]`: process-wide settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
+    /// How long in-flight connections may run on after a stop begins.
     pub shutdown_timeout: Duration,
+    /// How long the new process of a binary upgrade may take to become ready.
+    pub upgrade_timeout: Duration,
+    /// Keep every listening socket in systemd's file-descriptor store (`FDSTORE=1`), so a
+    /// `systemctl restart` gets them back and refuses nothing; unix socket files stay.
+    pub fd_store: bool,
+    /// Where the pid is written (locked), if anywhere.
     pub pidfile: Option<PathBuf>,
+    /// The account to run as after binding.
     pub user: Option<String>,
+    /// The group to run as after binding (default: the user's).
     pub group: Option<String>,
+    /// Where log lines go.
     pub log: LogTarget,
+    /// The most detailed level logged.
     pub log_level: log::LevelFilter,
     /// `[daemon.syslog]`: used when `log = "syslog"`.
     pub syslog: SyslogConfig,
@@ -62,6 +78,8 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            upgrade_timeout: defaults::UPGRADE_TIMEOUT,
+            fd_store: false,
             pidfile: None,
             user: None,
             group: None,
@@ -82,9 +100,11 @@ impl Default for DaemonConfig {
 /// `[daemon.syslog]`: where syslog lines go and how they look.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyslogConfig {
+    /// Where syslog lines are sent.
     pub address: SyslogAddr,
     /// The syslog facility code (0 kern .. 23 local7), from `SyslogConfig::FACILITIES`.
     pub facility: u8,
+    /// RFC 3164 or RFC 5424 lines.
     pub format: SyslogFormat,
 }
 
@@ -110,8 +130,11 @@ impl Default for SyslogConfig {
 /// Where the syslog daemon listens: `unix:PATH`, `udp:IP:PORT` or `tcp:IP:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyslogAddr {
+    /// A local datagram socket (`/dev/log`).
     Unix(PathBuf),
+    /// A syslog server over UDP.
     Udp(SocketAddr),
+    /// A syslog server over TCP.
     Tcp(SocketAddr),
 }
 
@@ -135,8 +158,10 @@ pub enum SyslogFormat {
 }
 
 impl SyslogFormat {
+    /// The config file's names, for "valid values".
     pub const NAMES: &'static [&'static str] = &["rfc3164", "rfc5424"];
 
+    /// The format a config name stands for.
     pub fn from_name(s: &str) -> Option<SyslogFormat> {
         match s {
             "rfc3164" => Some(SyslogFormat::Rfc3164),
@@ -149,7 +174,9 @@ impl SyslogFormat {
 /// Where log lines go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogTarget {
+    /// One line per event on stderr.
     Stderr,
+    /// To syslog (`[daemon.syslog]`).
     Syslog,
 }
 
@@ -178,9 +205,13 @@ impl LogTarget {
 /// The four socket kinds socketd serves, as named in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
+    /// TCP stream sockets.
     Tcp,
+    /// UDP datagram sockets.
     Udp,
+    /// Unix stream sockets.
     Unix,
+    /// Unix datagram sockets.
     UnixDgram,
 }
 
@@ -188,6 +219,7 @@ impl Protocol {
     /// Every valid config spelling, for error messages.
     pub const NAMES: &'static [&'static str] = &["tcp", "udp", "unix", "unix-dgram"];
 
+    /// The protocol a config name stands for.
     pub fn from_name(s: &str) -> Option<Protocol> {
         match s {
             "tcp" => Some(Protocol::Tcp),
@@ -198,6 +230,7 @@ impl Protocol {
         }
     }
 
+    /// The config file's name for it.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -227,7 +260,9 @@ impl fmt::Display for Protocol {
 /// Where a listener binds: an IP socket address or a filesystem path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ListenAddr {
+    /// An IP address and port (port 0: any free port).
     Inet(SocketAddr),
+    /// A filesystem path, for the unix kinds.
     Path(PathBuf),
 }
 
@@ -252,8 +287,10 @@ pub enum WorkerModel {
 }
 
 impl WorkerModel {
+    /// The config file's names, for "valid values".
     pub const NAMES: &'static [&'static str] = &["threaded", "forked", "event"];
 
+    /// The model a config name stands for.
     pub fn from_name(s: &str) -> Option<WorkerModel> {
         match s {
             "threaded" => Some(WorkerModel::Threaded),
@@ -263,6 +300,7 @@ impl WorkerModel {
         }
     }
 
+    /// The config file's name for it.
     pub fn name(self) -> &'static str {
         match self {
             WorkerModel::Threaded => "threaded",
@@ -278,10 +316,13 @@ impl WorkerModel {
 pub struct ListenerConfig {
     /// Unique; the listener's identity across reloads.
     pub name: String,
+    /// The socket kind.
     pub protocol: Protocol,
+    /// Where it listens.
     pub address: ListenAddr,
     /// A built-in or registered handler name (checked against the registry).
     pub handler: String,
+    /// How requests are run: threads, forked children, or event loops.
     pub workers: WorkerModel,
     /// Threads or children at once; with `workers = "event"`, open connections at once.
     pub max_workers: usize,

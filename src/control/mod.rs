@@ -18,5 +18,5 @@ pub mod client;
 pub mod proto;
 mod socket;
 
-pub use proto::{Command, Reply, Then, VERSION};
+pub use proto::{Command, Reply, Then};
 pub use socket::{add_process, Ask, ControlSocket, LoopLink};

@@ -65,6 +65,9 @@ pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
     ino: u64,
+    /// The new process of a binary upgrade binds beside the old process's socket and renames
+    /// its own over it when it starts serving (`publish`): until then the old one answers.
+    unpublished: Option<PathBuf>,
 }
 
 impl ControlSocket {
@@ -91,25 +94,42 @@ impl ControlSocket {
                 ));
             }
         }
-        crate::listener::clear_stale_socket(path).map_err(context)?;
+        let upgrade = crate::daemon::handover::from_pid().is_some();
+        let at = if upgrade {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            path.with_file_name(format!(".{name}.{}", std::process::id()))
+        } else {
+            path.clone()
+        };
+        crate::listener::clear_stale_socket(&at).map_err(context)?;
         let file = SocketFile {
             mode: Some(cfg.mode),
             owner: None,
             group: cfg.group.clone(),
         };
         let listener =
-            crate::protect::socket_file::bind(path, &file, |p: &Path| UnixListener::bind(p))
+            crate::protect::socket_file::bind(&at, &file, |p: &Path| UnixListener::bind(p))
                 .map_err(context)?;
-        let ino = std::fs::metadata(path).map_err(context)?.ino();
+        let ino = std::fs::metadata(&at).map_err(context)?.ino();
         Ok(Some(ControlSocket {
             listener,
             path: path.clone(),
             ino,
+            unpublished: upgrade.then_some(at),
         }))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Put the socket at its path if it is not there yet (the new process of an upgrade
+    /// replaces the old process's file in one rename: no moment without a socket).
+    pub fn publish(&mut self) -> io::Result<()> {
+        if let Some(at) = self.unpublished.take() {
+            std::fs::rename(&at, &self.path)?;
+        }
+        Ok(())
     }
 
     /// Accept clients on a thread of their own from now on.
@@ -126,8 +146,9 @@ impl ControlSocket {
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         // Only our own file: a newer daemon may have replaced it meanwhile.
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
-            let _ = std::fs::remove_file(&self.path);
+        let path = self.unpublished.as_ref().unwrap_or(&self.path);
+        if std::fs::metadata(path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -187,6 +187,7 @@ pub struct Context {
 }
 
 impl Context {
+    /// The context for requests on `listener`; `stopping` turns true when a stop begins.
     pub fn new(listener: Arc<ListenerConfig>, stopping: Arc<AtomicBool>) -> Context {
         Context { listener, stopping }
     }
@@ -211,7 +212,9 @@ impl Context {
 /// A request: a connection on stream listeners, a datagram on datagram listeners.
 #[derive(Debug)]
 pub enum Request {
+    /// A connection (TCP or Unix stream).
     Stream(StreamRequest),
+    /// One datagram (UDP or Unix datagram).
     Datagram(DatagramRequest),
 }
 
@@ -251,6 +254,7 @@ impl StreamRequest {
         }
     }
 
+    /// The client's address.
     pub fn peer(&self) -> &PeerAddr {
         &self.peer
     }
@@ -275,6 +279,7 @@ pub struct DatagramRequest {
 }
 
 impl DatagramRequest {
+    /// A datagram `data` from `peer`, to be answered through `socket`.
     pub fn new(data: Vec<u8>, peer: PeerAddr, socket: DatagramSocket) -> DatagramRequest {
         DatagramRequest { data, peer, socket }
     }
@@ -284,6 +289,7 @@ impl DatagramRequest {
         &self.data
     }
 
+    /// The sender's address.
     pub fn peer(&self) -> &PeerAddr {
         &self.peer
     }

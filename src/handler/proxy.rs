@@ -26,23 +26,31 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 /// Where the proxy connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
+    /// An IP address and port.
     Inet(SocketAddr),
+    /// A Unix socket path.
     Unix(PathBuf),
 }
 
 /// Which PROXY protocol header, if any, goes first to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocol {
+    /// The text header (`PROXY TCP4 …`).
     V1,
+    /// The binary header.
     V2,
 }
 
 /// `proxy = {...}`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
+    /// Where connections are forwarded.
     pub upstream: Upstream,
+    /// How long connecting upstream may take.
     pub connect_timeout: Duration,
+    /// A PROXY protocol header sent upstream first, if any.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// UDP: how long an idle upstream association lives.
     pub udp_idle: Duration,
 }
 

@@ -71,7 +71,9 @@ impl Server {
     pub(super) fn start_ops(&mut self) -> Result<(), ServeError> {
         crate::access_log::start(&self.config.daemon.access_log, &self.config.daemon.syslog)
             .map_err(io_err("cannot start the access log writer"))?;
-        if let Some(c) = &self.ops.control {
+        if let Some(c) = &mut self.ops.control {
+            c.publish()
+                .map_err(io_err("cannot put the control socket in place"))?;
             c.serve(self.ops.link.clone())
                 .map_err(io_err("cannot start the control socket thread"))?;
             log::info!("control socket: listening on {}", c.path().display());
@@ -95,6 +97,10 @@ impl Server {
     fn answer(&mut self, command: Command) -> Reply {
         match command {
             Command::Status => Reply::ok(json!({ "status": self.status_json() })),
+            Command::Reload if self.upgrading.is_some() => Reply::error(
+                "a binary upgrade is in progress; reload after it",
+                json!({}),
+            ),
             Command::Reload if self.state != State::Running => {
                 Reply::error("the daemon is stopping; no reload", json!({}))
             }
@@ -209,7 +215,8 @@ impl Server {
         crate::access_log::reopen();
         self.notify.reloading();
         let old_access = self.config.daemon.access_log.clone();
-        let outcome = super::reload::reload(self);
+        let outcome = self.reload_config();
+        self.sync_fd_store();
         match &outcome {
             Ok(_) => {
                 crate::stats::RELOADS_OK.fetch_add(1, Relaxed);

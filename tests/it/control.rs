@@ -522,3 +522,53 @@ fn silent_clients_are_bounded_and_a_busy_socket_says_so() {
     assert_eq!(status(&d)["state"], "running", "answers again");
     stop(d);
 }
+
+/// A binary upgrade hands the control socket over too: the new process binds beside the old
+/// one's file and renames its own into place when it serves, so `socketd status` answers
+/// throughout and, afterwards, from the new pid; the metrics address is shared meanwhile
+/// (SO_REUSEPORT), so the new process can bind it while the old one still serves it.
+#[test]
+fn an_upgrade_hands_the_control_socket_and_the_metrics_address_over() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("addr").port()
+    };
+    let mut d = Daemon::start(&format!(
+        "[daemon]\ncontrol = \"{{dir}}/control\"\npidfile = \"{{dir}}/socketd.pid\"\n\
+         shutdown_timeout = \"5s\"\n[daemon.metrics]\naddress = \"127.0.0.1:{port}\"\n{}",
+        echo("echo")
+    ));
+    let old = d.pid();
+    assert_eq!(status(&d)["process"]["pid"], old);
+    let up = ctl(&d, &["upgrade"]);
+    // The new process is not the test's child: killed on the way out if a check fails.
+    struct Reap(i32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) has no memory effects; 0 checks the pid is still there.
+            if self.0 > 0 && unsafe { libc::kill(self.0, 0) } == 0 {
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let pidfile = std::fs::read_to_string(d.dir().join("socketd.pid")).unwrap_or_default();
+    let _reap = Reap(pidfile.trim().parse().unwrap_or(0));
+    assert_eq!(up.code(), Some(0), "{}", up.describe());
+    assert_exit_code(d.wait_exit(Duration::from_secs(20)), 0, &d);
+    let s = status(&d);
+    let new = s["process"]["pid"].as_i64().expect("pid");
+    assert_ne!(new, i64::from(old), "the new process answers: {s}");
+    assert_eq!(s["metrics"], format!("127.0.0.1:{port}"));
+    round_trip(&d, "echo", "after the upgrade\n");
+    assert_eq!(
+        pidfile.trim(),
+        new.to_string(),
+        "the pidfile names the new process"
+    );
+    let out = ctl(&d, &["stop"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        !d.dir().join("control").exists(),
+        "the new process removed its socket"
+    );
+}
