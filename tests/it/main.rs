@@ -10,6 +10,7 @@ mod harness;
 mod concurrency;
 mod config_errors;
 mod control;
+mod control_systemd;
 mod daemon_mode;
 mod event;
 mod exec;
