@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::*;
 use crate::sysd::Container;
 use crate::under_systemd::{install_by_readme, show, tcp_echo, wait_journal};
 
