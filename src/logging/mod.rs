@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 pub mod syslog;
+pub mod syslog_line;
 
 struct StderrLogger {
     journald: bool,

@@ -211,7 +211,9 @@ impl Slot {
             if low_fds {
                 return self.pause_low_fds(poll);
             }
-            if !self.has_capacity() {
+            // Full, unless every newcomer would be refused anyway (`max_connections` reached):
+            // then refusing at once beats leaving them in the backlog.
+            if !self.has_capacity() && !self.guard.at_max_connections(&self.cfg) {
                 self.unwatch(poll);
                 return Drained::Full;
             }

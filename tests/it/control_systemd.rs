@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::sysd::Container;
-use crate::under_systemd::{install_by_readme, show, tcp_echo, wait_journal};
+use crate::deploy::{install_by_readme, show, tcp_echo, wait_journal};
 
 const CONFIG: &str = "/etc/socketd/socketd.toml";
 const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
