@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sysd::Container;
 use crate::deploy::{install_by_readme, show, tcp_echo, wait_journal};
+use crate::sysd::Container;
 
 const CONFIG: &str = "/etc/socketd/socketd.toml";
 const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
