@@ -112,6 +112,8 @@ impl Server {
                 ),
             },
             Command::Stop { now } => {
+                // As for SIGTERM: a stop wins over an upgrade in progress.
+                self.abort_upgrade("socketd stop came first");
                 let in_flight = self.in_flight();
                 match (self.state, now) {
                     (State::Running, false) => self.begin_stop(),
