@@ -285,6 +285,7 @@ fn exit_status_after_the_client_left_is_not_a_warning() {
 fn a_chatty_programs_stderr_is_capped_and_the_drops_counted() {
     const LINES: usize = 5000;
     for workers in ["threaded", "forked"] {
+        // The access line (to stderr, beside the daemon's log) marks the connection's end.
         let d = Daemon::start(&format!(
             "[daemon]\naccess_log = \"stderr\"\n{}",
             exec_listener(
