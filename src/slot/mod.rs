@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,11 @@ pub struct Slot {
     pub fork: Option<link::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// Counters for status and metrics (by listener name: they outlive this slot).
+    pub stats: Arc<crate::stats::ListenerStats>,
+    /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
+    /// accepted until `socketd resume`.
+    pub paused: bool,
     /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
     /// dropped) before any worker sees it.
     pub verify: Option<Verify>,
@@ -104,6 +109,7 @@ impl Slot {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
         let wait = crate::handler::exec::wait_program(&cfg);
+        let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -119,9 +125,11 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            stats,
             verify: None,
             wait,
             tls: tls::Handshakes::default(),
+            paused: false,
         })
     }
 
@@ -157,6 +165,9 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if self.paused {
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -225,6 +236,10 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.paused {
+            self.unwatch(poll);
+            return Drained::Empty;
+        }
         if let Some(program) = self.wait.clone() {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
@@ -271,6 +286,7 @@ impl Slot {
                     if !self.verified(&peer) {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if self.cfg.tls.is_some() {
                         // Admitted first (no crypto for refused peers); the handshake runs at
                         // the TLS front, and `tls_turn` dispatches the plaintext end.
@@ -291,6 +307,7 @@ impl Slot {
                     {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
                         let (id, cfg) = (self.id, &self.cfg);
                         if let Err(e) =

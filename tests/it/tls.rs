@@ -91,7 +91,7 @@ fn listener(name: &str, workers: &str, handler: &str, extra: &str) -> String {
     )
 }
 
-const DAEMON: &str = "[daemon]\nshutdown_timeout = \"2s\"\n";
+const DAEMON: &str = "[daemon]\nshutdown_timeout = \"2s\"\naccess_log = \"stderr\"\n";
 
 /// An in-test rustls client; `Err` carries the handshake error.
 fn rustls_client(
