@@ -97,6 +97,9 @@ pub struct Server {
     upgrading: Option<upgrade::InProgress>,
     /// Listening sockets in the service manager's fd store (`fdstore`).
     fd_stored: fdstore::Stored,
+    /// The store has been brought in line once; when to try again for the rest.
+    fd_store_synced: bool,
+    fd_store_retry: Option<Instant>,
     /// The control socket, metrics endpoint and what they report (`ops`).
     ops: ops::Ops,
 }
@@ -185,6 +188,8 @@ impl Server {
             on_ready: Vec::new(),
             upgrading: None,
             fd_stored: fdstore::Stored::new(),
+            fd_store_synced: false,
+            fd_store_retry: None,
             ops,
         };
         if crate::daemon::handover::from_pid().is_some() {
@@ -212,7 +217,7 @@ impl Server {
                         ),
                     }
                     let mut l = Listener::adopt(taken.fd, cfg)?;
-                    l.set_origin(taken.owned_file, taken.from_manager);
+                    l.set_origin(taken.owned_file, taken.from_manager, taken.path);
                     l
                 }
                 None => Listener::bind(cfg)?,
@@ -373,6 +378,7 @@ impl Server {
         self.answer_asks();
         self.revisit();
         self.tick_guards();
+        self.retry_fd_store();
         crate::access_log::report_drops(Instant::now());
         self.check_upgrade();
         self.check_stop();
@@ -518,6 +524,7 @@ impl Server {
         for t in [
             self.notify.watchdog_due(),
             self.upgrade_deadline(),
+            self.fd_store_retry,
             crate::access_log::next_report(),
         ]
         .into_iter()

@@ -32,6 +32,7 @@ pub struct LineCap {
 }
 
 impl LineCap {
+    /// A full bucket (`BURST` lines) at `now`.
     pub fn new(now: Instant) -> LineCap {
         LineCap {
             tokens: BURST,

@@ -20,6 +20,7 @@ use crate::config::SyslogFormat;
 /// What every message of one logger shares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// RFC 3164 or RFC 5424.
     pub format: SyslogFormat,
     /// Facility code, 0 (kern) to 23 (local7).
     pub facility: u8,

@@ -34,3 +34,4 @@ mod systemd;
 mod traffic;
 mod under_systemd;
 mod upgrade;
+mod upgrade_under_systemd;
