@@ -347,7 +347,7 @@ fn inet_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
 
 /// A socket file left by a dead process is removed; a live one, or anything that is not a
 /// socket, is left alone and refused, so socketd never steals or destroys someone's path.
-fn clear_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn clear_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -25,6 +25,7 @@ use crate::worker::{Done, Notifier, Tracker};
 
 mod fdstore;
 mod handle;
+mod ops;
 mod reload;
 mod status;
 mod stop;
@@ -99,6 +100,8 @@ pub struct Server {
     /// The store has been brought in line once; when to try again for the rest.
     fd_store_synced: bool,
     fd_store_retry: Option<Instant>,
+    /// The control socket, metrics endpoint and what they report (`ops`).
+    ops: ops::Ops,
 }
 
 impl std::fmt::Debug for Server {
@@ -147,6 +150,7 @@ impl Server {
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let control = handle::Control::new(Arc::clone(&waker));
+        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let mut server = Server {
             poll,
             signals,
@@ -186,6 +190,7 @@ impl Server {
             fd_stored: fdstore::Stored::new(),
             fd_store_synced: false,
             fd_store_retry: None,
+            ops,
         };
         if crate::daemon::handover::from_pid().is_some() {
             server.notify.defer_first_ready();
@@ -292,6 +297,8 @@ impl Server {
             // none; `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool
             // threads, event loops and everything else start after this line.
             crate::process::cloexec_all();
+            // Worker processes send ended connections to the daemon over this (they inherit it).
+            crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
             let forks = crate::worker::forked::ForkServer::start(
                 &self.registry,
                 self.shared.notifier.clone(),
@@ -323,6 +330,7 @@ impl Server {
             l.claim_file(); // an upgrade's new process has taken over
         }
         if self.daemon {
+            self.start_ops()?;
             log::info!("socketd ready: {} listeners", self.slots.len());
         }
         let status = self.status_line();
@@ -367,9 +375,11 @@ impl Server {
             }
         }
         self.collect_done();
+        self.answer_asks();
         self.revisit();
         self.tick_guards();
         self.retry_fd_store();
+        crate::access_log::report_drops(Instant::now());
         self.check_upgrade();
         self.check_stop();
         Ok(())
@@ -515,6 +525,7 @@ impl Server {
             self.notify.watchdog_due(),
             self.upgrade_deadline(),
             self.fd_store_retry,
+            crate::access_log::next_report(),
         ]
         .into_iter()
         .flatten()
@@ -566,6 +577,11 @@ impl Server {
             };
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
+            if done.outcome != crate::worker::Outcome::Ok {
+                slot.stats
+                    .handler_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if slot.listener.is_none() {
                 if slot.busy == 0 {
                     log::info!("listener `{}`: drained", slot.cfg.name);
@@ -608,7 +624,7 @@ impl Server {
                 SIGHUP if self.upgrading.is_some() => {
                     log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
                 }
-                SIGHUP if self.state == State::Running => self.reload(),
+                SIGHUP if self.state == State::Running => drop(self.reload()),
                 SIGUSR2 => self.upgrade(None, None),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
                 SIGUSR1 => self.log_status(),
@@ -621,14 +637,6 @@ impl Server {
     /// of `--daemon`).
     pub fn on_ready(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_ready.push(Box::new(hook));
-    }
-
-    fn reload(&mut self) {
-        self.notify.reloading();
-        self.reload_config();
-        self.sync_fd_store();
-        let status = self.status_line();
-        self.notify.ready(&status);
     }
 }
 

@@ -9,6 +9,7 @@
 mod across;
 mod catalog;
 mod error;
+mod ops;
 mod parse;
 mod protection;
 mod raw;
@@ -20,6 +21,7 @@ mod values;
 
 pub use catalog::{BuildContext, Catalog};
 pub use error::{ConfigError, Diagnostic};
+pub use ops::{AccessLogTarget, ControlConfig};
 pub use protection::{
     parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,
 };

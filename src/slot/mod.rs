@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,11 @@ pub struct Slot {
     pub fork: Option<link::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// Counters for status and metrics (by listener name: they outlive this slot).
+    pub stats: Arc<crate::stats::ListenerStats>,
+    /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
+    /// accepted until `socketd resume`.
+    pub paused: bool,
     /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
     /// dropped) before any worker sees it.
     pub verify: Option<Verify>,
@@ -101,6 +106,7 @@ impl Slot {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
         let wait = crate::handler::exec::wait_program(&cfg);
+        let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -116,8 +122,10 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            stats,
             verify: None,
             wait,
+            paused: false,
         })
     }
 
@@ -153,6 +161,9 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if self.paused {
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -182,6 +193,10 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.paused {
+            self.unwatch(poll);
+            return Drained::Empty;
+        }
         if let Some(program) = self.wait.clone() {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
@@ -228,6 +243,7 @@ impl Slot {
                     if !self.verified(&peer) {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if self.cfg.workers == WorkerModel::Event {
                         self.dispatch_event(shared, conn, peer, ticket);
                         continue;
@@ -240,6 +256,7 @@ impl Slot {
                     {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
                         let (id, cfg) = (self.id, &self.cfg);
                         if let Err(e) =

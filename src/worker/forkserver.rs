@@ -124,7 +124,7 @@ fn setup(sock: &OwnedFd, parent: Pid) -> std::io::Result<SignalFd> {
         // SAFETY: installing SIG_IGN runs no code in signal context.
         unsafe { signal::signal(sig, SigHandler::SigIgn) }?;
     }
-    close_all_but(&[sock.as_raw_fd()]);
+    close_all_but(&[sock.as_raw_fd(), crate::access_log::forward_fd()]);
     open_standard_fds()?;
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);

@@ -9,6 +9,8 @@ mod harness;
 
 mod concurrency;
 mod config_errors;
+mod control;
+mod control_systemd;
 mod daemon_mode;
 mod deploy;
 mod event;
@@ -20,6 +22,7 @@ mod handlers;
 mod hostile;
 mod log_lines;
 mod manager;
+mod metrics;
 mod protection;
 mod proxy;
 mod reload;
