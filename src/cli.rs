@@ -110,7 +110,8 @@ enum Command {
     /// Replace the running daemon's binary without refusing a connection: the daemon starts
     /// the new binary with every listening socket, and stops accepting and drains only once
     /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
-    /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
+    /// did not take over (the old one keeps serving). Through the control socket if there is
+    /// one, else by SIGUSR2 to the pid in the pidfile.
     Upgrade(upgrade::UpgradeArgs),
 }
 
@@ -167,9 +168,13 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
-        Some(Command::Upgrade(args)) => {
-            upgrade::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
-        }
+        Some(Command::Upgrade(args)) => upgrade::run(
+            &cli.config,
+            cli.pidfile.as_deref(),
+            cli.control.as_deref(),
+            &args,
+            &registry,
+        ),
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
         Some(other) => {
             let Some((request, json)) = other.control() else {
