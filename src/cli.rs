@@ -181,6 +181,11 @@ pub fn main_with(registry: Registry) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             };
             use crate::control::client;
+            // A client's output may be piped into `head`: end quietly on a closed pipe like
+            // other Unix tools, not with a panic (the daemon itself keeps SIGPIPE ignored).
+            // SAFETY: signal(2) restoring the default action; this process is a short-lived
+            // client with no other thread yet.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             match client::find_socket(&cli.config, cli.control.as_deref()) {
                 Ok(socket) => client::run(&socket, request, json),
                 Err(e) => {
