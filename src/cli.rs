@@ -57,6 +57,12 @@ enum Command {
     Check,
 }
 
+/// The command line as a clap `Command`: what the man page and the shell completions are
+/// generated from (`examples/package_assets.rs`), so they always match the parser.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Parse the command line and run: the whole `main` of socketd and of custom daemons.
 pub fn main_with(registry: Registry) -> ExitCode {
     let cli = match Cli::try_parse() {

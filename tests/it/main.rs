@@ -24,4 +24,6 @@ mod reload;
 mod services;
 mod start;
 mod stop;
+mod sysd;
 mod systemd;
+mod under_systemd;
