@@ -215,9 +215,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let id = self.next_id;
         self.next_id += 1;
@@ -587,9 +587,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let stopping = Arc::clone(&self.shared.stopping);
         for slot in self.slots.values_mut() {

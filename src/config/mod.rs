@@ -18,7 +18,7 @@ pub mod types;
 mod validate;
 mod values;
 
-pub use catalog::{BuildContext, Catalog};
+pub use catalog::{BuildContext, Catalog, Problem, SettingsError};
 pub use error::{ConfigError, Diagnostic};
 pub use protection::{
     parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{BuildContext, Context, Factory, Handler, Request};
+use crate::config::SettingsError;
 
 /// `file = { path = "..." }`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +70,11 @@ impl FileSettings {
 }
 
 /// Builds the blocking `file` handler (threaded and forked workers).
-pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
-    let settings = Arc::new(FileSettings::from_build(ctx)?);
+pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
+    let settings = Arc::new(
+        FileSettings::from_build(ctx)
+            .map_err(|m| SettingsError::from_messages("file", ctx.settings, vec![m]))?,
+    );
     Ok(Arc::new(move || {
         Box::new(FileHandler(Arc::clone(&settings))) as Box<dyn Handler>
     }))

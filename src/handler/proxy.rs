@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BuildContext, Context, Factory, Handler, Request};
-use crate::config::Protocol;
+use crate::config::{Protocol, SettingsError};
 use crate::conn::{Conn, PeerAddr};
 
 /// How long a connect to the upstream may take when `connect_timeout` is not given.
@@ -219,8 +219,11 @@ pub fn local_of(conn: &Conn) -> Option<SocketAddr> {
 }
 
 /// Builds the blocking `proxy` handler (threaded and forked workers).
-pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
-    let settings = Arc::new(ProxySettings::from_build(ctx)?);
+pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
+    let settings = Arc::new(
+        ProxySettings::from_build(ctx)
+            .map_err(|m| SettingsError::from_messages("proxy", ctx.settings, vec![m]))?,
+    );
     Ok(Arc::new(move || {
         Box::new(ProxyHandler(Arc::clone(&settings))) as Box<dyn Handler>
     }))

@@ -362,7 +362,7 @@ impl State {
             ToServer::Listener { slot, config } => {
                 let entry = match toml::from_str::<ListenerConfig>(&config) {
                     Ok(cfg) => Entry {
-                        factory: self.registry.build_for(&cfg),
+                        factory: self.registry.build_for(&cfg).map_err(|e| e.to_string()),
                         exec: prepare_exec(&cfg),
                         cfg: Arc::new(cfg),
                         socket: fds.pop(),
