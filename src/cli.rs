@@ -203,6 +203,16 @@ fn run(
     if let Some(pipe) = lock(&ready).as_ref() {
         pipe.detach_stdio();
     }
+    // The daemon owns the process-wide start: its fork servers are forked here, while it still
+    // has its only thread, so no forked worker can inherit a lock.
+    if let Err(e) = server.start_fork_servers() {
+        let why = chain(&e);
+        log::error!("not starting: {why}");
+        if let Some(pipe) = lock(&ready).as_mut() {
+            pipe.failed(EXIT_RUNTIME, &why);
+        }
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     let on_ready = std::sync::Arc::clone(&ready);
     server.on_ready(move || {
         if let Some(mut pipe) = lock(&on_ready).take() {

@@ -128,7 +128,7 @@ pub fn parse_settings(ctx: &BuildContext) -> Result<Program, SettingsError> {
 }
 
 /// Check and resolve the `exec` table (every problem, in one line).
-pub fn parse(ctx: &BuildContext) -> Result<Program, String> {
+pub(crate) fn parse(ctx: &BuildContext) -> Result<Program, String> {
     parse_all(ctx).map_err(|all| all.join("; "))
 }
 

@@ -21,7 +21,7 @@ pub struct FileSettings {
 
 impl FileSettings {
     /// Read the `file` table; only stream listeners can be sent a file.
-    pub fn from_build(ctx: &BuildContext) -> Result<FileSettings, String> {
+    pub(crate) fn from_build(ctx: &BuildContext) -> Result<FileSettings, String> {
         if ctx.protocol.is_datagram() {
             return Err(format!(
                 "handler `file` serves stream listeners only (tcp, unix), not {}; \

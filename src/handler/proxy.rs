@@ -76,7 +76,7 @@ fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duratio
 
 impl ProxySettings {
     /// Read the `proxy` table for a listener of `ctx.protocol`.
-    pub fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
+    pub(crate) fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
         let Some(table) = ctx.settings else {
             return Err(format!("handler `proxy` needs its settings: add {USAGE}"));
         };
@@ -137,7 +137,7 @@ impl ProxySettings {
 }
 
 /// `ip:port`, `[ipv6]:port` or `unix:/absolute/path`; never a host name.
-pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+pub(crate) fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if let Some(p) = s.strip_prefix("unix:") {
         let path = PathBuf::from(p);
         if !path.is_absolute() {
