@@ -13,6 +13,8 @@ use crate::config::Config;
 use crate::handler::Registry;
 use crate::server::{ServeError, Server};
 
+mod upgrade;
+
 /// Default config path for a system install.
 pub const DEFAULT_CONFIG: &str = "/etc/socketd/socketd.toml";
 
@@ -42,8 +44,8 @@ struct Cli {
     daemon: bool,
 
     /// Write the daemon's pid to FILE (locked: a second instance is refused), removed on exit.
-    /// Overrides `[daemon] pidfile`.
-    #[arg(long, value_name = "FILE")]
+    /// Overrides `[daemon] pidfile`. `upgrade` finds the daemon by it.
+    #[arg(long, global = true, value_name = "FILE")]
     pidfile: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -55,6 +57,11 @@ enum Command {
     /// Validate the config file without binding anything; prints `ok` and exits 0, or lists
     /// every problem and exits 1 (for systemd's ExecStartPre).
     Check,
+    /// Replace the running daemon's binary without refusing a connection: the daemon starts
+    /// the new binary with every listening socket, and stops accepting and drains only once
+    /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
+    /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 /// The command line as a clap `Command`: what the man page and the shell completions are
@@ -78,6 +85,9 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
+        Some(Command::Upgrade(args)) => {
+            upgrade::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
+        }
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
     }
 }
@@ -118,6 +128,8 @@ fn run(
 ) -> ExitCode {
     use crate::daemon::{detach::Detached, pidfile::Pidfile, privileges};
 
+    // The new process of a binary upgrade: take its descriptors before anything else opens one.
+    let mut handover = crate::daemon::handover::Handover::from_env();
     crate::logging::init_stderr(log::LevelFilter::Info);
     std::panic::set_hook(Box::new(|info| log::error!("{info}")));
     let config = match Config::load(path, &registry) {
@@ -146,13 +158,22 @@ fn run(
         }
     };
     let pidfile_path = pidfile.or_else(|| config.daemon.pidfile.clone());
-    let mut pidfile = match pidfile_path.as_deref().map(Pidfile::lock).transpose() {
+    // The new process of an upgrade shares the old one's locked pidfile, when it is the same.
+    let shared = handover.as_mut().and_then(|h| h.pidfile.take());
+    let lock_pidfile = |p: &std::path::Path| match shared.and_then(|fd| Pidfile::adopt(fd, p)) {
+        Some(adopted) => Ok(adopted),
+        None => Pidfile::lock(p),
+    };
+    let mut pidfile = match pidfile_path.as_deref().map(lock_pidfile).transpose() {
         Ok(p) => p,
         Err(message) => {
             log::error!("not starting: {message}");
             return ExitCode::from(EXIT_START);
         }
     };
+    if let Some(p) = &pidfile {
+        crate::daemon::upgrade::share_pidfile(p.as_fd());
+    }
     let (log_target, syslog) = (config.daemon.log, config.daemon.syslog.clone());
     let mut server = match Server::bind_daemon(config, registry) {
         Ok(s) => s,
@@ -169,7 +190,8 @@ fn run(
         log::info!("running as uid {} gid {}", ids.uid, ids.gid);
     }
     let ready = std::sync::Arc::new(std::sync::Mutex::new(None));
-    if detach {
+    // The new process of an upgrade is already detached (or not) as the old one was.
+    if detach && handover.is_none() {
         if log_target == crate::config::LogTarget::Stderr {
             log::warn!(
                 "--daemon with log = \"stderr\": messages after start-up go to /dev/null; set \
@@ -203,6 +225,10 @@ fn run(
     if let Some(pipe) = lock(&ready).as_ref() {
         pipe.detach_stdio();
     }
+    if let Some(mut h) = handover.take() {
+        h.restore_stderr();
+        *lock(&ready) = Some(h.ready);
+    }
     // The daemon owns the process-wide start: its fork servers are forked here, while it still
     // has its only thread, so no forked worker can inherit a lock.
     if let Err(e) = server.start_fork_servers() {
@@ -213,11 +239,24 @@ fn run(
         }
         return ExitCode::from(EXIT_RUNTIME);
     }
-    let on_ready = std::sync::Arc::clone(&ready);
+    let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
+    let (on_ready, ready_pidfile) = (
+        std::sync::Arc::clone(&ready),
+        std::sync::Arc::clone(&pidfile),
+    );
     server.on_ready(move || {
-        if let Some(mut pipe) = lock(&on_ready).take() {
-            pipe.ready();
+        let Some(mut pipe) = lock(&on_ready).take() else {
+            return;
+        };
+        // The new process of an upgrade writes its pid into the shared pidfile only now.
+        if let Some(p) = lock(&ready_pidfile).as_mut() {
+            if let Err(e) = p.commit() {
+                let why = format!("cannot write the pidfile {}: {e}", p.path().display());
+                log::error!("{why}");
+                return pipe.failed(EXIT_START, &why);
+            }
         }
+        pipe.ready();
     });
     let code = match server.serve() {
         Ok(()) => ExitCode::SUCCESS,

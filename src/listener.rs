@@ -63,6 +63,11 @@ pub struct Listener {
     local: ListenAddr,
     /// A unix socket file we created and must remove on close.
     unlink: Option<PathBuf>,
+    /// Passed by the service manager (socket activation, fd store), not bound here.
+    from_manager: bool,
+    /// Handed over by an upgrade with a socket file socketd created: this process's to
+    /// remove only once it has taken over (`claim_file`), never if it fails to start.
+    pending_file: Option<PathBuf>,
 }
 
 /// One accepted stream connection or received datagram.
@@ -90,6 +95,8 @@ impl Listener {
                     socket: Socket4::Tcp(l),
                     local,
                     unlink: None,
+                    from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Inet(addr), Protocol::Udp) => {
@@ -100,6 +107,8 @@ impl Listener {
                     socket: Socket4::Udp(u),
                     local,
                     unlink: None,
+                    from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Path(path), Protocol::Unix) => {
@@ -113,6 +122,8 @@ impl Listener {
                     socket: Socket4::Unix(l),
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
+                    from_manager: false,
+                    pending_file: None,
                 }
             }
             (ListenAddr::Path(path), Protocol::UnixDgram) => {
@@ -126,6 +137,8 @@ impl Listener {
                     socket: Socket4::UnixDgram(d),
                     local: ListenAddr::Path(path.clone()),
                     unlink: Some(path.clone()),
+                    from_manager: false,
+                    pending_file: None,
                 }
             }
             (addr, proto) => {
@@ -170,6 +183,8 @@ impl Listener {
             socket,
             local,
             unlink: None,
+            from_manager: true,
+            pending_file: None,
         };
         let nonblocking = match &listener.socket {
             Socket4::Tcp(s) => s.set_nonblocking(true),
@@ -189,6 +204,34 @@ impl Listener {
     /// The unix socket file socketd created for this listener (not one it adopted).
     pub fn own_socket_file(&self) -> Option<&Path> {
         self.unlink.as_deref()
+    }
+
+    /// Whether the service manager passed this socket (to this process or, before a binary
+    /// upgrade, to the old one).
+    pub fn from_manager(&self) -> bool {
+        self.from_manager
+    }
+
+    /// Set where an adopted socket came from, when an upgrade handed it over: `owned_file`
+    /// makes its unix socket file this process's to remove when it stops for good, once it
+    /// has taken over (`claim_file`).
+    pub fn set_origin(&mut self, owned_file: bool, from_manager: bool) {
+        self.from_manager = from_manager;
+        if let (true, ListenAddr::Path(p)) = (owned_file, &self.local) {
+            self.pending_file = Some(p.clone());
+        }
+    }
+
+    /// This process serves now: a socket file handed over with the socket is its to remove.
+    pub fn claim_file(&mut self) {
+        if let Some(p) = self.pending_file.take() {
+            self.unlink = Some(p);
+        }
+    }
+
+    /// Leave the unix socket file in place on close: another process serves it now.
+    pub fn release_file(&mut self) {
+        self.unlink = None;
     }
 
     /// The local IP address, for handlers and exec environments.

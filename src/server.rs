@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::Config;
@@ -23,10 +23,14 @@ use crate::listener::{BindError, Listener};
 use crate::slot::{Drained, Shared, Slot, MAX_DATAGRAM};
 use crate::worker::{Done, Notifier, Tracker};
 
+mod fdstore;
 mod handle;
 mod reload;
 mod status;
 mod stop;
+mod upgrade;
+
+pub use upgrade::{Outcome as UpgradeOutcome, Reply as UpgradeReply};
 
 pub use handle::ShutdownHandle;
 use stop::State;
@@ -88,6 +92,10 @@ pub struct Server {
     notify: crate::daemon::notify::Notify,
     /// Run once when the daemon is serving (release a detaching parent, …).
     on_ready: Vec<Box<dyn FnOnce() + Send>>,
+    /// A binary upgrade waiting for its new process (`upgrade`).
+    upgrading: Option<upgrade::InProgress>,
+    /// Listening sockets in the service manager's fd store (`fdstore`).
+    fd_stored: fdstore::Stored,
 }
 
 impl std::fmt::Debug for Server {
@@ -114,13 +122,14 @@ impl Server {
     pub fn bind_daemon(config: Config, registry: Registry) -> Result<Server, ServeError> {
         // Before anything opens a descriptor or forks: every process of the daemon gets it.
         crate::protect::raise_fd_limit();
+        crate::daemon::upgrade::remember_own_binary();
         Server::build(config, registry, true)
     }
 
     fn build(config: Config, registry: Registry, daemon: bool) -> Result<Server, ServeError> {
         let poll = Poll::new().map_err(io_err("cannot create the event loop"))?;
         let signals = if daemon {
-            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])
                 .map_err(io_err("cannot set up signal handling"))?;
             poll.registry()
                 .register(&mut signals, SIGNALS, mio::Interest::READABLE)
@@ -170,7 +179,12 @@ impl Server {
                 crate::daemon::notify::Notify::default()
             },
             on_ready: Vec::new(),
+            upgrading: None,
+            fd_stored: fdstore::Stored::new(),
         };
+        if crate::daemon::handover::from_pid().is_some() {
+            server.notify.defer_first_ready();
+        }
         // Sockets from the service manager first; a listener none was passed for binds its own.
         let mut inherited = if daemon {
             crate::daemon::activation::Inherited::from_env()
@@ -179,12 +193,22 @@ impl Server {
         };
         for cfg in &config.listeners {
             let listener = match inherited.take_for(cfg) {
-                Some((fd, fd_name)) => {
-                    log::info!(
-                        "listener `{}`: using the socket `{fd_name}` passed by the service manager",
-                        cfg.name
-                    );
-                    Listener::adopt(fd, cfg)?
+                Some(taken) => {
+                    match taken.upgrade_from {
+                        Some(pid) => log::info!(
+                            "listener `{}`: using the socket `{}` handed over by pid {pid}",
+                            cfg.name,
+                            taken.name
+                        ),
+                        None => log::info!(
+                            "listener `{}`: using the socket `{}` passed by the service manager",
+                            cfg.name,
+                            taken.name
+                        ),
+                    }
+                    let mut l = Listener::adopt(taken.fd, cfg)?;
+                    l.set_origin(taken.owned_file, taken.from_manager);
+                    l
                 }
                 None => Listener::bind(cfg)?,
             };
@@ -296,11 +320,15 @@ impl Server {
                 );
             }
         }
+        for l in self.slots.values_mut().filter_map(|s| s.listener.as_mut()) {
+            l.claim_file(); // an upgrade's new process has taken over
+        }
         if self.daemon {
             log::info!("socketd ready: {} listeners", self.slots.len());
         }
         let status = self.status_line();
         self.notify.ready(&status);
+        self.sync_fd_store();
         for hook in std::mem::take(&mut self.on_ready) {
             hook();
         }
@@ -333,12 +361,16 @@ impl Server {
             match event.token() {
                 SIGNALS => self.on_signals(),
                 WAKER => {}
+                t @ (upgrade::READY | upgrade::OUTPUT | upgrade::EXITED) => {
+                    self.on_upgrade_event(t)
+                }
                 Token(id) => self.drain(id),
             }
         }
         self.collect_done();
         self.revisit();
         self.tick_guards();
+        self.check_upgrade();
         self.check_stop();
         Ok(())
     }
@@ -479,7 +511,10 @@ impl Server {
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        if let Some(t) = self.notify.watchdog_due() {
+        for t in [self.notify.watchdog_due(), self.upgrade_deadline()]
+            .into_iter()
+            .flatten()
+        {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let State::Draining { deadline, forced } = self.state {
@@ -555,12 +590,22 @@ impl Server {
         let pending: Vec<i32> = signals.pending().collect();
         for sig in pending {
             match sig {
-                SIGTERM | SIGINT => match self.state {
-                    State::Running => self.begin_stop(),
-                    _ => self.stop_now("second stop signal"),
-                },
-                SIGQUIT => self.stop_now("SIGQUIT"),
+                SIGTERM | SIGINT => {
+                    self.abort_upgrade("a stop signal came first");
+                    match self.state {
+                        State::Running => self.begin_stop(),
+                        _ => self.stop_now("second stop signal"),
+                    }
+                }
+                SIGQUIT => {
+                    self.abort_upgrade("SIGQUIT came first");
+                    self.stop_now("SIGQUIT");
+                }
+                SIGHUP if self.upgrading.is_some() => {
+                    log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
+                }
                 SIGHUP if self.state == State::Running => self.reload(),
+                SIGUSR2 => self.upgrade(None, None),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
                 SIGUSR1 => self.log_status(),
                 _ => {}
@@ -577,6 +622,7 @@ impl Server {
     fn reload(&mut self) {
         self.notify.reloading();
         self.reload_config();
+        self.sync_fd_store();
         let status = self.status_line();
         self.notify.ready(&status);
     }

@@ -37,6 +37,8 @@ pub(super) struct RawDaemon {
     pub group: Option<Spanned<String>>,
     pub log: Option<Spanned<String>>,
     pub log_level: Option<Spanned<String>>,
+    pub upgrade_timeout: Option<Spanned<String>>,
+    pub fd_store: Option<Spanned<bool>>,
     pub syslog: Option<RawSyslog>,
 }
 

@@ -15,6 +15,9 @@ pub mod defaults {
     use std::time::Duration;
     /// How long in-flight connections may run on after a stop begins.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long the new process of a binary upgrade has to become ready before it is killed
+    /// and the old one carries on.
+    pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
     /// Threads or children one listener may use at once.
     pub const MAX_WORKERS: usize = 64;
     /// Kernel accept queue length for stream listeners.
@@ -46,6 +49,11 @@ pub struct Config {
 pub struct DaemonConfig {
     /// How long in-flight connections may run on after a stop begins.
     pub shutdown_timeout: Duration,
+    /// How long the new process of a binary upgrade may take to become ready.
+    pub upgrade_timeout: Duration,
+    /// Keep every listening socket in systemd's file-descriptor store (`FDSTORE=1`), so a
+    /// `systemctl restart` gets them back and refuses nothing; unix socket files stay.
+    pub fd_store: bool,
     /// Where the pid is written (locked), if anywhere.
     pub pidfile: Option<PathBuf>,
     /// The account to run as after binding.
@@ -64,6 +72,8 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            upgrade_timeout: defaults::UPGRADE_TIMEOUT,
+            fd_store: false,
             pidfile: None,
             user: None,
             group: None,

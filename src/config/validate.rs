@@ -169,6 +169,8 @@ pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonC
             "shutdown_timeout",
             d.shutdown_timeout,
         ),
+        upgrade_timeout: c.duration(&raw.upgrade_timeout, "upgrade_timeout", d.upgrade_timeout),
+        fd_store: raw.fd_store.as_ref().map_or(d.fd_store, |v| *v.get_ref()),
         pidfile: c.text(&raw.pidfile, "pidfile").map(PathBuf::from),
         user: c.text(&raw.user, "user"),
         group: c.text(&raw.group, "group"),

@@ -6,12 +6,18 @@
 //! own (read back with `getsockname` and `SO_TYPE`). Sockets no listener wants are reported and
 //! closed. The variables are removed from the environment once read, so programs socketd starts
 //! never believe the sockets are theirs.
+//!
+//! A binary upgrade (`upgrade`, `handover`) hands sockets over the same way. Those are adopted
+//! by name only when protocol and address still fit the listener (a port-0 listener takes any
+//! port on its IP; a socket the old process had from the manager fits wherever it is bound);
+//! otherwise the listener binds afresh and the old socket closes with the old process.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ListenAddr, ListenerConfig, Protocol};
+use crate::daemon::upgrade::{ENV_MANAGER as UP_MANAGER, ENV_OWNED as UP_OWNED};
 
 /// One socket passed by the service manager, with what it turned out to be.
 #[derive(Debug)]
@@ -19,6 +25,26 @@ struct Passed {
     fd: OwnedFd,
     name: String,
     kind: Option<(Protocol, ListenAddr)>,
+    /// Handed over by an upgrade (not by the service manager).
+    handed: bool,
+    /// Handed over: a unix socket file socketd created.
+    owned_file: bool,
+    /// Handed over: the old process had it from the service manager.
+    from_manager: bool,
+}
+
+/// A passed socket a listener claimed.
+#[derive(Debug)]
+pub struct Taken {
+    pub fd: OwnedFd,
+    /// The name it was passed under.
+    pub name: String,
+    /// Handed over by the old process of an upgrade (its pid), not by the service manager.
+    pub upgrade_from: Option<u32>,
+    /// A unix socket file socketd created: removed when this process stops for good.
+    pub owned_file: bool,
+    /// The service manager passed it (to this process, or to the old one of an upgrade).
+    pub from_manager: bool,
 }
 
 /// The sockets socketd was started with, until listeners claim them.
@@ -32,7 +58,22 @@ impl Inherited {
     /// Call while single-threaded: it writes the environment.
     pub fn from_env() -> Inherited {
         let fds = sd_notify::listen_fds_with_names();
-        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        let list = |var: &str| -> Vec<String> {
+            let v = std::env::var(var).unwrap_or_default();
+            v.split(':')
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let (owned, manager) = (list(UP_OWNED), list(UP_MANAGER));
+        let handed = crate::daemon::handover::from_pid().is_some();
+        for var in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            UP_OWNED,
+            UP_MANAGER,
+        ] {
             std::env::remove_var(var);
         }
         let fds: Vec<(i32, String)> = match fds {
@@ -49,15 +90,25 @@ impl Inherited {
                 // crate checked LISTEN_PID) and nothing else owns them; each is taken once.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                 let kind = socket_kind(&fd).ok();
-                Passed { fd, name, kind }
+                Passed {
+                    fd,
+                    handed,
+                    owned_file: handed && owned.contains(&name),
+                    from_manager: !handed || manager.contains(&name),
+                    name,
+                    kind,
+                }
             })
             .collect();
         Inherited { passed }
     }
 
     /// The passed socket for `cfg`: by fd name first, else by protocol and address.
-    pub fn take_for(&mut self, cfg: &ListenerConfig) -> Option<(OwnedFd, String)> {
-        let by_name = self.passed.iter().position(|p| p.name == cfg.name);
+    pub fn take_for(&mut self, cfg: &ListenerConfig) -> Option<Taken> {
+        let by_name = self
+            .passed
+            .iter()
+            .position(|p| p.name == cfg.name && (!p.handed || still_fits(p, cfg)));
         let by_addr = || {
             self.passed.iter().position(|p| {
                 p.kind.as_ref().is_some_and(|(proto, addr)| {
@@ -67,12 +118,30 @@ impl Inherited {
         };
         let at = by_name.or_else(by_addr)?;
         let p = self.passed.remove(at);
-        Some((p.fd, p.name))
+        Some(Taken {
+            fd: p.fd,
+            name: p.name,
+            upgrade_from: if p.handed {
+                crate::daemon::handover::from_pid()
+            } else {
+                None
+            },
+            owned_file: p.owned_file,
+            from_manager: p.from_manager,
+        })
     }
 
     /// Log every socket no listener claimed; they are closed when `self` drops.
     pub fn report_unmatched(&self) {
         for p in &self.passed {
+            if p.handed {
+                log::info!(
+                    "upgrade: the old process's listener `{}` is not in this config (or moved); \
+                     its socket closes with the old process",
+                    p.name
+                );
+                continue;
+            }
             let what = match &p.kind {
                 Some((proto, addr)) => format!("{proto} {addr}"),
                 None => "not a socket socketd can serve".to_string(),
@@ -84,6 +153,24 @@ impl Inherited {
                 p.name
             );
         }
+    }
+}
+
+/// An upgrade's socket still suits the listener of its name: same protocol, and the same
+/// address (any port for a port-0 listener), or wherever the manager bound it.
+fn still_fits(p: &Passed, cfg: &ListenerConfig) -> bool {
+    let Some((proto, addr)) = &p.kind else {
+        return false;
+    };
+    if *proto != cfg.protocol {
+        return false;
+    }
+    if p.from_manager {
+        return true;
+    }
+    match (addr, &cfg.address) {
+        (ListenAddr::Inet(a), ListenAddr::Inet(b)) if b.port() == 0 => a.ip() == b.ip(),
+        _ => same_address(addr, &cfg.address),
     }
 }
 

@@ -94,6 +94,13 @@ fn wait_for_daemon(read_end: OwnedFd, exit_failed_start: u8) -> u8 {
 }
 
 impl ReadyPipe {
+    /// A readiness pipe handed to this process some other way (a binary upgrade).
+    pub fn from_fd(fd: OwnedFd) -> ReadyPipe {
+        ReadyPipe {
+            pipe: Some(File::from(fd)),
+        }
+    }
+
     /// The daemon is serving: release the starting process with exit code 0.
     pub fn ready(&mut self) {
         if let Some(mut pipe) = self.pipe.take() {

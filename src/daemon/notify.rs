@@ -27,6 +27,10 @@ pub struct Notify {
     /// The last `STATUS=` sent and when, so refreshes are rate-limited and skip repeats.
     last_status: String,
     status_at: Option<Instant>,
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` as given, for the new process of a binary upgrade.
+    inherited: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// The new process of an upgrade: the old one says `READY=1` (with `MAINPID=`) for it.
+    defer_ready: bool,
 }
 
 /// How often the loop may refresh `STATUS=` as connections come and go.
@@ -40,6 +44,11 @@ impl Notify {
     pub fn from_env() -> Notify {
         let watchdog = sd_notify::watchdog_enabled();
         let path = std::env::var_os("NOTIFY_SOCKET");
+        let inherited: Vec<_> = ["NOTIFY_SOCKET", "WATCHDOG_USEC"]
+            .into_iter()
+            .filter_map(|k| Some((k.into(), std::env::var_os(k)?)))
+            .filter(|(k, _)| k != "WATCHDOG_USEC" || watchdog.is_some())
+            .collect();
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
             std::env::remove_var(var);
         }
@@ -60,15 +69,50 @@ impl Notify {
         Notify {
             target,
             watchdog_every,
+            inherited,
             ..Notify::default()
         }
+    }
+
+    /// The manager's variables for the new process of a binary upgrade (it becomes the main
+    /// process, so it notifies and feeds the watchdog in turn).
+    pub fn child_env(&self) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        self.inherited.clone()
+    }
+
+    /// This is the new process of an upgrade: its first `ready` only starts the watchdog
+    /// clock, since the manager takes notifications from the main process only until the old
+    /// one names this one with `MAINPID=` (`handed_over`).
+    pub fn defer_first_ready(&mut self) {
+        self.defer_ready = true;
+    }
+
+    /// Upgrade done: tell the manager `pid` is the main process now and ready, then go quiet
+    /// (this process's further messages would be refused, and the new one feeds the
+    /// watchdog).
+    pub fn handed_over(&mut self, pid: u32, status: &str) {
+        self.send(&[
+            NotifyState::MainPid(pid),
+            NotifyState::Ready,
+            NotifyState::Status(status),
+        ]);
+        self.target = None;
+        self.next_watchdog = None;
+        self.watchdog_every = None;
+    }
+
+    /// Whether a service manager is listening at all.
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
     }
 
     /// `READY=1` with a status line; also starts the watchdog clock.
     pub fn ready(&mut self, status: &str) {
         self.last_status = status.to_string();
         self.status_at = Some(Instant::now());
-        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        if !std::mem::take(&mut self.defer_ready) {
+            self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        }
         if let Some(every) = self.watchdog_every {
             self.next_watchdog = Some(Instant::now() + every);
         }
@@ -89,6 +133,36 @@ impl Notify {
     /// `STOPPING=1`: a stop has begun.
     pub fn stopping(&mut self, status: &str) {
         self.send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    }
+
+    /// `FDSTORE=1` with `FDNAME=name`: keep `fd` in the manager's file-descriptor store (it
+    /// passes it back with `LISTEN_FDS` on the next start). Without a manager, a no-op.
+    pub fn store_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        let Some((socket, addr)) = &self.target else {
+            return Ok(());
+        };
+        let msg = format!("FDSTORE=1\nFDNAME={name}\n");
+        let raw = [std::os::fd::AsRawFd::as_raw_fd(&fd)];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+        let iov = [io::IoSlice::new(msg.as_bytes())];
+        let to = nix_addr(addr)?;
+        nix::sys::socket::sendmsg(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            Some(&to),
+        )?;
+        Ok(())
+    }
+
+    /// `FDSTOREREMOVE=1` with `FDNAME=name`: the listener is gone; drop its stored socket.
+    pub fn remove_stored_fd(&mut self, name: &str) {
+        let name = format!("FDNAME={name}");
+        self.send(&[
+            NotifyState::Custom("FDSTOREREMOVE=1"),
+            NotifyState::Custom(&name),
+        ]);
     }
 
     /// `STATUS=`: what `systemctl status` shows.
@@ -143,6 +217,20 @@ impl Notify {
             }
         }
     }
+}
+
+/// The manager's address as nix wants it for `sendmsg`.
+fn nix_addr(addr: &SocketAddr) -> io::Result<nix::sys::socket::UnixAddr> {
+    if let Some(path) = addr.as_pathname() {
+        return Ok(nix::sys::socket::UnixAddr::new(path)?);
+    }
+    if let Some(name) = addr.as_abstract_name() {
+        return Ok(nix::sys::socket::UnixAddr::new_abstract(name)?);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "an unnamed notify socket address",
+    ))
 }
 
 /// An unbound non-blocking datagram socket and the manager's address: a path, or an abstract

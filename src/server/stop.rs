@@ -58,6 +58,7 @@ impl Server {
     }
 
     fn close_all(&mut self) {
+        self.keep_files_for_fd_store();
         self.again.clear();
         self.retry.clear();
         for slot in self.slots.values_mut() {

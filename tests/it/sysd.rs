@@ -5,8 +5,8 @@
 //! throw-away container made of plain namespaces (pid, mount, uts, ipc, cgroup, and a network
 //! namespace with only `lo`), over an overlay of `/` whose upper layer is a tmpfs: everything
 //! systemd and the services write (units, /etc, /var, the journal) vanishes with it, and the
-//! host is never written. It takes about a second; `stop` (or `Drop`) about two, and both check
-//! that no process, mount or cgroup directory is left behind.
+//! host is never written. Booting to `running` takes about 0.3 s here and `stop` (or `Drop`)
+//! about 0.2 s; both check that no process, mount or cgroup directory is left behind.
 //!
 //! ```ignore
 //! let Some(c) = Container::boot_or_skip("reload") else { return };  // not root: skipped
@@ -32,8 +32,9 @@
 //!   inside), pivots into the overlay, drops the capabilities nspawn drops (CAP_SYS_MODULE...)
 //!   and execs systemd;
 //! - the launcher has `PR_SET_PDEATHSIG`=SIGKILL: if the thread that booted the container dies
-//!   (a killed test binary), `unshare --kill-child` takes the whole pid namespace with it. So a
-//!   `Container` must be stopped or dropped on the thread that booted it;
+//!   (a killed test binary), `unshare --kill-child` takes the whole pid namespace with it (and
+//!   the next boot removes the cgroup directory it left). So a `Container` must be stopped or
+//!   dropped on the thread that booted it;
 //! - commands run inside through `nsenter -t PID1 -a` with a clean environment and a deadline;
 //!   threads join the network namespace with `setns(2)` (`in_net`, `enter_net`), so clients
 //!   written with std sockets talk to the container's loopback; files are read and written
@@ -362,6 +363,8 @@ impl Container {
                 .into_encoded_bytes(),
         )
         .expect("no NUL in the cgroup path");
+        // One open file for both streams, so their lines interleave instead of overwriting.
+        let log = File::create(base.path().join("launcher.log")).expect("launcher log");
         let mut cmd = Command::new("unshare");
         cmd.args([
             "--pid",
@@ -384,8 +387,8 @@ impl Container {
         .env_clear()
         .env("PATH", INSIDE_PATH)
         .stdin(Stdio::null())
-        .stdout(File::create(base.path().join("launcher.log")).expect("launcher log"))
-        .stderr(File::create(base.path().join("launcher.log")).expect("launcher log"));
+        .stdout(log.try_clone().expect("launcher log"))
+        .stderr(log);
         // SAFETY: between fork and exec this calls only async-signal-safe functions (setsid,
         // prctl, open, write, close) on memory prepared before the fork.
         unsafe {

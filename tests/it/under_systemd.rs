@@ -5,6 +5,11 @@
 //!
 //! Root only (skipped with the reason otherwise; CI runs them). Every test boots its own
 //! container and leaves nothing behind (`Container::stop` checks).
+//!
+//! Reusable by other topics (e.g. a binary upgrade under systemd): `install_by_readme`,
+//! `build_deb`, `assert_shipped_services_answer`, `echo_load` (zero-refusal load while
+//! something happens), `wait_journal`, `show`, and the clients `tcp_echo`, `udp_request`,
+//! `unix_echo`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -18,21 +23,23 @@ use crate::harness::*;
 use crate::sysd::{Container, SHARE};
 
 /// The config a systemd deployment installs as /etc/socketd/socketd.toml.
-const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
-const CONFIG: &str = "/etc/socketd/socketd.toml";
+pub const SYSTEMD_CONFIG: &str = include_str!("../../config/socketd-systemd.toml");
+pub const CONFIG: &str = "/etc/socketd/socketd.toml";
 /// Listeners in `SYSTEMD_CONFIG`.
 const LISTENERS: usize = 11;
-const UNIX_ECHO: &str = "/run/socketd/echo.sock";
+pub const UNIX_ECHO: &str = "/run/socketd/echo.sock";
+/// The shortest time between two exchanges of one `echo_load` thread (4 threads: 1,000/s).
+pub const LOAD_PACE: Duration = Duration::from_millis(4);
 /// How long a start, reload or stop through systemctl may take here.
 const SYSTEMCTL: Duration = Duration::from_secs(60);
 
-fn local(port: u16) -> SocketAddr {
+pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// One echo exchange over TCP: connect, send, half-close, read all. Errors are returned (a
 /// refused connection is an `Err`), never retried.
-fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&local(port), IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -44,7 +51,7 @@ fn tcp_echo(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Read whatever a send-and-close service (daytime, time) sends on connect.
-fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
+pub fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&local(port), IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut out = Vec::new();
@@ -53,7 +60,7 @@ fn tcp_read(port: u16) -> io::Result<Vec<u8>> {
 }
 
 /// One datagram to a UDP service and its answer.
-fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.connect(local(port))?;
@@ -64,7 +71,7 @@ fn udp_request(port: u16, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// One echo exchange over a Unix stream socket at `path` (a host path into the container).
-fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
+pub fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(msg)?;
@@ -75,7 +82,7 @@ fn unix_echo(path: &Path, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Every service of the shipped systemd config answers, from outside the service.
-fn assert_shipped_services_answer(c: &Container) {
+pub fn assert_shipped_services_answer(c: &Container) {
     c.in_net(|| {
         assert_eq!(tcp_echo(17007, b"echo tcp").unwrap(), b"echo tcp");
         assert_eq!(udp_request(17007, b"echo udp").unwrap(), b"echo udp");
@@ -110,7 +117,7 @@ fn assert_shipped_services_answer(c: &Container) {
 
 /// Poll the unit's journal until it holds `needle`; returns the journal. Panics after `timeout`.
 #[track_caller]
-fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
+pub fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let j = c.journal(unit);
@@ -126,7 +133,7 @@ fn wait_journal(c: &Container, unit: &str, needle: &str, timeout: Duration) -> S
 }
 
 /// `systemctl show -p NAME --value socketd`.
-fn show(c: &Container, property: &str) -> String {
+pub fn show(c: &Container, property: &str) -> String {
     c.exec(&["systemctl", "show", "-p", property, "--value", "socketd"])
         .stdout
         .trim()
@@ -134,7 +141,7 @@ fn show(c: &Container, property: &str) -> String {
 }
 
 /// The `sh` code block that README.md's "By hand" install gives (the one after the marker).
-fn readme_install_block() -> String {
+pub fn readme_install_block() -> String {
     let readme = include_str!("../../README.md");
     let marker = "<!-- tests/it/under_systemd.rs runs this block";
     let after = &readme[readme
@@ -145,7 +152,7 @@ fn readme_install_block() -> String {
 }
 
 /// The source tree as an operator has it after `cargo build --release`, staged inside.
-fn stage_source(c: &Container) -> String {
+pub fn stage_source(c: &Container) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for f in [
         "README.md",
@@ -162,7 +169,7 @@ fn stage_source(c: &Container) -> String {
 
 /// Install socketd the way README.md tells an operator to, every command of its block but
 /// `cargo build` (the test's binary stands in for the release build).
-fn install_by_readme(c: &Container) {
+pub fn install_by_readme(c: &Container) {
     let src = stage_source(c);
     let block = readme_install_block();
     let script: String = block
@@ -180,9 +187,12 @@ fn install_by_readme(c: &Container) {
 }
 
 /// Echo clients on `port` in a loop from `threads` threads (inside the container's network
-/// namespace) while `during` runs; returns (exchanges done, failures). Bounded: each thread
-/// stops after 20,000 exchanges or 60s even if `during` takes longer.
-fn echo_load<T: Send>(
+/// namespace) while `during` runs; returns (exchanges done, failures). Each thread paces itself
+/// to one exchange per `LOAD_PACE` at most (every connection is an access line in the journal,
+/// and journald drops a unit's lines past its rate limit, lifecycle lines included, until the
+/// access log has a sink of its own) and stops after 15,000 exchanges or 60s even if `during`
+/// takes longer.
+pub fn echo_load<T: Send>(
     c: &Container,
     port: u16,
     threads: usize,
@@ -198,9 +208,15 @@ fn echo_load<T: Send>(
                 c.enter_net();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let msg = format!("load {t}");
-                for _ in 0..20_000 {
+                let start = Instant::now();
+                for n in 0..15_000u32 {
                     if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                         break;
+                    }
+                    if let Some(wait) =
+                        (start + LOAD_PACE * n).checked_duration_since(Instant::now())
+                    {
+                        std::thread::sleep(wait);
                     }
                     match tcp_echo(port, msg.as_bytes()) {
                         Ok(reply) if reply == msg.as_bytes() => {}
@@ -283,6 +299,32 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
         "name = \"echo-extra\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:17107\"\nhandler = \"echo\"",
     );
     assert_ne!(added, SYSTEMD_CONFIG);
+    // ...and one listener per other worker model, so that the unit's hardening (system-call
+    // filter, no new privileges, W^X memory, read-only /) is shown to let each one work.
+    let added = format!(
+        "{added}
+[[listener]]
+name = \"echo-forked\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17108\"
+handler = \"echo\"
+workers = \"forked\"
+
+[[listener]]
+name = \"cat-exec\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17109\"
+handler = \"exec\"
+exec = {{ argv = [\"/bin/cat\"] }}
+
+[[listener]]
+name = \"echo-event\"
+protocol = \"tcp\"
+address = \"127.0.0.1:17110\"
+handler = \"echo\"
+workers = \"event\"
+"
+    );
     let (done, failures, reload) = echo_load(&c, 17007, 4, || {
         c.write(CONFIG, &added);
         let out = c.exec_timeout(&["systemctl", "reload", "socketd"], SYSTEMCTL);
@@ -302,10 +344,13 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     );
     assert_contains(
         &c.journal("socketd"),
-        &["reload: done (10 kept, 1 added, 1 removed)"],
+        &["reload: done (10 kept, 4 added, 1 removed)"],
     );
     c.in_net(|| {
         assert_eq!(tcp_echo(17107, b"new").unwrap(), b"new");
+        assert_eq!(tcp_echo(17108, b"forked").unwrap(), b"forked");
+        assert_eq!(tcp_echo(17109, b"exec'd cat").unwrap(), b"exec'd cat");
+        assert_eq!(tcp_echo(17110, b"event").unwrap(), b"event");
         let gone = tcp_echo(17009, b"x").unwrap_err();
         assert_eq!(gone.kind(), io::ErrorKind::ConnectionRefused, "{gone}");
     });
@@ -353,7 +398,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     wait_journal(
         &c,
         "socketd",
-        "stopping: 1 connections in flight",
+        "connections in flight, waiting up to",
         Duration::from_secs(20),
     );
     let refused = c.in_net(|| tcp_echo(17007, b"late").unwrap_err());
@@ -381,9 +426,9 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
     let order = [
         "listener `echo-unix` listening on unix /run/socketd/echo.sock",
         &format!("socketd ready: {LISTENERS} listeners"),
-        "reload: done (10 kept, 1 added, 1 removed)",
+        "reload: done (10 kept, 4 added, 1 removed)",
         "reload refused",
-        "stopping: 1 connections in flight",
+        "connections in flight, waiting up to",
         "socketd stopped",
     ];
     let mut at = 0;
@@ -393,6 +438,11 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
             .unwrap_or_else(|| panic!("{line:?} missing or out of order in:\n{journal}"));
         at += i + line.len();
     }
+    // The hardening refused nothing socketd does (a filtered call fails with EPERM, logged).
+    assert!(
+        !journal.contains("Operation not permitted") && !journal.contains("panicked"),
+        "{journal}"
+    );
     let info = c.sh("journalctl -u socketd -p info..info -o cat --no-pager");
     assert_contains(&info, &["socketd ready", "socketd stopped"]);
     eprintln!("under systemd, installed by README: {:?}", t0.elapsed());
@@ -401,7 +451,7 @@ fn installed_by_readme_start_reload_refuse_stop_under_systemd() {
 
 /// `packaging/build-deb` around the binary under test (`--profile dev --no-build`) into `out`;
 /// the package's path, or `None` (skipped, with the reason) without cargo-deb outside CI.
-fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
+pub fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
     let cargo = env!("CARGO");
     let mut probe = std::process::Command::new(cargo);
     probe.args(["deb", "--version"]);
@@ -419,7 +469,7 @@ fn build_deb(out: &Path) -> Option<std::path::PathBuf> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut cmd = std::process::Command::new(root.join("packaging/build-deb"));
-    cmd.args(["--profile", "dev", "--no-build", "-q", "-o"])
+    cmd.args(["--profile", "dev", "--no-build", "--fast", "-q", "-o"])
         .arg(out)
         .env("CARGO", cargo)
         .current_dir(root);
@@ -457,6 +507,9 @@ fn debian_package_installs_and_serves_under_systemd() {
     // This host image (a container build) has a policy-rc.d that forbids maintainer scripts to
     // start or stop services (exit 101); a real machine has none. Removed in the overlay only.
     c.sh("rm -f /usr/sbin/policy-rc.d");
+    // man-db's trigger rebuilds the whole man index on every install and removal (seconds);
+    // `man socketd` below finds the page by its path without it.
+    c.sh("rm -f /var/lib/man-db/auto-update");
     c.sh(&format!("dpkg -i {staged}"));
 
     let files = c.sh("dpkg -L socketd");
@@ -533,6 +586,25 @@ fn debian_package_installs_and_serves_under_systemd() {
          _socketd socketd ch socketd; printf \"%s\\n\" \"${COMPREPLY[@]}\"'",
     );
     assert!(completion.lines().any(|l| l == "check"), "{completion:?}");
+    // zsh and fish find theirs where the package put them (their default search paths).
+    if c.exec(&["sh", "-c", "command -v zsh && command -v fish"])
+        .status
+        .success()
+    {
+        let fish = c.sh("fish -c 'complete -C\"socketd ch\"'");
+        assert!(fish.starts_with("check\t"), "{fish:?}");
+        let zsh = c.sh(
+            "zsh -n /usr/share/zsh/vendor-completions/_socketd && \
+             zsh -fc 'autoload -U compinit && compinit -u -d /run/zcompdump && print -r -- $_comps[socketd]'",
+        );
+        assert_eq!(zsh.trim(), "_socketd");
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs zsh and fish (.ci/run)"
+        );
+        eprintln!("zsh/fish completions not tried: zsh or fish is not installed");
+    }
 
     c.sh("systemctl enable --now socketd");
     assert_shipped_services_answer(&c);
