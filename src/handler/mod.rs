@@ -218,7 +218,7 @@ impl Catalog for Registry {
 
 /// Read a handler's table into `S`, with each bad key its own problem: the whole table first;
 /// if that fails, each key alone (where "missing field" only means another key is required).
-fn read_settings<S: serde::de::DeserializeOwned>(
+pub(crate) fn read_settings<S: serde::de::DeserializeOwned>(
     handler: &str,
     table: Option<&toml::Table>,
 ) -> Result<S, SettingsError> {
@@ -231,11 +231,11 @@ fn read_settings<S: serde::de::DeserializeOwned>(
     for (key, value) in &table {
         let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
         if let Err(e) = toml::Value::Table(alone).try_into::<S>() {
-            let message = e.to_string();
+            let message = e.message().trim().to_string();
             if !message.contains("missing field") {
                 problems.push(crate::config::Problem {
                     key: Some(key.clone()),
-                    message: format!("`{handler}.{key}`: {}", message.trim()),
+                    message,
                 });
             }
         }
