@@ -89,7 +89,7 @@ fn server_count() -> usize {
 
 /// Fork one fork server (the caller is single-threaded, or holds the locks `start_threaded`
 /// names).
-fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Process> {
+fn fork_one(registry: &Registry, parent: Option<Pid>) -> io::Result<Process> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -136,7 +136,7 @@ impl ForkServer {
         let parent = nix::unistd::getpid();
         let mut servers = Vec::new();
         for _ in 0..server_count() {
-            match fork_one(registry, parent) {
+            match fork_one(registry, Some(parent)) {
                 Ok(p) => servers.push(p),
                 // Ones already started see their socket close when `servers` drops, and exit.
                 Err(e) => return Err(e),
@@ -168,13 +168,15 @@ impl ForkServer {
     /// a forked handler must not wait for those (Python's `ForkingMixIn` promises less: it
     /// forks the threaded process for every request).
     pub fn start_threaded(registry: &Registry, notifier: Notifier) -> io::Result<ForkServer> {
-        let parent = nix::unistd::getpid();
         let process = {
             let out = std::io::stdout();
             let err = std::io::stderr();
             let _out = out.lock();
             let _err = err.lock();
-            fork_one(registry, parent)?
+            // Not tied to this thread by PR_SET_PDEATHSIG (a library server may be served
+            // from a thread that ends): the fork server ends when its socket closes, which
+            // `server_close` (or the process's end) does.
+            fork_one(registry, None)?
         };
         let server = ForkServer {
             servers: vec![process],
