@@ -507,7 +507,7 @@ fn registered_settings_struct_reports_each_bad_key_at_its_place() {
         &[
             "socketd.toml:8:",
             "key `typed.colour`",
-            "unknown field `colour`",
+            "unknown key `typed.colour`; valid keys: text, times",
         ],
     );
     // A missing required key: one error, on the table.

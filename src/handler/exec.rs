@@ -122,14 +122,33 @@ pub fn wait_program(cfg: &ListenerConfig) -> Option<Program> {
     parse(&ctx).ok()
 }
 
+/// The `exec` table's shape, for serde: every key and its type (unknown keys refused). The
+/// values are then checked and resolved by `parse_all` (absolute program, usable variable
+/// names, existing directory, known accounts, a valid `stderr`, `wait` only on datagrams).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read for its shape only
+struct ExecTable {
+    argv: Option<Vec<String>>,
+    env: Option<std::collections::BTreeMap<String, String>>,
+    pass_env: Option<Vec<String>>,
+    cwd: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    stderr: Option<String>,
+    wait: Option<bool>,
+}
+
 /// Check and resolve the `exec` table, with every problem on its own key.
 pub fn parse_settings(ctx: &BuildContext) -> Result<Program, SettingsError> {
-    parse_all(ctx).map_err(|all| SettingsError::from_messages("exec", ctx.settings, all))
+    super::read_shape_then::<ExecTable, _>("exec", ctx.settings, || {
+        parse_all(ctx).map_err(|all| SettingsError::from_messages("exec", ctx.settings, all))
+    })
 }
 
 /// Check and resolve the `exec` table (every problem, in one line).
 pub(crate) fn parse(ctx: &BuildContext) -> Result<Program, String> {
-    parse_all(ctx).map_err(|all| all.join("; "))
+    parse_settings(ctx).map_err(|e| e.to_string())
 }
 
 fn parse_all(ctx: &BuildContext) -> Result<Program, Vec<String>> {

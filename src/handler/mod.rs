@@ -231,7 +231,7 @@ pub(crate) fn read_settings<S: serde::de::DeserializeOwned>(
     for (key, value) in &table {
         let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
         if let Err(e) = toml::Value::Table(alone).try_into::<S>() {
-            let message = e.message().trim().to_string();
+            let message = unknown_key_message(handler, e.message().trim());
             if !message.contains("missing field") {
                 problems.push(crate::config::Problem {
                     key: Some(key.clone()),
@@ -250,6 +250,54 @@ pub(crate) fn read_settings<S: serde::de::DeserializeOwned>(
         });
     }
     Err(SettingsError { problems })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" in the words the core keys use:
+/// "unknown key `handler.x`; valid keys: a, b". Other messages pass unchanged.
+fn unknown_key_message(handler: &str, message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((key, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let valid = expected
+        .trim_start_matches(", expected ")
+        .trim_start_matches("one of ")
+        .replace(" or ", ", ")
+        .replace('`', "");
+    format!("unknown key `{handler}.{key}`; valid keys: {valid}")
+}
+
+/// A built-in's table: its shape (which keys, of which types) read into the serde struct `S`
+/// with a problem per bad key, then the built-in's own checks (`semantic`), whose problems
+/// are added for every key serde had no complaint about.
+pub(crate) fn read_shape_then<S, T>(
+    handler: &str,
+    table: Option<&toml::Table>,
+    semantic: impl FnOnce() -> Result<T, SettingsError>,
+) -> Result<T, SettingsError>
+where
+    S: serde::de::DeserializeOwned,
+{
+    let shape = read_settings::<S>(handler, Some(table.unwrap_or(&toml::Table::new()))).err();
+    match (shape, semantic()) {
+        (None, result) => result,
+        (Some(mut all), result) => {
+            if let Err(more) = result {
+                for p in more.problems {
+                    let seen = all
+                        .problems
+                        .iter()
+                        .any(|q| q.key.is_some() && q.key == p.key);
+                    if !seen && p.key.is_some() {
+                        all.problems.push(p);
+                    }
+                }
+            }
+            Err(all)
+        }
+    }
 }
 
 /// What a handler knows about the server it runs in (socketserver's `self.server`).

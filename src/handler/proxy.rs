@@ -74,6 +74,18 @@ fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duratio
     }
 }
 
+/// The `proxy` table's shape, for serde: every key and its type (unknown keys refused); the
+/// values are then checked by `ProxySettings::from_build`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read for its shape only
+struct ProxyTable {
+    upstream: Option<String>,
+    connect_timeout: Option<String>,
+    proxy_protocol: Option<String>,
+    udp_idle: Option<String>,
+}
+
 impl ProxySettings {
     /// Read the `proxy` table for a listener of `ctx.protocol`.
     pub(crate) fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
@@ -220,10 +232,14 @@ pub fn local_of(conn: &Conn) -> Option<SocketAddr> {
 
 /// Builds the blocking `proxy` handler (threaded and forked workers).
 pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
-    let settings = Arc::new(
-        ProxySettings::from_build(ctx)
-            .map_err(|m| SettingsError::from_messages("proxy", ctx.settings, vec![m]))?,
-    );
+    let settings = Arc::new(super::read_shape_then::<ProxyTable, _>(
+        "proxy",
+        ctx.settings,
+        || {
+            ProxySettings::from_build(ctx)
+                .map_err(|m| SettingsError::from_messages("proxy", ctx.settings, vec![m]))
+        },
+    )?);
     Ok(Arc::new(move || {
         Box::new(ProxyHandler(Arc::clone(&settings))) as Box<dyn Handler>
     }))
