@@ -25,6 +25,7 @@ use crate::worker::{Done, Notifier, Tracker};
 
 mod fdstore;
 mod handle;
+mod ops;
 mod reload;
 mod status;
 mod stop;
@@ -96,6 +97,11 @@ pub struct Server {
     upgrading: Option<upgrade::InProgress>,
     /// Listening sockets in the service manager's fd store (`fdstore`).
     fd_stored: fdstore::Stored,
+    /// The store has been brought in line once; when to try again for the rest.
+    fd_store_synced: bool,
+    fd_store_retry: Option<Instant>,
+    /// The control socket, metrics endpoint and what they report (`ops`).
+    ops: ops::Ops,
 }
 
 impl std::fmt::Debug for Server {
@@ -144,6 +150,7 @@ impl Server {
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let control = handle::Control::new(Arc::clone(&waker));
+        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let mut server = Server {
             poll,
             signals,
@@ -181,6 +188,9 @@ impl Server {
             on_ready: Vec::new(),
             upgrading: None,
             fd_stored: fdstore::Stored::new(),
+            fd_store_synced: false,
+            fd_store_retry: None,
+            ops,
         };
         if crate::daemon::handover::from_pid().is_some() {
             server.notify.defer_first_ready();
@@ -207,7 +217,7 @@ impl Server {
                         ),
                     }
                     let mut l = Listener::adopt(taken.fd, cfg)?;
-                    l.set_origin(taken.owned_file, taken.from_manager);
+                    l.set_origin(taken.owned_file, taken.from_manager, taken.path);
                     l
                 }
                 None => Listener::bind(cfg)?,
@@ -280,6 +290,8 @@ impl Server {
             return Ok(());
         }
         crate::process::cloexec_all();
+        // Worker processes send ended connections to the daemon over this (they inherit it).
+        crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
         let forks =
             crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
                 .map_err(io_err("cannot start the fork server for forked workers"))?;
@@ -324,6 +336,7 @@ impl Server {
             l.claim_file(); // an upgrade's new process has taken over
         }
         if self.daemon {
+            self.start_ops()?;
             log::info!("socketd ready: {} listeners", self.slots.len());
         }
         let status = self.status_line();
@@ -368,8 +381,11 @@ impl Server {
             }
         }
         self.collect_done();
+        self.answer_asks();
         self.revisit();
         self.tick_guards();
+        self.retry_fd_store();
+        crate::access_log::report_drops(Instant::now());
         self.check_upgrade();
         self.check_stop();
         Ok(())
@@ -511,9 +527,14 @@ impl Server {
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for t in [self.notify.watchdog_due(), self.upgrade_deadline()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.notify.watchdog_due(),
+            self.upgrade_deadline(),
+            self.fd_store_retry,
+            crate::access_log::next_report(),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -562,6 +583,11 @@ impl Server {
             };
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
+            if done.outcome != crate::worker::Outcome::Ok {
+                slot.stats
+                    .handler_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if slot.listener.is_none() {
                 if slot.busy == 0 {
                     log::info!("listener `{}`: drained", slot.cfg.name);
@@ -604,7 +630,7 @@ impl Server {
                 SIGHUP if self.upgrading.is_some() => {
                     log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
                 }
-                SIGHUP if self.state == State::Running => self.reload(),
+                SIGHUP if self.state == State::Running => drop(self.reload()),
                 SIGUSR2 => self.upgrade(None, None),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
                 SIGUSR1 => self.log_status(),
@@ -617,14 +643,6 @@ impl Server {
     /// of `--daemon`).
     pub fn on_ready(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_ready.push(Box::new(hook));
-    }
-
-    fn reload(&mut self) {
-        self.notify.reloading();
-        self.reload_config();
-        self.sync_fd_store();
-        let status = self.status_line();
-        self.notify.ready(&status);
     }
 }
 

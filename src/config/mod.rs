@@ -9,6 +9,7 @@
 mod across;
 mod catalog;
 mod error;
+mod ops;
 mod parse;
 mod protection;
 mod raw;
@@ -20,6 +21,7 @@ mod values;
 
 pub use catalog::{BuildContext, Catalog, Problem, SettingsError};
 pub use error::{ConfigError, Diagnostic};
+pub use ops::{AccessLogTarget, ControlConfig};
 #[cfg(test)]
 pub(crate) use protection::parse_network;
 pub use protection::{protection_defaults, Rate, SocketFile};

@@ -163,7 +163,11 @@ fn log_level(name: &str) -> Option<log::LevelFilter> {
 /// `[daemon]`: every key optional, defaults from `DaemonConfig::default()`.
 pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonConfig {
     let d = DaemonConfig::default();
+    let (control, access_log, metrics) = super::ops::validate_ops(raw, c);
     DaemonConfig {
+        control,
+        access_log,
+        metrics,
         shutdown_timeout: c.duration(
             &raw.shutdown_timeout,
             "shutdown_timeout",

@@ -13,3 +13,4 @@ pub mod notify;
 pub mod pidfile;
 pub mod privileges;
 pub mod upgrade;
+mod upgrade_child;

@@ -48,6 +48,42 @@ pub const ENV_OWNED: &str = "SOCKETD_UPGRADE_OWNED";
 /// fd store): bound where the unit says, so adopted by name whatever their address.
 pub const ENV_MANAGER: &str = "SOCKETD_UPGRADE_MANAGER";
 
+/// Where each handed-over unix socket lives (`name=HEX(path)`, `:`-separated): a socket bound
+/// with a mode or owner was bound elsewhere and renamed into place, so its own address
+/// (getsockname) is not its path.
+pub const ENV_PATHS: &str = "SOCKETD_UPGRADE_PATHS";
+
+/// `ENV_PATHS`'s value for `paths`.
+pub fn encode_paths<'a>(paths: impl Iterator<Item = (&'a str, &'a Path)>) -> String {
+    let hex: Vec<String> = paths
+        .map(|(name, path)| {
+            let h: String = path
+                .as_os_str()
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{name}={h}")
+        })
+        .collect();
+    hex.join(":")
+}
+
+/// `ENV_PATHS`'s value read back; malformed entries are skipped.
+pub fn decode_paths(text: &str) -> Vec<(String, PathBuf)> {
+    text.split(':')
+        .filter_map(|entry| {
+            let (name, hex) = entry.split_once('=')?;
+            let bytes: Option<Vec<u8>> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect();
+            let path = PathBuf::from(OsStr::from_bytes(&bytes?));
+            Some((name.to_string(), path))
+        })
+        .collect()
+}
+
 /// The pidfile's descriptor: the new process writes its pid into the same locked file.
 pub const ENV_PIDFILE_FD: &str = "SOCKETD_UPGRADE_PIDFILE_FD";
 
@@ -89,13 +125,22 @@ pub struct Handed<'a> {
     pub owned_file: bool,
     /// A socket the service manager passed to the old process.
     pub from_manager: bool,
+    /// A unix socket's path, as the listener has it.
+    pub path: Option<&'a Path>,
 }
 
 /// The new process, started and not yet judged.
 #[derive(Debug)]
 pub struct Started {
+    /// The new process.
     pub pid: Pid,
+    /// Its parent until it is ready (`upgrade_child::helper`), this process's child.
+    helper: Option<Pid>,
+    /// Closing this lets the helper exit (`release`).
+    release: Option<OwnedFd>,
     pub binary: PathBuf,
+    /// The helper's pidfd: readable when it exits, which before the release means the new
+    /// process has ended.
     pub pidfd: OwnedFd,
     /// Read ends, non-blocking.
     pub ready: File,
@@ -103,7 +148,6 @@ pub struct Started {
     pub deadline: Instant,
     timeout: Duration,
     ready_text: Vec<u8>,
-    ready_eof: bool,
     tail: Vec<u8>,
 }
 
@@ -174,6 +218,10 @@ pub fn spawn(
     add(ENV_FROM, std::process::id().to_string());
     add(ENV_OWNED, owned.join(":"));
     add(ENV_MANAGER, manager.join(":"));
+    add(
+        ENV_PATHS,
+        encode_paths(sockets.iter().filter_map(|s| Some((s.name, s.path?)))),
+    );
     if pidfile >= 0 {
         add(ENV_PIDFILE_FD, pidfile_at.to_string());
     }
@@ -220,16 +268,21 @@ pub fn spawn(
     let plan: Vec<(RawFd, RawFd)> = moves.iter().map(|(f, to)| (f.as_raw_fd(), *to)).collect();
     let report = (moves[n].0.as_raw_fd(), ready_at);
 
-    // SAFETY: fork in a multi-threaded process; the child only calls async-signal-safe
-    // functions on memory prepared above (see `child`) and then execs or exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
+    let (release_r, release_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let release = (release_r.as_raw_fd(), release_w.as_raw_fd());
+
+    // SAFETY: fork in a multi-threaded process; the helper and the new process only call
+    // async-signal-safe functions on memory prepared above (`upgrade_child`), then exit or
+    // exec.
+    let helper = unsafe { libc::fork() };
+    if helper < 0 {
         return Err(io::Error::last_os_error());
     }
-    if pid == 0 {
-        // SAFETY: in the child; every pointer points into buffers that outlive the call.
+    if helper == 0 {
+        // SAFETY: in the forked helper; every pointer points into buffers that outlive it.
         unsafe {
-            child(
+            super::upgrade_child::helper(
+                release,
                 &plan,
                 report,
                 base,
@@ -241,35 +294,81 @@ pub fn spawn(
         }
     }
     drop(moves);
-    let pid = Pid::from_raw(pid);
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1. The child is
-    // unreaped, so the pid is still this child's even if it already exited.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0 as libc::c_uint) };
+    drop(release_r);
+    let helper = Pid::from_raw(helper);
+    let give_up = |e: io::Error| {
+        let _ = nix::sys::wait::waitpid(helper, None);
+        e
+    };
+    // The new process's first word is its pid (or the helper's clone failure).
+    let mut ready = File::from(ready_r);
+    let first = read_line_within(&mut ready, Duration::from_secs(10)).map_err(give_up)?;
+    let pid = match first.strip_prefix("pid ").and_then(|p| p.parse().ok()) {
+        Some(pid) => Pid::from_raw(pid),
+        None => {
+            let why = match parse_word(&first) {
+                Progress::Failed(why) => why,
+                _ => format!("the new process said {first:?} instead of its pid"),
+            };
+            return Err(give_up(io::Error::other(why)));
+        }
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1. The helper
+    // is unreaped, so the pid is still this child's even if it already exited.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, helper.as_raw(), 0 as libc::c_uint) };
     let pidfd = match RawFd::try_from(raw) {
         // SAFETY: the syscall just returned this descriptor, owned by nobody else.
         Ok(fd) if fd >= 0 => unsafe { OwnedFd::from_raw_fd(fd) },
         _ => {
             let e = io::Error::last_os_error();
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            return Err(e);
+            return Err(give_up(e));
         }
     };
-    for fd in [&ready_r, &out_r] {
-        fcntl(fd.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    for fd in [ready.as_fd(), out_r.as_fd()] {
+        fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
     }
     Ok(Started {
         pid,
+        helper: Some(helper),
+        release: Some(release_w),
         binary: binary.to_path_buf(),
         pidfd,
-        ready: File::from(ready_r),
+        ready,
         output: File::from(out_r),
         deadline: Instant::now() + timeout,
         timeout,
         ready_text: Vec::new(),
-        ready_eof: false,
         tail: Vec::new(),
     })
+}
+
+/// One line from a blocking pipe, waiting at most `timeout` for it.
+fn read_line_within(pipe: &mut File, timeout: Duration) -> io::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            pipe.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the new process did not start",
+            ));
+        }
+        match pipe.read(&mut byte) {
+            Ok(0) => return Err(io::Error::other("the new process ended before it started")),
+            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Variables this process must not pass on as they are: its own socket-activation and
@@ -291,110 +390,32 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     })
 }
 
-/// The child between fork and exec. Only async-signal-safe calls.
-///
-/// # Safety
-/// Call only in a freshly forked child; `path`, `argv`, `envp` are NUL-terminated as execve
-/// wants, `pid_slot` has room for a pid and a NUL. `report` is the readiness pipe before and
-/// after the moves, for a failure word.
-unsafe fn child(
-    plan: &[(RawFd, RawFd)],
-    report: (RawFd, RawFd),
-    base: RawFd,
-    path: *const libc::c_char,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    pid_slot: *mut u8,
-) -> ! {
-    for &(from, to) in plan {
-        if libc::dup2(from, to) < 0 {
-            fail(report.0, "dup2");
-        }
-    }
-    let ready_at = report.1;
-    // Everything at or above `base` goes: the old process's descriptors and the staging dups.
-    if libc::syscall(
-        libc::SYS_close_range,
-        base as libc::c_uint,
-        libc::c_uint::MAX,
-        0,
-    ) != 0
-    {
-        fail(ready_at, "close_range");
-    }
-    let mut none: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut none);
-    libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    if !pid_slot.is_null() {
-        write_decimal(pid_slot, libc::getpid() as u64);
-    }
-    libc::execve(path, argv.as_ptr(), envp.as_ptr());
-    fail(ready_at, "execve")
-}
-
-/// Tell the old process which call failed and how (`exec-failed CALL ERRNO`), then exit 127.
-unsafe fn fail(ready_fd: RawFd, call: &str) -> ! {
-    let errno = *libc::__errno_location();
-    let mut msg = [0u8; 64];
-    let head = b"exec-failed ";
-    let mut at = 0;
-    for &b in head.iter().chain(call.as_bytes()).chain(b" ") {
-        if at < msg.len() - 24 {
-            msg[at] = b;
-            at += 1;
-        }
-    }
-    let digits = write_decimal(msg.as_mut_ptr().add(at), errno.max(0) as u64);
-    at += digits;
-    msg[at] = b'\n';
-    if ready_fd >= 0 {
-        libc::write(ready_fd, msg.as_ptr().cast(), at + 1);
-    }
-    libc::_exit(127)
-}
-
-/// Write `n` in decimal at `out`, NUL-terminated; returns the number of digits.
-unsafe fn write_decimal(out: *mut u8, mut n: u64) -> usize {
-    let mut digits = [0u8; 20];
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        *out.add(i) = digits[len - 1 - i];
-    }
-    *out.add(len) = 0;
-    len
-}
-
 impl Started {
-    /// Read what the new process wrote on the readiness pipe.
+    /// Read what the new process (or its helper) wrote on the readiness pipe.
     pub fn on_ready_pipe(&mut self) -> Progress {
         let mut buf = [0u8; 1024];
         loop {
             match self.ready.read(&mut buf) {
-                Ok(0) => {
-                    self.ready_eof = true;
-                    break;
-                }
+                Ok(0) => break,
                 Ok(k) => self.ready_text.extend_from_slice(&buf[..k]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
-        let Some(end) = self.ready_text.iter().position(|b| *b == b'\n') else {
-            // Closed without a word: it is exiting (the pidfd says when) or misbehaving
-            // (the deadline says when).
-            return Progress::Waiting;
-        };
-        let line = String::from_utf8_lossy(&self.ready_text[..end]).into_owned();
-        parse_word(line.trim())
+        // Lines come from the new process (`ok`, `exit CODE why`, `exec-failed ...`) and then
+        // maybe from the helper (`exit-status S`); the first decisive one counts.
+        let text = String::from_utf8_lossy(&self.ready_text).into_owned();
+        let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+        match lines.next() {
+            Some(line) => match parse_word(line.trim()) {
+                Progress::Failed(why) if line.starts_with("exit-status ") => {
+                    self.on_output(); // it has ended: all it wrote is in the pipe
+                    Progress::Failed(format!("{why}{}", self.output_said()))
+                }
+                p => p,
+            },
+            None => Progress::Waiting,
+        }
     }
 
     /// Copy the new process's start-up output to this process's stderr and keep its tail.
@@ -416,25 +437,21 @@ impl Started {
         }
     }
 
-    /// The new process exited (its pidfd is readable): reap it and say how it ended.
+    /// The helper exited (its pidfd is readable): the new process has ended. Reap the helper
+    /// and say how the new process ended.
     pub fn on_exit(&mut self) -> Progress {
-        self.on_output();
-        // A last word may have been written just before exiting.
-        if let Progress::Failed(why) = self.on_ready_pipe() {
-            let _ = nix::sys::wait::waitpid(self.pid, None);
-            return Progress::Failed(why);
+        if let Some(helper) = self.helper.take() {
+            let _ = nix::sys::wait::waitpid(helper, None);
         }
-        let status = match nix::sys::wait::waitpid(self.pid, None) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("with status {code}"),
-            Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("on {sig}"),
-            Ok(other) => format!("({other:?})"),
-            Err(e) => format!("(cannot wait for it: {e})"),
-        };
-        Progress::Failed(format!(
-            "the new process (pid {}) exited {status} before it was ready{}",
-            self.pid,
-            self.output_said()
-        ))
+        self.on_output();
+        match self.on_ready_pipe() {
+            Progress::Failed(why) => Progress::Failed(why),
+            _ => Progress::Failed(format!(
+                "the new process (pid {}) ended before it was ready{}",
+                self.pid,
+                self.output_said()
+            )),
+        }
     }
 
     /// `Some(why)` once the deadline has passed without a word.
@@ -462,22 +479,35 @@ impl Started {
         format!("; its output ended with: {}", last.join(" | "))
     }
 
-    /// Give up on the new process: SIGKILL it and reap it on a thread (it may take a moment).
-    pub fn abandon(self) {
-        let pid = self.pid;
-        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        drop(self.pidfd);
+    /// The new process serves: let the helper go and wait for it, so the new process is the
+    /// service manager's child (re-parented) before it is named the main process.
+    pub fn release(&mut self) {
+        drop(self.release.take());
+        if let Some(helper) = self.helper.take() {
+            let _ = nix::sys::wait::waitpid(helper, None);
+        }
+    }
+
+    /// Give up on the new process: SIGKILL it; its helper reaps it and exits, and is reaped
+    /// on a thread here (it may take a moment).
+    pub fn abandon(mut self) {
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        let Some(helper) = self.helper.take() else {
+            return;
+        };
+        drop(self.release.take());
         let reaper = std::thread::Builder::new().name("upgrade-reap".into());
         let spawned = reaper.spawn(move || {
-            let _ = nix::sys::wait::waitpid(pid, None);
+            let _ = nix::sys::wait::waitpid(helper, None);
         });
         if spawned.is_err() {
-            let _ = nix::sys::wait::waitpid(pid, None);
+            let _ = nix::sys::wait::waitpid(helper, None);
         }
     }
 }
 
-/// The readiness pipe's one line: `ok`, `exit CODE why`, or `exec-failed CALL ERRNO`.
+/// A line on the readiness pipe: `ok`, `exit CODE why`, `exec-failed CALL ERRNO`, or the
+/// helper's `exit-status S` (a wait status).
 fn parse_word(line: &str) -> Progress {
     if line == "ok" {
         return Progress::Ready;
@@ -489,6 +519,17 @@ fn parse_word(line: &str) -> Progress {
             .map(io::Error::from_raw_os_error)
             .map_or_else(|_| errno.to_string(), |e| e.to_string());
         return Progress::Failed(format!("cannot start the new binary ({call}: {e})"));
+    }
+    if let Some(rest) = line.strip_prefix("exit-status ") {
+        let how = match rest.parse::<i32>() {
+            Ok(s) if libc::WIFEXITED(s) => format!("exited with status {}", libc::WEXITSTATUS(s)),
+            Ok(s) if libc::WIFSIGNALED(s) => match Signal::try_from(libc::WTERMSIG(s)) {
+                Ok(sig) => format!("was killed by {sig}"),
+                Err(_) => format!("was killed by signal {}", libc::WTERMSIG(s)),
+            },
+            _ => format!("ended (wait status {rest})"),
+        };
+        return Progress::Failed(format!("the new process {how} before it was ready"));
     }
     if let Some(rest) = line.strip_prefix("exit ") {
         let (code, why) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -519,13 +560,33 @@ mod tests {
     }
 
     #[test]
+    fn socket_paths_survive_the_environment() {
+        let paths = [
+            ("a", Path::new("/run/socketd/echo.sock")),
+            ("b", Path::new("/tmp/odd:name=x\n.sock")),
+        ];
+        let text = encode_paths(paths.iter().copied());
+        assert!(
+            !text.contains('\n') && text.matches(':').count() == 1,
+            "{text}"
+        );
+        let back = decode_paths(&text);
+        assert_eq!(back.len(), 2);
+        for ((name, path), (n, p)) in paths.iter().zip(&back) {
+            assert_eq!((*name, *path), (n.as_str(), p.as_path()));
+        }
+        assert!(decode_paths("").is_empty());
+        assert!(decode_paths("x=zz").is_empty());
+    }
+
+    #[test]
     fn decimals_are_written_in_place() {
         let mut buf = [0xffu8; 24];
         // SAFETY: the buffer has room for 20 digits and a NUL.
-        let n = unsafe { write_decimal(buf.as_mut_ptr(), 4_194_304) };
+        let n = unsafe { super::super::upgrade_child::write_decimal(buf.as_mut_ptr(), 4_194_304) };
         assert_eq!(&buf[..n + 1], b"4194304\0");
         // SAFETY: as above.
-        let n = unsafe { write_decimal(buf.as_mut_ptr(), 0) };
+        let n = unsafe { super::super::upgrade_child::write_decimal(buf.as_mut_ptr(), 0) };
         assert_eq!(&buf[..n + 1], b"0\0");
     }
 

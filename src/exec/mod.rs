@@ -18,7 +18,7 @@
 
 pub mod direct;
 mod env;
-mod output;
+pub(crate) mod output;
 pub mod spawn;
 
 pub use env::{connection_env, socket_env, Var};
@@ -212,13 +212,14 @@ impl Running {
     pub fn wait_limited(
         self,
         max_duration: Option<Duration>,
-        idle: Option<(Duration, &crate::conn::Conn)>,
+        idle_timeout: Option<Duration>,
+        conn: &crate::conn::Conn,
     ) -> io::Result<ExitStatus> {
-        if max_duration.is_some() || idle.is_some() {
+        if max_duration.is_some() || idle_timeout.is_some() {
             let cut = max_duration.map(|d| Instant::now() + d + CUT_GRACE);
-            self.supervise(cut, idle);
+            self.supervise(cut, idle_timeout.map(|d| (d, conn)));
         }
-        self.wait()
+        self.wait_for(Some(conn))
     }
 
     /// Block until the program exits, enforcing the limits of `wait_limited`. Waits on a
@@ -287,7 +288,12 @@ impl Running {
     }
 
     /// Wait for the program, untrack it, log how it ended and return that.
-    pub fn wait(mut self) -> io::Result<ExitStatus> {
+    pub fn wait(self) -> io::Result<ExitStatus> {
+        self.wait_for(None)
+    }
+
+    /// `wait`, telling the log whether the client of `conn` had left when the program ended.
+    fn wait_for(mut self, conn: Option<&crate::conn::Conn>) -> io::Result<ExitStatus> {
         let pid = self.child.id() as i32;
         // Wait without reaping, untrack, then reap: the pid stays ours until it is untracked.
         loop {
@@ -303,6 +309,8 @@ impl Running {
                 }
             }
         }
+        // Exited but not reaped: how the client stands now is how it stood at the end.
+        let client = conn.map_or(Client::Unknown, |c| Client::of(c.as_fd()));
         untrack(pid);
         let status = self.child.wait()?;
         if let Some(l) = self.logger.take() {
@@ -314,6 +322,7 @@ impl Running {
             pid,
             status.code(),
             status.signal(),
+            client,
         );
         Ok(status)
     }
@@ -354,12 +363,58 @@ pub(crate) fn idle_check(
     }
 }
 
-/// Log how a program ended: status 0 at info, anything else at warn.
-pub fn log_exit(listener: &str, name: &str, pid: i32, code: Option<i32>, signal: Option<i32>) {
+/// How a program's client stood when the program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// No connection (a datagram or `wait` program), or it could not be looked at.
+    Unknown,
+    /// Still connected: a failure is the program's own.
+    There,
+    /// Had closed its side (or reset) before the program ended.
+    Left,
+}
+
+impl Client {
+    /// Whether the peer of `conn` has closed its side or reset the connection (POLLRDHUP,
+    /// POLLHUP, POLLERR; looked at without waiting or reading).
+    pub fn of(conn: std::os::fd::BorrowedFd<'_>) -> Client {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a borrowed open descriptor, no waiting (nix's PollFlags
+        // lacks POLLRDHUP).
+        match unsafe { libc::poll(&mut pfd, 1, 0) } {
+            n if n < 0 => Client::Unknown,
+            _ if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 => {
+                Client::Left
+            }
+            _ => Client::There,
+        }
+    }
+}
+
+/// Log how a program ended: status 0 at info; a non-zero status at warn, unless the client
+/// had already left: then the status is the client's doing (`sshd -i` exits 255 whenever its
+/// client disconnects) and it is logged at info, saying so. Signals are always a warn.
+pub fn log_exit(
+    listener: &str,
+    name: &str,
+    pid: i32,
+    code: Option<i32>,
+    signal: Option<i32>,
+    client: Client,
+) {
     match (code, signal) {
         (Some(0), _) => {
             log::info!("listener `{listener}`: {name} (pid {pid}) exited with status 0")
         }
+        (Some(c), _) if client == Client::Left => log::info!(
+            "listener `{listener}`: {name} (pid {pid}) exited with status {c} after the client \
+             had closed the connection"
+        ),
         (Some(c), _) => {
             log::warn!("listener `{listener}`: {name} (pid {pid}) exited with status {c}")
         }

@@ -73,7 +73,8 @@ fn run_stream(program: &Program, ctx: &Context, req: &StreamRequest) -> io::Resu
         .spawn(cmd, listener)?
         .wait_limited(
             ctx.config().protect.max_duration,
-            ctx.config().protect.idle_timeout.map(|d| (d, conn)),
+            ctx.config().protect.idle_timeout,
+            conn,
         )
         .map(drop)
 }

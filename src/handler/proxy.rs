@@ -168,7 +168,7 @@ pub(crate) fn parse_upstream(s: &str) -> Result<Upstream, String> {
 }
 
 /// The PROXY protocol header announcing `peer` -> `local`. Clients without an IP address
-/// (Unix sockets) are announced as `UNKNOWN` (v1) or `AF_UNSPEC` (v2), as the spec says.
+/// (Unix sockets) are announced as `UNKNOWN` (v1) or command `LOCAL` (v2), as the spec says.
 pub fn header(version: ProxyProtocol, peer: &PeerAddr, local: Option<SocketAddr>) -> Vec<u8> {
     let pair = match (peer, local) {
         (PeerAddr::Inet(p), Some(l)) => {
@@ -195,7 +195,6 @@ pub fn header(version: ProxyProtocol, peer: &PeerAddr, local: Option<SocketAddr>
         },
         ProxyProtocol::V2 => {
             let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-            h.push(0x21); // version 2, command PROXY
             let mut addrs = Vec::new();
             let fam = match pair {
                 Some((SocketAddr::V4(p), SocketAddr::V4(l))) => {
@@ -212,8 +211,13 @@ pub fn header(version: ProxyProtocol, peer: &PeerAddr, local: Option<SocketAddr>
                     addrs.extend_from_slice(&l.port().to_be_bytes());
                     0x21 // AF_INET6, STREAM
                 }
-                _ => 0x00, // AF_UNSPEC: the receiver ignores the address block
+                _ => 0x00, // AF_UNSPEC, with command LOCAL below
             };
+            // Version 2 with command PROXY when there are addresses to tell; otherwise LOCAL,
+            // which the spec (2.2) tells senders to use and every receiver to accept (using
+            // the connection's own endpoints). PROXY with AF_UNSPEC may be refused, and
+            // HAProxy does refuse it.
+            h.push(if addrs.is_empty() { 0x20 } else { 0x21 });
             h.push(fam);
             h.extend_from_slice(&(addrs.len() as u16).to_be_bytes());
             h.extend_from_slice(&addrs);
@@ -253,6 +257,11 @@ impl Handler for ProxyHandler {
         match req {
             Request::Stream(s) => {
                 let client = s.conn().try_clone()?;
+                // Upstreams answer in several small writes (nginx: headers, then the body);
+                // with Nagle on, each later one would wait for the client's delayed ACK.
+                if let Conn::Tcp(t) = &client {
+                    let _ = t.set_nodelay(true);
+                }
                 let peer = s.peer().clone();
                 let up = match self.0.connect_blocking() {
                     Ok(u) => u,
@@ -402,6 +411,21 @@ mod tests {
         let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
         want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80]);
         assert_eq!(h, want);
+    }
+
+    /// A unix-socket client has no address to tell: the v2 header is command LOCAL (0x20)
+    /// with family AF_UNSPEC and no address block, which the spec says every receiver must
+    /// accept (HAProxy resets command PROXY with AF_UNSPEC).
+    #[test]
+    fn v2_header_for_a_unix_client_is_local() {
+        let unix = PeerAddr::Unix {
+            path: None,
+            cred: None,
+        };
+        assert_eq!(
+            header(ProxyProtocol::V2, &unix, None),
+            b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"
+        );
     }
 
     /// A client cut off by `max_duration` or a stop's deadline (its socket shut down both

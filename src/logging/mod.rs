@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 pub mod syslog;
+pub mod syslog_line;
 
 struct StderrLogger {
     journald: bool,
@@ -25,6 +26,12 @@ static SYSLOG: OnceLock<syslog::Syslog> = OnceLock::new();
 /// Send every log line to syslog from now on (the stderr logger must be installed).
 pub fn use_syslog(cfg: &crate::config::SyslogConfig) {
     let _ = SYSLOG.set(syslog::Syslog::new(cfg));
+}
+
+/// The daemon log's syslog connection, once `log = "syslog"` is in force (the access log
+/// shares it rather than open a second connection to the same `[daemon.syslog]` address).
+pub fn shared_syslog() -> Option<&'static crate::logging::syslog::Syslog> {
+    SYSLOG.get()
 }
 
 /// One line on stderr in the foreground format; also syslog's fallback.

@@ -1,17 +1,20 @@
 //! `log = "syslog"`: log lines to a syslog daemon over a unix datagram socket (`/dev/log`), UDP
-//! or TCP, formatted by the `syslog` crate (RFC 3164 or 5424).
+//! or TCP, in RFC 3164 or 5424 (`syslog_line`).
 //!
-//! The crate's own loggers are not used, because they block on a full socket, never reconnect
-//! after the syslog daemon restarts, and send TCP messages without framing. Here each line is
-//! formatted by the crate's formatter, then sent on a non-blocking socket this module owns:
+//! The `syslog` crate is not used: its loggers block on a full socket, never reconnect after
+//! the syslog daemon restarts and send TCP messages without framing, and its formatters pad
+//! the RFC 3164 day with a zero and give RFC 5424 a MSGID of `0`. Here each line is formatted
+//! by `syslog_line`, then sent on a non-blocking socket this module owns:
 //! a line that cannot go out at once is dropped (and counted), never waited for; TCP lines are
 //! framed by octet counting (RFC 6587) and queued up to `TCP_QUEUE` bytes while the connection
 //! is being made. When the syslog daemon is unreachable lines go to stderr instead, with one
 //! warning, and a reconnect is tried at most every `RETRY`.
 //!
-//! Forked processes (the fork server, forked workers) inherit the logger. Each line carries
-//! the pid of the process that logs it, read per line. A process that finds itself forked
-//! (its pid changed) never touches the inherited socket again: forked workers close every
+//! Forked processes (the fork servers, forked workers) inherit the logger. Every line carries
+//! the daemon's pid, whichever process writes it, so an operator grepping the daemon's pid
+//! (the pidfile's) sees every line of every worker model; lines that concern a child name its
+//! pid in the text. A process that finds itself forked (its pid changed) never touches the
+//! inherited socket again: forked workers close every
 //! descriptor they do not need, so its number may be closed or, worse, reused by the client's
 //! connection; it is forgotten (not closed) and a socket of the process's own is made.
 
@@ -22,11 +25,12 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use syslog::{LogFormat, Severity};
+
+use super::syslog_line::{self, Header};
+use crate::config::{SyslogAddr, SyslogConfig, SyslogFormat};
 use log::{Level, Record};
 use socket2::{Domain, Socket, Type};
-use syslog::{Facility, Formatter3164, Formatter5424, LogFormat, Severity};
-
-use crate::config::{SyslogAddr, SyslogConfig, SyslogFormat};
 
 /// How often an unreachable syslog daemon is tried again (only when there is a line to send).
 pub const RETRY: Duration = Duration::from_secs(1);
@@ -38,31 +42,6 @@ pub const TCP_QUEUE: usize = 256 * 1024;
 pub struct Syslog {
     target: SyslogAddr,
     state: Mutex<State>,
-}
-
-#[derive(Debug)]
-enum Format {
-    Rfc3164(Formatter3164),
-    Rfc5424(Formatter5424),
-}
-
-impl Format {
-    /// One formatted message, or `None` if the formatter refused it.
-    fn line(&self, severity: Severity, text: &str) -> Option<Vec<u8>> {
-        let mut line = Vec::with_capacity(128);
-        let done = match self {
-            Format::Rfc3164(f) => f.format(&mut line, severity, text),
-            Format::Rfc5424(f) => f.format(&mut line, severity, (0, Default::default(), text)),
-        };
-        done.ok().map(|()| line)
-    }
-
-    fn set_pid(&mut self, pid: u32) {
-        match self {
-            Format::Rfc3164(f) => f.pid = pid,
-            Format::Rfc5424(f) => f.pid = pid,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -87,8 +66,8 @@ impl Conn {
 
 #[derive(Debug)]
 struct State {
-    format: Format,
-    /// The process the connection and the formatter's pid belong to.
+    header: Header,
+    /// The process the connection belongs to.
     pid: u32,
     conn: Option<Conn>,
     /// When to try connecting again while `conn` is `None`.
@@ -103,32 +82,22 @@ impl Syslog {
     /// Set up (and try to connect) a syslog destination; never fails: an unreachable daemon
     /// means lines go to stderr until it is back.
     pub fn new(cfg: &SyslogConfig) -> Syslog {
-        let facility = facility(cfg.facility);
-        let process = "socketd".to_string();
         let pid = std::process::id();
         let hostname = match cfg.address {
             // The local syslog daemon adds the host name itself.
             SyslogAddr::Unix(_) if cfg.format == SyslogFormat::Rfc3164 => None,
             _ => Some(hostname()),
         };
-        let format = match cfg.format {
-            SyslogFormat::Rfc3164 => Format::Rfc3164(Formatter3164 {
-                facility,
-                hostname,
-                process,
-                pid,
-            }),
-            SyslogFormat::Rfc5424 => Format::Rfc5424(Formatter5424 {
-                facility,
-                hostname,
-                process,
-                pid,
-            }),
+        let header = Header {
+            format: cfg.format,
+            facility: cfg.facility,
+            hostname,
+            pid,
         };
         let s = Syslog {
             target: cfg.address.clone(),
             state: Mutex::new(State {
-                format,
+                header,
                 pid,
                 conn: None,
                 retry_at: Instant::now(),
@@ -150,11 +119,7 @@ impl Syslog {
             return;
         };
         st.follow_fork(std::process::id());
-        let Some(line) = st.format.line(severity(r.level()), &text) else {
-            drop(st);
-            crate::logging::write_stderr(r.level(), &text);
-            return;
-        };
+        let line = st.line(severity(r.level()), &text);
         if st.conn.is_none() && Instant::now() >= st.retry_at {
             self.reconnect(&mut st);
         }
@@ -217,9 +182,8 @@ impl Syslog {
                     );
                     st.down = false;
                     st.dropped = 0;
-                    if let Some(again) = st.format.line(Severity::LOG_NOTICE, &note) {
-                        let _ = self.send(st, &again);
-                    }
+                    let again = st.line(Severity::LOG_NOTICE, &note);
+                    let _ = self.send(st, &again);
                 }
                 Ok(true)
             }
@@ -263,14 +227,25 @@ impl Syslog {
 }
 
 impl State {
-    /// In a process forked since the last line: take the new pid, and forget the parent's
-    /// socket (and what it had queued) so a fresh one is made for this process.
+    /// One formatted message, stamped now.
+    fn line(&self, severity: Severity, text: &str) -> Vec<u8> {
+        let mut line = Vec::with_capacity(128);
+        let stamp = syslog_line::Line {
+            header: &self.header,
+            now: std::time::SystemTime::now(),
+        };
+        // Writing into a Vec cannot fail.
+        let _ = stamp.format(&mut line, severity, text);
+        line
+    }
+
+    /// In a process forked since the last line: forget the parent's socket (and what it had
+    /// queued) so a fresh one is made for this process. The lines keep the daemon's pid.
     fn follow_fork(&mut self, pid: u32) {
         if pid == self.pid {
             return;
         }
         self.pid = pid;
-        self.format.set_pid(pid);
         if let Some(conn) = self.conn.take() {
             conn.forget();
         }
@@ -341,19 +316,6 @@ fn severity(level: Level) -> Severity {
     }
 }
 
-fn facility(code: u8) -> Facility {
-    let name = crate::config::SyslogConfig::FACILITIES
-        .get(usize::from(code))
-        .copied()
-        .unwrap_or("daemon");
-    let name = if name == "clock" {
-        "clock_daemon"
-    } else {
-        name
-    };
-    name.parse().unwrap_or(Facility::LOG_DAEMON)
-}
-
 /// This host's name for network syslog (never resolved: it is only a label).
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -377,11 +339,11 @@ mod tests {
         );
     }
 
-    /// A logger inherited across fork (simulated: it believes another process built it) tags
-    /// lines with the current pid and never closes the inherited descriptor, whose number a
+    /// A logger inherited across fork (simulated: it believes another process built it) keeps
+    /// the daemon's pid in its lines and never closes the inherited descriptor, whose number a
     /// forked worker may have closed and reused.
     #[test]
-    fn after_a_fork_lines_carry_the_new_pid_and_the_old_socket_is_left_alone() {
+    fn after_a_fork_lines_keep_the_daemon_pid_and_the_old_socket_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.sock");
         let sink = UnixDatagram::bind(&path).expect("bind the sink");
@@ -395,7 +357,6 @@ mod tests {
         let inherited = {
             let mut st = syslog.state.lock().expect("lock");
             st.pid = 1;
-            st.format.set_pid(1);
             match &st.conn {
                 Some(Conn::Unix(s)) => s.as_raw_fd(),
                 other => panic!("not connected: {other:?}"),
@@ -405,7 +366,10 @@ mod tests {
         let mut buf = [0u8; 1024];
         let n = sink.recv(&mut buf).expect("a line");
         let line = String::from_utf8_lossy(&buf[..n]);
-        let tag = format!("socketd[{}]: hello from the child", std::process::id());
+        let tag = format!(
+            "socketd[{}]: hello from the child",
+            syslog.state.lock().expect("lock").header.pid
+        );
         assert!(line.contains(&tag), "{line:?} lacks {tag:?}");
         // The inherited descriptor was forgotten, not closed: it is still open here.
         assert!(

@@ -153,6 +153,15 @@ impl Guard {
         self.log.flush(&cfg.name, now);
     }
 
+    /// Whether `max_connections` is reached, so every new stream connection will be refused:
+    /// then the listener keeps accepting (and refusing) even with every worker busy, rather
+    /// than leaving clients unanswered in the kernel's backlog.
+    pub fn at_max_connections(&self, cfg: &ListenerConfig) -> bool {
+        cfg.protect
+            .max_connections
+            .is_some_and(|max| self.counts.total() >= max)
+    }
+
     /// Connections open now (for status lines).
     pub fn open(&self) -> usize {
         self.counts.total()

@@ -81,6 +81,10 @@ impl Server {
                     fd: std::os::fd::AsFd::as_fd(l),
                     owned_file: l.own_socket_file().is_some(),
                     from_manager: l.from_manager(),
+                    path: match l.local_addr() {
+                        crate::config::ListenAddr::Path(p) => Some(p.as_path()),
+                        crate::config::ListenAddr::Inet(_) => None,
+                    },
                 })
             })
             .collect();
@@ -205,6 +209,8 @@ impl Server {
         // Its output from now on goes to the real stderr; whatever is still in the pipe is
         // start-up output and belongs in the log.
         up.started.on_output();
+        // Re-parented to the service manager before it is named the main process.
+        up.started.release();
         let pid = u32::try_from(up.started.pid.as_raw()).unwrap_or_default();
         self.notify
             .handed_over(pid, &format!("upgraded: pid {pid} serves"));
@@ -219,7 +225,6 @@ impl Server {
             up.started.binary.display(),
             std::process::id()
         );
-        // The new process stays this one's child until this one exits; it is not waited for.
         drop(up.started);
         self.begin_stop();
         if let Some(r) = up.reply {

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,11 @@ pub struct Slot {
     pub fork: Option<link::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// Counters for status and metrics (by listener name: they outlive this slot).
+    pub stats: Arc<crate::stats::ListenerStats>,
+    /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
+    /// accepted until `socketd resume`.
+    pub paused: bool,
     /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
     /// dropped) before any worker sees it.
     pub verify: Option<Verify>,
@@ -129,6 +134,7 @@ impl Slot {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
         let route = Route::of(&cfg);
+        let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -144,8 +150,10 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            stats,
             verify: None,
             route,
+            paused: false,
         })
     }
 
@@ -181,6 +189,9 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if self.paused {
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -210,6 +221,10 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.paused {
+            self.unwatch(poll);
+            return Drained::Empty;
+        }
         if let Route::Wait(program) = &self.route {
             let program = program.clone();
             return self.drain_wait(poll, shared, program); // inetd `wait`: see slot/wait.rs
@@ -225,7 +240,9 @@ impl Slot {
             if low_fds {
                 return self.pause_low_fds(poll);
             }
-            if !self.has_capacity() {
+            // Full, unless every newcomer would be refused anyway (`max_connections` reached):
+            // then refusing at once beats leaving them in the backlog.
+            if !self.has_capacity() && !self.guard.at_max_connections(&self.cfg) {
                 self.unwatch(poll);
                 return Drained::Full;
             }
@@ -255,6 +272,7 @@ impl Slot {
                     if !self.verified(&peer) {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
@@ -263,6 +281,7 @@ impl Slot {
                     {
                         continue;
                     }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     self.dispatch_datagram(shared, &buf[..n], peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,

@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -49,14 +49,29 @@ const MAX_FORK_SERVERS: usize = 8;
 /// that is busy starting one program (`posix_spawn` holds it until the program's `execve`)
 /// never holds up the next connection while another CPU is free. Listener configs, signals
 /// and the stop go to all of them.
+///
+/// A fork server that dies is reaped at once by its reader thread, its jobs booked as failed,
+/// and a replacement is asked of a surviving fork server (`ToServer::Spawn`): the daemon has
+/// threads by then and must not fork, but a fork server is single-threaded and can, making the
+/// new one the daemon's child with `CLONE_PARENT`. The replacement gets every listener's
+/// current config (and datagram socket) from `configs` before it takes jobs.
 #[derive(Debug)]
-pub struct ForkServer {
-    servers: Vec<Process>,
+pub struct ForkServer(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    /// Indexed by place; a place's process is swapped for its replacement.
+    servers: RwLock<Vec<Arc<Process>>>,
     next_job: AtomicU64,
     /// Jobs in flight, so a dead fork server's jobs can still be booked.
-    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     /// Set by `shutdown`: a fork server ending after that is expected, not an error.
-    closing: Arc<AtomicBool>,
+    closing: AtomicBool,
+    notifier: Notifier,
+    /// Every listener's config as last sent, with a copy of its datagram socket: what a
+    /// replacement fork server is given. Held while sending, so a replacement never misses
+    /// a config sent meanwhile.
+    configs: Mutex<HashMap<u64, (String, Option<OwnedFd>)>>,
 }
 
 /// One fork server process.
@@ -64,9 +79,35 @@ pub struct ForkServer {
 struct Process {
     sock: OwnedFd,
     pid: Pid,
-    alive: Arc<AtomicBool>,
+    alive: AtomicBool,
     /// Jobs in flight in this process.
-    load: Arc<AtomicUsize>,
+    load: AtomicUsize,
+    /// When it was forked, and whether as a replacement: a replacement that dies young is not
+    /// replaced again (no crash loop of forks).
+    born: Instant,
+    replacement: bool,
+}
+
+/// A replacement fork server that dies sooner than this after its start is not replaced:
+/// whatever killed it would likely kill the next one too, and a loop of forks helps nobody.
+const MIN_LIFE: Duration = Duration::from_secs(1);
+
+impl Process {
+    fn new(sock: OwnedFd, pid: Pid, replacement: bool) -> io::Result<Arc<Process>> {
+        setsockopt(
+            &sock,
+            sockopt::SendTimeout,
+            &TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0),
+        )?;
+        Ok(Arc::new(Process {
+            sock,
+            pid,
+            alive: AtomicBool::new(true),
+            load: AtomicUsize::new(0),
+            born: Instant::now(),
+            replacement,
+        }))
+    }
 }
 
 /// The number of threads this process has, from /proc.
@@ -89,7 +130,7 @@ fn server_count() -> usize {
 
 /// Fork one fork server (the caller is single-threaded, or holds the locks `start_threaded`
 /// names).
-fn fork_one(registry: &Registry, parent: Option<Pid>) -> io::Result<Process> {
+fn fork_one(registry: &Registry, parent: Option<Pid>) -> io::Result<Arc<Process>> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -106,17 +147,7 @@ fn fork_one(registry: &Registry, parent: Option<Pid>) -> io::Result<Process> {
         }
         ForkResult::Parent { child } => {
             drop(theirs);
-            setsockopt(
-                &ours,
-                sockopt::SendTimeout,
-                &TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0),
-            )?;
-            Ok(Process {
-                sock: ours,
-                pid: child,
-                alive: Arc::new(AtomicBool::new(true)),
-                load: Arc::new(AtomicUsize::new(0)),
-            })
+            Process::new(ours, child, false)
         }
     }
 }
@@ -136,21 +167,10 @@ impl ForkServer {
         let parent = nix::unistd::getpid();
         let mut servers = Vec::new();
         for _ in 0..server_count() {
-            match fork_one(registry, Some(parent)) {
-                Ok(p) => servers.push(p),
-                // Ones already started see their socket close when `servers` drops, and exit.
-                Err(e) => return Err(e),
-            }
+            // Ones already started see their socket close when `servers` drops, and exit.
+            servers.push(fork_one(registry, Some(parent))?);
         }
-        let server = ForkServer {
-            servers,
-            next_job: AtomicU64::new(0),
-            pending: Arc::new(Mutex::new(HashMap::new())),
-            closing: Arc::new(AtomicBool::new(false)),
-        };
-        for index in 0..server.servers.len() {
-            server.spawn_reader(index, notifier.clone())?;
-        }
+        let server = ForkServer::with(servers, notifier)?;
         log::debug!("fork servers started, pids {:?}", server.pids());
         Ok(server)
     }
@@ -178,112 +198,169 @@ impl ForkServer {
             // `server_close` (or the process's end) does.
             fork_one(registry, None)?
         };
-        let server = ForkServer {
-            servers: vec![process],
-            next_job: AtomicU64::new(0),
-            pending: Arc::new(Mutex::new(HashMap::new())),
-            closing: Arc::new(AtomicBool::new(false)),
-        };
-        server.spawn_reader(0, notifier)?;
+        let server = ForkServer::with(vec![process], notifier)?;
         log::debug!("fork server started, pid {:?}", server.pids());
         Ok(server)
     }
 
-    /// The fork servers' pids, for status and tests.
-    pub fn pids(&self) -> Vec<i32> {
-        self.servers.iter().map(|p| p.pid.as_raw()).collect()
+    /// Start reading the reports of fork servers just forked.
+    fn with(servers: Vec<Arc<Process>>, notifier: Notifier) -> io::Result<ForkServer> {
+        let n = servers.len();
+        let inner = Arc::new(Inner {
+            servers: RwLock::new(servers),
+            next_job: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+            notifier,
+            configs: Mutex::new(HashMap::new()),
+        });
+        for index in 0..n {
+            Inner::spawn_reader(&inner, index)?;
+        }
+        Ok(ForkServer(inner))
     }
 
-    fn spawn_reader(&self, index: usize, notifier: Notifier) -> io::Result<()> {
-        let process = &self.servers[index];
-        let sock = process.sock.try_clone()?;
-        let (pid, closing) = (process.pid, Arc::clone(&self.closing));
-        let (pending, alive, load) = (
-            Arc::clone(&self.pending),
-            Arc::clone(&process.alive),
-            Arc::clone(&process.load),
-        );
-        std::thread::Builder::new()
-            .name("socketd:forkserver".into())
-            .spawn(move || {
-                loop {
-                    match wire::recv_in_main(sock.as_fd()) {
-                        Ok(Some(FromServer::Done {
-                            job,
-                            slot,
-                            pid,
-                            ending,
-                        })) => {
-                            // Dropping the entry releases what the slot held for the job.
-                            let known = pending.lock().ok().and_then(|mut p| p.remove(&job));
-                            if known.is_some() {
-                                drop(known);
-                                load.fetch_sub(1, Ordering::Relaxed);
-                                notifier.done(Done {
-                                    listener: slot as usize,
-                                    outcome: outcome(pid, &ending),
-                                });
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            log::error!("fork server: {e}");
-                            break;
-                        }
-                    }
-                }
-                // This fork server is gone: its jobs will never report, so book them now.
-                alive.store(false, Ordering::Relaxed);
-                if !closing.load(Ordering::Relaxed) {
-                    log::error!(
-                        "fork server (pid {pid}) is gone; its jobs are booked as failed and the \
-                         other fork servers take the new ones"
-                    );
-                }
-                let lost: Vec<Pending> = pending
-                    .lock()
-                    .map(|mut p| {
-                        let ids: Vec<u64> = p
-                            .iter()
-                            .filter(|(_, v)| v.server == index)
-                            .map(|(k, _)| *k)
-                            .collect();
-                        ids.into_iter().filter_map(|id| p.remove(&id)).collect()
-                    })
-                    .unwrap_or_default();
-                for p in lost {
-                    let slot = p.slot;
-                    drop(p);
-                    notifier.done(Done {
-                        listener: slot,
-                        outcome: Outcome::Error("the fork server exited".into()),
-                    });
-                }
-            })?;
-        Ok(())
+    /// The fork servers' pids, for status and tests.
+    pub fn pids(&self) -> Vec<i32> {
+        self.0.servers().iter().map(|p| p.pid.as_raw()).collect()
     }
 
     /// Forked jobs not yet reported finished.
     pub fn in_flight(&self) -> usize {
-        self.pending.lock().map(|p| p.len()).unwrap_or(0)
-    }
-
-    fn send_to(&self, index: usize, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        let process = &self.servers[index];
-        if !process.alive.load(Ordering::Relaxed) {
-            return Err(io::Error::other("the fork server is not running"));
-        }
-        wire::send_to_server(process.sock.as_fd(), msg, fd)
+        self.0.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
 
     /// Send to every fork server still running (one that died gets no more jobs either); the
     /// first error, if any, or an error when none is running.
     pub(crate) fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        if let ToServer::Forget { slot } = msg {
+            // Under the lock, so a replacement being set up is not given it afterwards.
+            let mut configs = self.0.configs.lock().unwrap_or_else(|e| e.into_inner());
+            configs.remove(slot);
+            return self.0.broadcast(msg, fd);
+        }
+        self.0.broadcast(msg, fd)
+    }
+
+    /// Tell the fork servers a listener's current config (and its datagram socket).
+    pub fn send_listener(
+        &self,
+        slot: usize,
+        cfg: &ListenerConfig,
+        socket: Option<BorrowedFd<'_>>,
+    ) -> io::Result<()> {
+        let config = toml::to_string(cfg).map_err(io::Error::other)?;
+        let kept = socket.map(|s| s.try_clone_to_owned()).transpose()?;
+        let mut configs = self.0.configs.lock().unwrap_or_else(|e| e.into_inner());
+        let msg = ToServer::Listener {
+            slot: slot as u64,
+            config,
+        };
+        let sent = self.0.broadcast(&msg, socket);
+        let ToServer::Listener { config, .. } = msg else {
+            unreachable!("built just above")
+        };
+        configs.insert(slot as u64, (config, kept));
+        sent
+    }
+
+    /// Hand one job to a new child; returns its id. On error nothing is in flight.
+    pub fn dispatch(&self, slot: usize, job: ForkJob<'_>) -> io::Result<u64> {
+        let inner = &self.0;
+        let (index, process) = inner.least_loaded()?;
+        let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = inner.pending.lock() {
+            p.insert(
+                id,
+                Pending {
+                    slot,
+                    server: index,
+                    pid: process.pid,
+                    hold: None,
+                },
+            );
+        }
+        process.load.fetch_add(1, Ordering::Relaxed);
+        let msg = ToServer::Job {
+            job: id,
+            slot: slot as u64,
+            kind: job.kind,
+            peer: job.peer,
+            local: job.local,
+            data: job.data,
+        };
+        let sent = send_to(&process, &msg, job.conn);
+        if sent.is_err() {
+            let removed = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
+            if removed.is_some() {
+                process.load.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        sent.map(|()| id)
+    }
+
+    /// Keep `hold` until job `id` ends (dropped at once if it already has).
+    pub fn hold(&self, id: u64, hold: Box<dyn Send>) {
+        let mut hold = Some(hold);
+        if let Ok(mut p) = self.0.pending.lock() {
+            if let Some(entry) = p.get_mut(&id) {
+                entry.hold = hold.take();
+            }
+        }
+        drop(hold);
+    }
+
+    /// Signal every forked child and the process group it leads.
+    pub fn signal_children(&self, sig: Signal) {
+        if self.in_flight() > 0 {
+            if let Err(e) = self
+                .0
+                .broadcast(&ToServer::Signal { signo: sig as i32 }, None)
+            {
+                log::warn!("cannot ask the fork servers to send {sig}: {e}");
+            }
+        }
+    }
+
+    /// Close the sockets (the fork servers then exit) and wait for them, SIGKILL if they linger.
+    pub fn shutdown(&self) {
+        self.0.closing.store(true, Ordering::Relaxed);
+        let servers = self.0.servers();
+        for p in &servers {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&p.sock),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        for p in &servers {
+            wait_exit(p.pid, deadline);
+        }
+    }
+}
+
+fn send_to(process: &Process, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    if !process.alive.load(Ordering::Relaxed) {
+        return Err(io::Error::other("the fork server is not running"));
+    }
+    wire::send_to_server(process.sock.as_fd(), msg, fd)
+}
+
+impl Inner {
+    /// A snapshot of the places' processes.
+    fn servers(&self) -> Vec<Arc<Process>> {
+        self.servers
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn broadcast(&self, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let (mut running, mut first_error) = (0, None);
-        for (index, p) in self.servers.iter().enumerate() {
+        for p in self.servers() {
             if p.alive.load(Ordering::Relaxed) {
                 running += 1;
-                if let Err(e) = self.send_to(index, msg, fd) {
+                if let Err(e) = send_to(&p, msg, fd) {
                     first_error.get_or_insert(e);
                 }
             }
@@ -295,99 +372,216 @@ impl ForkServer {
         }
     }
 
-    /// Tell the fork servers a listener's current config (and its datagram socket).
-    pub fn send_listener(
-        &self,
-        slot: usize,
-        cfg: &ListenerConfig,
-        socket: Option<BorrowedFd<'_>>,
-    ) -> io::Result<()> {
-        let config = toml::to_string(cfg).map_err(io::Error::other)?;
-        self.broadcast(
-            &ToServer::Listener {
-                slot: slot as u64,
-                config,
-            },
-            socket,
-        )
-    }
-
-    /// The running fork server with the fewest jobs in flight.
-    fn least_loaded(&self) -> io::Result<usize> {
-        self.servers
-            .iter()
+    /// The running fork server with the fewest jobs in flight, and its place.
+    fn least_loaded(&self) -> io::Result<(usize, Arc<Process>)> {
+        self.servers()
+            .into_iter()
             .enumerate()
             .filter(|(_, p)| p.alive.load(Ordering::Relaxed))
             .min_by_key(|(_, p)| p.load.load(Ordering::Relaxed))
-            .map(|(i, _)| i)
             .ok_or_else(|| io::Error::other("no fork server is running"))
     }
 
-    /// Hand one job to a new child; returns its id. On error nothing is in flight.
-    pub fn dispatch(&self, slot: usize, job: ForkJob<'_>) -> io::Result<u64> {
-        let index = self.least_loaded()?;
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(
-                id,
-                Pending {
-                    slot,
-                    server: index,
-                    hold: None,
+    /// Read the reports of the fork server at place `index` until it is gone; then reap it,
+    /// book its jobs as failed, and ask a survivor for a replacement.
+    fn spawn_reader(inner: &Arc<Inner>, index: usize) -> io::Result<()> {
+        let process = inner
+            .servers()
+            .get(index)
+            .cloned()
+            .ok_or_else(|| io::Error::other("no such fork server"))?;
+        let sock = process.sock.try_clone()?;
+        let inner = Arc::clone(inner);
+        std::thread::Builder::new()
+            .name("socketd:forkserver".into())
+            .spawn(move || {
+                loop {
+                    match wire::recv_in_main(sock.as_fd()) {
+                        Ok(Some((
+                            FromServer::Done {
+                                job,
+                                slot,
+                                pid,
+                                ending,
+                            },
+                            _,
+                        ))) => {
+                            // Dropping the entry releases what the slot held for the job.
+                            let known = inner.pending.lock().ok().and_then(|mut p| p.remove(&job));
+                            if known.is_some() {
+                                drop(known);
+                                process.load.fetch_sub(1, Ordering::Relaxed);
+                                inner.notifier.done(Done {
+                                    listener: slot as usize,
+                                    outcome: outcome(pid, &ending),
+                                });
+                            }
+                        }
+                        Ok(Some((FromServer::Spawned { index, started }, fd))) => {
+                            Inner::install(&inner, index as usize, started, fd);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::error!("fork server: {e}");
+                            break;
+                        }
+                    }
+                }
+                inner.lost(index, &process);
+            })?;
+        Ok(())
+    }
+
+    /// The fork server at `index` is gone: book its jobs, reap it, and unless the daemon is
+    /// stopping, ask a surviving fork server for a replacement.
+    fn lost(self: &Arc<Inner>, index: usize, process: &Process) {
+        process.alive.store(false, Ordering::Relaxed);
+        let pid = process.pid;
+        let closing = self.closing.load(Ordering::Relaxed);
+        if !closing {
+            log::error!(
+                "fork server (pid {pid}) is gone; its jobs are booked as failed and the other \
+                 fork servers take the new ones"
+            );
+        }
+        let lost: Vec<Pending> = self
+            .pending
+            .lock()
+            .map(|mut p| {
+                let ids: Vec<u64> = p
+                    .iter()
+                    .filter(|(_, v)| v.server == index && v.pid == pid)
+                    .map(|(k, _)| *k)
+                    .collect();
+                ids.into_iter().filter_map(|id| p.remove(&id)).collect()
+            })
+            .unwrap_or_default();
+        for p in lost {
+            let slot = p.slot;
+            drop(p);
+            self.notifier.done(Done {
+                listener: slot,
+                outcome: Outcome::Error("the fork server exited".into()),
+            });
+        }
+        if closing {
+            return; // `shutdown` reaps it.
+        }
+        // Its socket closed, so it is exiting (or dead): reap it now, not at stop.
+        match reap(pid, Instant::now() + EXIT_WAIT) {
+            Some(how) => log::warn!("fork server (pid {pid}) reaped: {how}"),
+            None => log::warn!("fork server (pid {pid}) was already reaped"),
+        }
+        if process.replacement && process.born.elapsed() < MIN_LIFE {
+            log::error!(
+                "fork server (pid {pid}), itself a replacement, died within {MIN_LIFE:?} of its \
+                 start; not replacing it again"
+            );
+            return;
+        }
+        let survivor = self
+            .servers()
+            .into_iter()
+            .find(|p| p.alive.load(Ordering::Relaxed));
+        let asked = match &survivor {
+            Some(s) => send_to(
+                s,
+                &ToServer::Spawn {
+                    index: index as u64,
                 },
-            );
-        }
-        self.servers[index].load.fetch_add(1, Ordering::Relaxed);
-        let msg = ToServer::Job {
-            job: id,
-            slot: slot as u64,
-            kind: job.kind,
-            peer: job.peer,
-            local: job.local,
-            data: job.data,
+                None,
+            ),
+            None => Err(io::Error::other("no fork server is left to fork one")),
         };
-        let sent = self.send_to(index, &msg, job.conn);
-        if sent.is_err() {
-            let removed = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
-            if removed.is_some() {
-                self.servers[index].load.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        sent.map(|()| id)
-    }
-
-    /// Keep `hold` until job `id` ends (dropped at once if it already has).
-    pub fn hold(&self, id: u64, hold: Box<dyn Send>) {
-        let mut hold = Some(hold);
-        if let Ok(mut p) = self.pending.lock() {
-            if let Some(entry) = p.get_mut(&id) {
-                entry.hold = hold.take();
-            }
-        }
-        drop(hold);
-    }
-
-    /// Signal every forked child and the process group it leads.
-    pub fn signal_children(&self, sig: Signal) {
-        if self.in_flight() > 0 {
-            if let Err(e) = self.broadcast(&ToServer::Signal { signo: sig as i32 }, None) {
-                log::warn!("cannot ask the fork servers to send {sig}: {e}");
-            }
+        if let Err(e) = asked {
+            log::error!("fork server (pid {pid}) cannot be replaced: {e}");
         }
     }
 
-    /// Close the sockets (the fork servers then exit) and wait for them, SIGKILL if they linger.
-    pub fn shutdown(&self) {
-        self.closing.store(true, Ordering::Relaxed);
-        for p in &self.servers {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&p.sock),
-                nix::sys::socket::Shutdown::Both,
-            );
+    /// A survivor's answer to `Spawn`: give the new fork server every listener's config, put
+    /// it in place `index`, and start reading its reports.
+    fn install(
+        inner: &Arc<Inner>,
+        index: usize,
+        started: Result<i32, String>,
+        fd: Option<OwnedFd>,
+    ) {
+        let (pid, sock) = match (started, fd) {
+            (Ok(pid), Some(fd)) => (Pid::from_raw(pid), fd),
+            (Ok(pid), None) => {
+                log::error!("new fork server (pid {pid}) came without its socket");
+                return;
+            }
+            (Err(e), _) => {
+                log::error!("a fork server could not be replaced: {e}");
+                return;
+            }
+        };
+        let process = match Process::new(sock, pid, true) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("new fork server (pid {pid}): {e}");
+                let _ = signal::kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return;
+            }
+        };
+        let configs = inner.configs.lock().unwrap_or_else(|e| e.into_inner());
+        for (slot, (config, socket)) in configs.iter() {
+            let msg = ToServer::Listener {
+                slot: *slot,
+                config: config.clone(),
+            };
+            if let Err(e) = send_to(&process, &msg, socket.as_ref().map(|s| s.as_fd())) {
+                log::error!("new fork server (pid {pid}): cannot send slot {slot}'s config: {e}");
+            }
         }
-        let deadline = Instant::now() + EXIT_WAIT;
-        for p in &self.servers {
-            wait_exit(p.pid, deadline);
+        let old = {
+            let mut servers = inner.servers.write().unwrap_or_else(|e| e.into_inner());
+            match servers.get_mut(index) {
+                Some(place) => Some(std::mem::replace(place, process)),
+                None => None,
+            }
+        };
+        drop(configs);
+        let Some(old) = old else {
+            log::error!("new fork server (pid {pid}): no place {index}");
+            return;
+        };
+        log::warn!("fork server (pid {}) replaced by pid {pid}", old.pid);
+        if let Err(e) = Inner::spawn_reader(inner, index) {
+            log::error!("new fork server (pid {pid}): cannot read its reports: {e}");
+        }
+        // A stop that began meanwhile did not see this one: close it too.
+        if inner.closing.load(Ordering::Relaxed) {
+            if let Some(p) = inner.servers().get(index) {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&p.sock),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
+        }
+    }
+}
+
+/// Wait for a fork server whose socket closed until `deadline`, then SIGKILL it; how it ended,
+/// or `None` if it was not (or no longer) our child.
+fn reap(pid: Pid, deadline: Instant) -> Option<String> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                let _ = signal::kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return Some("did not exit; killed".into());
+            }
+            Ok(WaitStatus::Exited(_, code)) => return Some(format!("exited with status {code}")),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Some(format!("killed by {sig}")),
+            Ok(other) => return Some(format!("{other:?}")),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return None,
         }
     }
 }
@@ -420,8 +614,9 @@ fn wait_exit(pid: Pid, deadline: Instant) {
 /// tracker entry and admission ticket, for stream jobs).
 struct Pending {
     slot: usize,
-    /// The fork server it went to.
+    /// The fork server it went to: its place and pid.
     server: usize,
+    pid: Pid,
     hold: Option<Box<dyn Send>>,
 }
 

@@ -13,6 +13,8 @@
 //! It reaps its children from a `signalfd` for SIGCHLD, looping `waitpid(-1, WNOHANG)` because
 //! signals coalesce, and reports every exit back to the main loop. It exits when the main loop's
 //! end of the socketpair closes; `PR_SET_PDEATHSIG` is the backstop if the daemon dies hard.
+//! When another fork server dies, the daemon (multi-threaded by then) asks a survivor to fork
+//! the replacement (`ToServer::Spawn`, `State::spawn_sibling`).
 //! Each child leads its own process group, so a signal to the group reaches the programs an
 //! `exec` handler started in it too. The fork server is also the subreaper of their
 //! descendants, so a program orphaned by a killed worker is reaped here rather than by init.
@@ -32,6 +34,7 @@ use std::time::Instant;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -125,7 +128,7 @@ fn setup(sock: &OwnedFd, parent: Option<Pid>) -> std::io::Result<SignalFd> {
         // SAFETY: installing SIG_IGN runs no code in signal context.
         unsafe { signal::signal(sig, SigHandler::SigIgn) }?;
     }
-    close_all_but(&[sock.as_raw_fd()]);
+    close_all_but(&[sock.as_raw_fd(), crate::access_log::forward_fd()]);
     open_standard_fds()?;
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -306,7 +309,7 @@ impl State {
             pid,
             ending,
         };
-        if let Err(e) = wire::send_to_main(self.sock.as_fd(), &msg) {
+        if let Err(e) = wire::send_to_main(self.sock.as_fd(), &msg, None) {
             log::error!("fork server: cannot report job {job} to the daemon: {e}");
         }
     }
@@ -361,6 +364,67 @@ impl State {
         }
     }
 
+    /// Fork a new fork server for the daemon, which cannot fork safely itself (it has
+    /// threads by now), and send it its socket. This process is single-threaded, so the copy
+    /// starts from a consistent state, as the first fork servers did; `CLONE_PARENT` makes it
+    /// the daemon's child, so the daemon reaps it and it gets the daemon's death signal. It
+    /// then starts over as a fresh fork server (`run` closes every inherited descriptor).
+    fn spawn_sibling(&mut self, index: u64) {
+        let daemon = nix::unistd::getppid();
+        let started = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|(ours, theirs)| {
+            // SAFETY: this process never starts a thread, so the child inherits no lock held
+            // by another one (as with fork). A raw clone skips glibc's fork handlers, which
+            // only matter with other threads; glibc reads the tid for raise() from the kernel.
+            // With no new stack the child runs on a copy of this one, like fork. The child
+            // never returns from `run`.
+            let pid = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            };
+            match pid {
+                0 => {
+                    drop(ours);
+                    run(theirs, self.registry.clone(), Some(daemon))
+                }
+                p if p < 0 => Err(std::io::Error::last_os_error()),
+                p => Ok((p as i32, ours)),
+            }
+        });
+        let (msg, fd) = match started {
+            Ok((pid, sock)) => (
+                FromServer::Spawned {
+                    index,
+                    started: Ok(pid),
+                },
+                Some(sock),
+            ),
+            Err(e) => (
+                FromServer::Spawned {
+                    index,
+                    started: Err(e.to_string()),
+                },
+                None,
+            ),
+        };
+        if let Err(e) = wire::send_to_main(self.sock.as_fd(), &msg, fd.as_ref().map(|f| f.as_fd()))
+        {
+            log::error!("fork server: cannot hand a new fork server to the daemon: {e}");
+        }
+    }
+
     fn handle(&mut self, msg: ToServer, mut fds: Vec<OwnedFd>) {
         match msg {
             ToServer::Listener { slot, config } => {
@@ -387,6 +451,7 @@ impl State {
                 };
                 self.signal_all(sig);
             }
+            ToServer::Spawn { index } => self.spawn_sibling(index),
             ToServer::Job {
                 job,
                 slot,

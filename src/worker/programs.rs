@@ -8,7 +8,7 @@
 //! chatty program cannot starve the others. When a program is reaped, what it left in its pipe is
 //! logged first, then its exit status (`exec::log_exit`) and, for a connection, the access line
 //! (bytes from the kernel's TCP counters of the fork server's copy of the connection, kept until
-//! then only when info lines are logged at all). A pipe a descendant still holds open is read
+//! then; it also tells whether the client had left before the program ended). A pipe a descendant still holds open is read
 //! for `DRAIN_WAIT` more, then closed.
 //!
 //! `max_duration` reaches the program too: the main loop shuts its connection down at the
@@ -95,6 +95,8 @@ struct Pipe {
     buf: Vec<u8>,
     /// Set once the program is reaped: stop reading then.
     until: Option<Instant>,
+    /// Lines a second this program may log (`exec::output::LineCap`).
+    cap: crate::exec::output::LineCap,
 }
 
 /// Programs running now and the stderr pipes still open.
@@ -140,6 +142,7 @@ impl Programs {
                 pid,
                 buf: Vec::new(),
                 until: None,
+                cap: crate::exec::output::LineCap::new(Instant::now()),
             });
         }
         self.running.insert(pid, program);
@@ -196,7 +199,7 @@ impl Programs {
         self.pipes.retain_mut(|p| match p.until {
             Some(t) if t <= now => {
                 p.read();
-                p.flush();
+                p.end();
                 false
             }
             _ => true,
@@ -225,7 +228,11 @@ impl Programs {
             Ending::Signaled(s) => (None, Some(*s)),
             _ => (None, None),
         };
-        crate::exec::log_exit(&p.listener, &p.name, pid, code, signal);
+        let client = match &p.conn {
+            Some((_, Some(conn))) => crate::exec::Client::of(conn.as_fd()),
+            _ => crate::exec::Client::Unknown,
+        };
+        crate::exec::log_exit(&p.listener, &p.name, pid, code, signal, client);
         if let Some((peer, conn)) = &p.conn {
             let bytes = conn.as_ref().map(crate::access::bytes).unwrap_or_default();
             crate::access::log_stream(
@@ -243,7 +250,7 @@ impl Programs {
     pub fn finish(&mut self) {
         for mut p in self.pipes.drain(..) {
             p.read();
-            p.flush();
+            p.end();
         }
     }
 }
@@ -256,14 +263,14 @@ impl Pipe {
         for _ in 0..READS_PER_PASS {
             match nix::unistd::read(self.fd.as_fd(), &mut chunk) {
                 Ok(0) => {
-                    self.flush();
+                    self.end();
                     return false;
                 }
                 Ok(n) => self.take(&chunk[..n]),
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::EAGAIN) => return true,
                 Err(e) => {
-                    self.flush();
+                    self.end();
                     log::warn!(
                         "listener `{}` pid {}: reading stderr (fd {}): {e}",
                         self.listener,
@@ -302,18 +309,19 @@ impl Pipe {
         }
     }
 
+    /// The pipe is done with: log the last line and what the cap dropped.
+    fn end(&mut self) {
+        self.flush();
+        self.cap.report(&self.listener, self.pid);
+    }
+
     /// Log the buffered line, if any.
     fn flush(&mut self) {
         if self.buf.is_empty() {
             return;
         }
         let text = String::from_utf8_lossy(&self.buf);
-        log::info!(
-            "listener `{}` pid {}: {}",
-            self.listener,
-            self.pid,
-            text.trim_end()
-        );
+        self.cap.log_line(&self.listener, self.pid, text.trim_end());
         self.buf.clear();
     }
 }
@@ -332,6 +340,7 @@ mod tests {
             pid: 1,
             buf: Vec::new(),
             until: None,
+            cap: crate::exec::output::LineCap::new(Instant::now()),
         }
     }
 
@@ -359,6 +368,7 @@ mod tests {
             pid: 1,
             buf: Vec::new(),
             until: None,
+            cap: crate::exec::output::LineCap::new(Instant::now()),
         };
         assert!(p.read(), "EAGAIN: still open, the poll loop waits");
         p.take(b"half a line");

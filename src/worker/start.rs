@@ -59,12 +59,9 @@ pub(super) fn prepare_exec(cfg: &ListenerConfig) -> Option<Result<Arc<Prepared>,
 }
 
 /// The fork server's copy of a program's connection, kept for the access line's byte counters
-/// only when access lines are logged at all.
+/// and `idle_timeout` (both read from TCP_INFO), and to tell at the program's exit whether its
+/// client had already left (`exec::Client`), which decides the exit line's level.
 fn access_copy(cfg: &ListenerConfig, fd: OwnedFd) -> Option<Conn> {
-    // Kept for the access line's byte counters and for `idle_timeout`, both read from TCP_INFO.
-    if !log::log_enabled!(log::Level::Info) && cfg.protect.idle_timeout.is_none() {
-        return None;
-    }
     Some(match cfg.protocol {
         Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
         _ => Conn::Unix(UnixStream::from(fd)),

@@ -48,6 +48,9 @@ pub enum ToServer {
     Forget { slot: u64 },
     /// Send this signal to every child (and each child's process group).
     Signal { signo: i32 },
+    /// Fork a new fork server to take the place `index` of one that died, as the daemon's
+    /// child (`CLONE_PARENT`); answered by `FromServer::Spawned`.
+    Spawn { index: u64 },
 }
 
 /// How a job's child ended, as the fork server saw it.
@@ -70,6 +73,12 @@ pub enum FromServer {
         slot: u64,
         pid: i32,
         ending: Ending,
+    },
+    /// The answer to `Spawn`: the new fork server's pid (its socket rides along), or why
+    /// none could be started.
+    Spawned {
+        index: u64,
+        started: Result<i32, String>,
     },
 }
 
@@ -219,6 +228,9 @@ impl ToServer {
             ToServer::Signal { signo } => {
                 w.u8(b'S').i32(*signo);
             }
+            ToServer::Spawn { index } => {
+                w.u8(b'N').u64(*index);
+            }
         }
         w.0
     }
@@ -256,6 +268,7 @@ impl ToServer {
             }
             b'F' => ToServer::Forget { slot: r.u64()? },
             b'S' => ToServer::Signal { signo: r.i32()? },
+            b'N' => ToServer::Spawn { index: r.u64()? },
             _ => return Err(garbled("message kind")),
         })
     }
@@ -264,26 +277,45 @@ impl ToServer {
 impl FromServer {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        let FromServer::Done {
-            job,
-            slot,
-            pid,
-            ending,
-        } = self;
-        w.u8(b'D').u64(*job).u64(*slot).i32(*pid);
-        match ending {
-            Ending::Exited(c) => w.u8(0).i32(*c),
-            Ending::Signaled(s) => w.u8(1).i32(*s),
-            Ending::NotStarted(why) => w.u8(2).bytes(why.as_bytes()),
-            Ending::Program => w.u8(3),
-        };
+        match self {
+            FromServer::Done {
+                job,
+                slot,
+                pid,
+                ending,
+            } => {
+                w.u8(b'D').u64(*job).u64(*slot).i32(*pid);
+                match ending {
+                    Ending::Exited(c) => w.u8(0).i32(*c),
+                    Ending::Signaled(s) => w.u8(1).i32(*s),
+                    Ending::NotStarted(why) => w.u8(2).bytes(why.as_bytes()),
+                    Ending::Program => w.u8(3),
+                };
+            }
+            FromServer::Spawned { index, started } => {
+                w.u8(b'N').u64(*index);
+                match started {
+                    Ok(pid) => w.u8(0).i32(*pid),
+                    Err(why) => w.u8(1).bytes(why.as_bytes()),
+                };
+            }
+        }
         w.0
     }
 
     fn decode(buf: &[u8]) -> io::Result<FromServer> {
         let mut r = Reader(buf);
-        if r.u8()? != b'D' {
-            return Err(garbled("message kind"));
+        match r.u8()? {
+            b'D' => {}
+            b'N' => {
+                let index = r.u64()?;
+                let started = match r.u8()? {
+                    0 => Ok(r.i32()?),
+                    _ => Err(r.string()?),
+                };
+                return Ok(FromServer::Spawned { index, started });
+            }
+            _ => return Err(garbled("message kind")),
         }
         let (job, slot, pid) = (r.u64()?, r.u64()?, r.i32()?);
         let ending = match r.u8()? {
@@ -379,17 +411,22 @@ pub fn recv_in_server(
     }
 }
 
-/// Report to the main loop.
-pub fn send_to_main(sock: BorrowedFd<'_>, msg: &FromServer) -> io::Result<()> {
-    send_raw(sock, &msg.encode(), None)
+/// Report to the main loop, with the descriptor it needs (a new fork server's socket).
+pub fn send_to_main(
+    sock: BorrowedFd<'_>,
+    msg: &FromServer,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    send_raw(sock, &msg.encode(), fd)
 }
 
-/// Receive a report in the main process (blocking); `Ok(None)` when the fork server has gone.
-pub fn recv_in_main(sock: BorrowedFd<'_>) -> io::Result<Option<FromServer>> {
+/// Receive a report in the main process (blocking) and the descriptor that came with it;
+/// `Ok(None)` when the fork server has gone.
+pub fn recv_in_main(sock: BorrowedFd<'_>) -> io::Result<Option<(FromServer, Option<OwnedFd>)>> {
     let mut buf = [0u8; 4096];
     match recv_raw(sock, &mut buf, MsgFlags::empty())? {
         None => Ok(None),
-        Some((n, _)) => FromServer::decode(&buf[..n]).map(Some),
+        Some((n, mut fds)) => Ok(Some((FromServer::decode(&buf[..n])?, fds.pop()))),
     }
 }
 
@@ -457,20 +494,37 @@ mod tests {
             pid: 42,
             ending: Ending::NotStarted("no".into()),
         };
-        send_to_main(b.as_fd(), &done).unwrap();
-        assert_eq!(recv_in_main(a.as_fd()).unwrap(), Some(done));
+        send_to_main(b.as_fd(), &done, None).unwrap();
+        let got = recv_in_main(a.as_fd())
+            .unwrap()
+            .map(|(m, fd)| (m, fd.is_some()));
+        assert_eq!(got, Some((done, false)));
         let program = FromServer::Done {
             job: 8,
             slot: 3,
             pid: 43,
             ending: Ending::Program,
         };
-        send_to_main(b.as_fd(), &program).unwrap();
-        assert_eq!(recv_in_main(a.as_fd()).unwrap(), Some(program));
-        drop(b);
+        send_to_main(b.as_fd(), &program, None).unwrap();
+        let got = recv_in_main(a.as_fd())
+            .unwrap()
+            .map(|(m, fd)| (m, fd.is_some()));
+        assert_eq!(got, Some((program, false)));
+        let spawn = ToServer::Spawn { index: 2 };
+        send_to_server(a.as_fd(), &spawn, None).unwrap();
         assert_eq!(
-            recv_in_main(a.as_fd()).unwrap(),
-            None,
+            recv_in_server(b.as_fd(), &mut buf).unwrap().unwrap().0,
+            spawn
+        );
+        for started in [Ok(77), Err("no fork".to_string())] {
+            let spawned = FromServer::Spawned { index: 2, started };
+            send_to_main(b.as_fd(), &spawned, Some(file.as_fd())).unwrap();
+            let (got, fd) = recv_in_main(a.as_fd()).unwrap().unwrap();
+            assert_eq!((got, fd.is_some()), (spawned, true));
+        }
+        drop(b);
+        assert!(
+            recv_in_main(a.as_fd()).unwrap().is_none(),
             "end of stream when the peer closes"
         );
     }

@@ -1,9 +1,8 @@
-//! What the log says and in whose name: input any local user can send must not be able to
-//! flood it at warn level, and a forked worker's lines over syslog carry the worker's own pid.
+//! What the log says: input any local user can send must not be able to flood it at warn
+//! level. (Whose name syslog lines carry, for forked listeners too, is in `traffic.rs`.)
 
-use std::io::Write;
 use std::os::unix::net::UnixDatagram;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -32,79 +31,4 @@ fn unanswerable_unix_datagrams_are_not_logged_at_warn() {
         "an unanswerable datagram was logged at info or above:\n{log}"
     );
     assert!(!log.contains("WARN"), "unexpected warnings:\n{log}");
-}
-
-/// Reads syslog datagrams until one contains `needle`.
-fn wait_syslog(sock: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .expect("timeout");
-        if let Ok(n) = sock.recv(&mut buf) {
-            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-            seen.push(m.clone());
-            if m.contains(needle) {
-                return m;
-            }
-        }
-    }
-    panic!(
-        "no syslog message with {needle:?}; got:\n{}",
-        seen.join("\n")
-    );
-}
-
-/// The pid in an RFC 3164 `socketd[PID]:` tag.
-fn tag_pid(line: &str) -> i32 {
-    let rest = line.split("socketd[").nth(1).expect("socketd[pid] tag");
-    let pid = rest.split(']').next().expect("closing bracket");
-    pid.parse()
-        .unwrap_or_else(|e| panic!("pid {pid:?} in {line:?}: {e}"))
-}
-
-/// A forked worker logs its access line itself; syslog must name the worker's pid, not the
-/// daemon's (which the logger saw when it was set up).
-#[test]
-fn forked_workers_log_with_their_own_pid_over_syslog() {
-    let dir = TestDir::new();
-    let log_path = dir.path().join("log.sock");
-    let sink = UnixDatagram::bind(&log_path).expect("bind the syslog sink");
-    let config = format!(
-        "[daemon]\nlog = \"syslog\"\nshutdown_timeout = \"1s\"\n[daemon.syslog]\naddress = \"unix:{}\"\n\
-         [[listener]]\nname = \"fecho\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n\
-         workers = \"forked\"\n",
-        log_path.display()
-    );
-    let mut d = Daemon::spawn(&config);
-    let mut seen = Vec::new();
-    let ready = wait_syslog(&sink, "socketd ready: 1 listeners", &mut seen);
-    assert_eq!(
-        tag_pid(&ready),
-        d.pid(),
-        "the daemon's own lines: {ready:?}"
-    );
-    let line = seen
-        .iter()
-        .find(|m| m.contains("listener `fecho` listening on tcp "))
-        .expect("listening line");
-    let addr: std::net::SocketAddr = line
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.trim().parse().ok())
-        .unwrap_or_else(|| panic!("address in {line:?}"));
-    let mut s = Stream::tcp(addr);
-    s.write_all(b"hello").expect("write");
-    s.shutdown_write();
-    assert_eq!(s.read_to_end_vec(), b"hello");
-    let access = wait_syslog(&sink, "access: listener `fecho`", &mut seen);
-    let worker = tag_pid(&access);
-    assert_ne!(
-        worker,
-        d.pid(),
-        "a forked worker's access line carries the daemon's pid: {access:?}"
-    );
-    d.signal(libc::SIGTERM);
-    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }

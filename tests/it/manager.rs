@@ -254,3 +254,45 @@ fn the_fd_store_keeps_every_socket_across_a_restart() {
     d2.signal(libc::SIGTERM);
     assert_exit_code(d2.wait_exit(STOP_BUDGET), 0, &d2);
 }
+
+#[test]
+fn a_full_manager_queue_delays_the_fd_store_but_loses_no_socket() {
+    // More listeners than a unix datagram socket queues by default (net.unix.max_dgram_qlen
+    // is 10): with the manager not reading yet, some FDSTORE=1 messages find no room.
+    const N: usize = 14;
+    let mut config = String::from("[daemon]\nfd_store = true\n");
+    for i in 0..N {
+        config.push_str(&listener(&format!("l{i}"), "tcp", "127.0.0.1:0", "echo"));
+    }
+    let mut manager = None;
+    let mut d = Daemon::spawn_with(&config, |dir, cfg| {
+        let path = dir.join("notify.sock");
+        manager = Some(Manager::bind(&path));
+        let mut cmd = socketd_cmd();
+        cmd.arg("--config").arg(cfg).env("NOTIFY_SOCKET", &path);
+        cmd
+    });
+    let mut m = manager.expect("notify socket");
+    d.wait_ready();
+    assert!(
+        !d.log().contains("fd store:"),
+        "all stored although the manager read nothing\n{}",
+        d.log_dump()
+    );
+    assert!(!d.log().contains("cannot put"), "{}", d.log_dump());
+    let mut names = Vec::new();
+    while names.len() < N {
+        let msg = m.expect("FDSTORE=1", READY_TIMEOUT);
+        assert_eq!(msg.fds.len(), 1, "{:?}", msg.text);
+        names.push(field(&msg.text, "FDNAME=").expect("FDNAME=").to_string());
+    }
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), N, "{names:?}");
+    d.wait_log(
+        &format!("fd store: {N} listening sockets kept"),
+        READY_TIMEOUT,
+    );
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}

@@ -25,7 +25,7 @@
 //!   enters it before `unshare --cgroup`, so it is the root of the container's cgroup namespace
 //!   and systemd runs in unified mode;
 //! - `unshare --pid --fork --kill-child --mount --propagation private --uts --ipc --net
-//!   --cgroup` runs `INIT` (below) as PID 1 of the new pid namespace: it mounts the overlay,
+//!   --cgroup` runs `sysd/init.sh` as PID 1 of the new pid namespace: it mounts the overlay,
 //!   a fresh /proc with /proc/sys read-only (systemd-sysctl cannot touch the host kernel), a
 //!   read-only sysfs, cgroup2, a small /dev whose console is a pty this process reads, binds the
 //!   staging dir at /mnt/host, masks every unit the host has enabled (so no host service starts
@@ -45,18 +45,21 @@
 
 #![allow(dead_code)] // a toolbox: the upgrade tests use parts this file does not
 
+mod host;
+
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use self::host::Console;
+use self::host::{
+    cgroup2_mount, pid_ns, processes_in, remove_cgroup_tree, remove_stale_cgroups, which,
+};
 use crate::harness::{run_with_timeout, CmdOutput, TestDir, POLL};
 
 /// How long systemd may take from launch to `is-system-running` answering.
@@ -70,78 +73,12 @@ pub const SHARE: &str = "/mnt/host";
 /// PATH for commands run inside.
 const INSIDE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Prefix of the cgroup directories the harness creates (stale ones are removed at boot).
-const CGROUP_PREFIX: &str = "socketd-it-";
+pub(crate) const CGROUP_PREFIX: &str = "socketd-it-";
 
-/// Runs as PID 1 of the new pid namespace, inside the new private mount namespace, and ends by
-/// exec'ing systemd. `$1` = the container's base dir (ovl/, root/, share/ in it), `$2` = the
-/// host path of the pty that becomes /dev/console.
-const INIT: &str = r#"
-set -eu
-BASE=$1 CONSOLE=$2
-R=$BASE/root
-mount --make-rprivate /
-# The root filesystem: the host's / as the read-only lower layer, a tmpfs as the upper layer.
-mount -t tmpfs -o mode=0755,size=4g sysd-upper "$BASE/ovl"
-mkdir -p "$BASE/ovl/upper" "$BASE/ovl/work"
-mount -t overlay sysd-root -o "lowerdir=/,upperdir=$BASE/ovl/upper,workdir=$BASE/ovl/work" "$R"
-# /proc fresh; /proc/sys and /proc/sysrq-trigger read-only: host kernel settings are global.
-mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
-for p in sys sysrq-trigger; do
-    [ -e "$R/proc/$p" ] || continue
-    mount --bind "$R/proc/$p" "$R/proc/$p"
-    mount -o remount,bind,ro "$R/proc/$p"
-done
-# /sys read-only (no udev here); cgroup2 of the new cgroup namespace on /sys/fs/cgroup.
-mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$R/sys"
-mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$R/sys/fs/cgroup"
-# /dev: the basic nodes, a private devpts, /dev/shm, and the console (the harness's pty: both
-# ends stay open, or systemd's console writes fail with EIO).
-mount -t tmpfs -o mode=0755,nosuid,size=4m sysd-dev "$R/dev"
-mknod -m 666 "$R/dev/null" c 1 3
-mknod -m 666 "$R/dev/zero" c 1 5
-mknod -m 666 "$R/dev/full" c 1 7
-mknod -m 666 "$R/dev/random" c 1 8
-mknod -m 666 "$R/dev/urandom" c 1 9
-mknod -m 666 "$R/dev/tty" c 5 0
-mkdir -m 0755 "$R/dev/pts" "$R/dev/net"
-mkdir -m 1777 "$R/dev/shm"
-mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,nosuid,noexec devpts "$R/dev/pts"
-ln -s pts/ptmx "$R/dev/ptmx"
-mount -t tmpfs -o mode=1777,nosuid,nodev,size=64m shm "$R/dev/shm"
-touch "$R/dev/console"
-mount --bind "$CONSOLE" "$R/dev/console"
-ln -s /proc/self/fd "$R/dev/fd"
-ln -s /proc/self/fd/0 "$R/dev/stdin"
-ln -s /proc/self/fd/1 "$R/dev/stdout"
-ln -s /proc/self/fd/2 "$R/dev/stderr"
-# The staging dir (systemd-tmpfiles empties /tmp at boot: never stage there).
-mkdir -p "$R/mnt/host"
-mount --bind "$BASE/share" "$R/mnt/host"
-# Mask what the host has enabled (in the upper layer only): every unit linked from a .wants or
-# .requires dir, every SysV rc script without a native unit, and the console getty.
-for l in "$R"/etc/systemd/system/*.wants/* "$R"/etc/systemd/system/*.requires/*; do
-    [ -L "$l" ] || continue
-    ln -sfn /dev/null "$R/etc/systemd/system/${l##*/}"
-done
-for f in "$R"/etc/rc[2-5].d/S*; do
-    [ -e "$f" ] || continue
-    u=${f##*/S??}.service
-    [ -e "$R/lib/systemd/system/$u" ] || [ -e "$R/etc/systemd/system/$u" ] ||
-        ln -sfn /dev/null "$R/etc/systemd/system/$u"
-done
-ln -sfn /dev/null "$R/etc/systemd/system/console-getty.service"
-# The overlay becomes the namespace's root (nsenter lands there too).
-mkdir -p "$R/.oldroot"
-cd "$R"
-pivot_root . .oldroot
-cd /
-umount -l /.oldroot
-rmdir /.oldroot
-echo socketd-it >/etc/hostname
-exec setpriv --bounding-set -sys_module,-sys_time,-sys_rawio,-syslog,-wake_alarm,-block_suspend,-mac_admin,-mac_override,-sys_pacct \
-    env -i container=unshare TERM=vt220 PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    /lib/systemd/systemd --system --unit=multi-user.target --show-status=no --log-color=no
-"#;
+/// The container's init (`sysd/init.sh`): run as PID 1 of the new pid namespace, inside the
+/// new private mount namespace; it ends by exec'ing systemd. Arguments: the base dir, the
+/// console pty's path.
+const INIT: &str = include_str!("sysd/init.sh");
 
 /// Why real-systemd tests cannot run here, or `None` when they can.
 pub fn skip_reason() -> Option<String> {
@@ -169,138 +106,6 @@ pub fn skip_reason() -> Option<String> {
         return Some("no cgroup2 hierarchy is mounted".into());
     }
     None
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
-/// Where the host's cgroup2 hierarchy is mounted (`/sys/fs/cgroup/unified` on a hybrid host,
-/// `/sys/fs/cgroup` on a unified one).
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let point = pre.split(' ').nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
-    })
-}
-
-/// The inode of a process's pid namespace (0 if it is gone).
-fn pid_ns(pid: i32) -> u64 {
-    std::fs::metadata(format!("/proc/{pid}/ns/pid")).map_or(0, |m| m.ino())
-}
-
-/// Every pid whose pid namespace is `ns`.
-fn processes_in(ns: u64) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid_ns(pid) == ns)
-        .collect()
-}
-
-/// Remove a cgroup directory tree, deepest first. Returns what could not be removed.
-fn remove_cgroup_tree(dir: &Path) -> Vec<PathBuf> {
-    let mut left = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                left.extend(remove_cgroup_tree(&e.path()));
-            }
-        }
-    }
-    if dir.exists() && std::fs::remove_dir(dir).is_err() {
-        left.push(dir.to_path_buf());
-    }
-    left
-}
-
-/// Remove cgroup dirs of containers whose test process died without cleaning up (SIGKILL).
-fn remove_stale_cgroups(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name
-            .strip_prefix(CGROUP_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{owner}")).exists() {
-            remove_cgroup_tree(&e.path());
-        }
-    }
-}
-
-/// The container's /dev/console: a pty whose output a thread collects.
-struct Console {
-    /// Kept open so that writes to the console never fail with EIO; closed at stop, which ends
-    /// the reader thread.
-    slave: Option<OwnedFd>,
-    path: String,
-    text: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Console {
-    fn open() -> Console {
-        let (mut master, mut slave) = (-1, -1);
-        // SAFETY: openpty writes two fds into the pointers; name/termios/winsize may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-        let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-        // SAFETY: a zeroed termios is valid storage for tcgetattr to fill.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
-            }
-        }
-        let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))
-            .expect("the pty's path")
-            .display()
-            .to_string();
-        let text = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&text);
-        std::thread::spawn(move || {
-            let mut master = master;
-            let mut buf = [0u8; 8192];
-            // Ends with EIO once the last slave fd (ours, after the container) is closed.
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                sink.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
-        Console {
-            slave: Some(slave),
-            path,
-            text,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
 }
 
 /// A running systemd-as-PID-1 container. See the module docs.

@@ -22,7 +22,7 @@ use target::Target;
 
 const USAGE: &str = "usage: loadgen --mode rr|cps|udp|bulk|idle --target tcp:IP:PORT|unix:PATH|udp:IP:PORT|unix-dgram:PATH
        [--conns N (16; bulk 1)] [--size BYTES (64)] [--duration 5s] [--io-timeout 2s] [--bytes 1G (bulk)]
-       [--mux T (rr: the connections on T epoll threads instead of one blocking thread each)]";
+       [--mux T (rr, cps: the connections on T epoll threads instead of one blocking thread each)]";
 
 struct Args {
     mode: String,
@@ -102,9 +102,9 @@ fn parse() -> Result<Args, String> {
     if msg == 0 {
         return Err("--size must be at least 1".into());
     }
-    if mux > 0 && (mode != "rr" || msg as usize > mux::MAX_SIZE) {
+    if mux > 0 && (!matches!(mode.as_str(), "rr" | "cps") || msg as usize > mux::MAX_SIZE) {
         return Err(format!(
-            "--mux goes with --mode rr and --size <= {}",
+            "--mux goes with --mode rr or cps and --size <= {}",
             mux::MAX_SIZE
         ));
     }
@@ -150,7 +150,12 @@ fn main() -> ExitCode {
                 .map(|i| {
                     let (first, end) = (i * n / t, (i + 1) * n / t);
                     let load = args.load.clone();
-                    Box::new(move || mux::request_response(&load, first, end - first)) as Job
+                    let run = if args.mode == "cps" {
+                        mux::connect_per_request
+                    } else {
+                        mux::request_response
+                    };
+                    Box::new(move || run(&load, first, end - first)) as Job
                 })
                 .collect()
         } else {

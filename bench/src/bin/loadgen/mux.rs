@@ -187,3 +187,161 @@ pub fn request_response(load: &Load, first: usize, n: usize) -> Outcome {
     out.hist = hist;
     out
 }
+
+/// One connect-per-request client slot on the multiplexed thread.
+struct Cps {
+    sock: Option<TcpStream>,
+    id: usize,
+    seq: u64,
+    msg: Vec<u8>,
+    back: Vec<u8>,
+    got: usize,
+    sent: bool,
+    t0: Instant,
+}
+
+impl Cps {
+    /// Start a non-blocking connect and register it; the request goes out once writable.
+    fn start(&mut self, addr: std::net::SocketAddr, poll: &Poll, token: Token) -> io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        poll.registry()
+            .register(&mut s, token, Interest::READABLE | Interest::WRITABLE)?;
+        fill(&mut self.msg, self.id, self.seq);
+        self.seq += 1;
+        (self.got, self.sent, self.t0) = (0, false, Instant::now());
+        self.sock = Some(s);
+        Ok(())
+    }
+
+    /// Advance on readiness: `Ok(true)` when the reply is complete (and the socket closed).
+    fn step(&mut self) -> io::Result<bool> {
+        let Some(s) = self.sock.as_mut() else {
+            return Ok(false);
+        };
+        if !self.sent {
+            if let Some(e) = s.take_error()? {
+                return Err(e);
+            }
+            match s.write(&self.msg) {
+                Ok(n) if n == self.msg.len() => self.sent = true,
+                Ok(_) => return Err(io::Error::other("short write")),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.raw_os_error() == Some(libc_enotconn()) =>
+                {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        loop {
+            let got = self.got;
+            match s.read(&mut self.back[got..]) {
+                Ok(0) => return Err(io::Error::other("server closed before the reply")),
+                Ok(k) => {
+                    self.got += k;
+                    if self.got == self.back.len() {
+                        self.sock = None; // close
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// ENOTCONN on Linux (no libc dependency here).
+fn libc_enotconn() -> i32 {
+    107
+}
+
+/// `--mode cps --mux T`: connect, send, receive, close, with `n` clients multiplexed on this
+/// one thread (non-blocking connects), the shape of a single-threaded epoll load generator.
+pub fn connect_per_request(load: &Load, first: usize, n: usize) -> Outcome {
+    let mut out = Outcome::new();
+    let Target::Tcp(addr) = load.target else {
+        out.error("target", &"--mode cps --mux needs a tcp target");
+        return out;
+    };
+    let mut poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => {
+            out.error("poll", &e);
+            return out;
+        }
+    };
+    let mut clients: Vec<Cps> = (first..first + n)
+        .map(|id| Cps {
+            sock: None,
+            id,
+            seq: 0,
+            msg: vec![0; load.size],
+            back: vec![0; load.size],
+            got: 0,
+            sent: false,
+            t0: Instant::now(),
+        })
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        if let Err(e) = c.start(addr, &poll, Token(i)) {
+            out.error("connect", &e);
+            return out;
+        }
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut hist = Hist::new();
+    let mut last_progress = Instant::now();
+    while Instant::now() < load.deadline {
+        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            out.error("poll", &e);
+            break;
+        }
+        if events.is_empty() && last_progress.elapsed() > load.io_timeout {
+            out.error("request", &"no reply within --io-timeout");
+            break;
+        }
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let Some(c) = clients.get_mut(i) else {
+                continue;
+            };
+            let restart = match c.step() {
+                Ok(false) => false,
+                Ok(true) => {
+                    if c.back != c.msg {
+                        out.corrupt += 1;
+                        out.hist = hist;
+                        return out;
+                    }
+                    hist.record(nanos(c.t0));
+                    out.ops += 1;
+                    out.bytes += c.msg.len() as u64;
+                    last_progress = Instant::now();
+                    true
+                }
+                Err(e) => {
+                    out.error("connect-send-receive", &e);
+                    c.sock = None;
+                    true
+                }
+            };
+            if restart && Instant::now() < load.deadline {
+                if let Err(e) = c.start(addr, &poll, Token(i)) {
+                    out.error("connect", &e);
+                    // Out of ports or refused: do not spin.
+                    std::thread::sleep(Duration::from_millis(1));
+                    let _ = c.start(addr, &poll, Token(i));
+                }
+            }
+        }
+    }
+    out.hist = hist;
+    out
+}
