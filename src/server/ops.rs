@@ -89,13 +89,21 @@ impl Server {
     /// Answer every command the control and metrics threads handed over.
     pub(super) fn answer_asks(&mut self) {
         while let Ok(ask) = self.ops.asks.try_recv() {
-            let reply = self.answer(ask.command);
-            let _ = ask.reply.try_send(reply);
+            if let Some(reply) = self.answer(ask.command, &ask.reply) {
+                let _ = ask.reply.try_send(reply);
+            }
         }
     }
 
-    fn answer(&mut self, command: Command) -> Reply {
-        match command {
+    /// The answer now, or `None` for a command whose outcome comes later: its arm keeps a
+    /// clone of `_later` and sends the answer when it knows (the client thread waits up to
+    /// `ANSWER_DEADLINE`). No command needs that yet; an `upgrade` command would.
+    fn answer(
+        &mut self,
+        command: Command,
+        _later: &std::sync::mpsc::SyncSender<Reply>,
+    ) -> Option<Reply> {
+        Some(match command {
             Command::Status => Reply::ok(json!({ "status": self.status_json() })),
             Command::Reload if self.upgrading.is_some() => Reply::error(
                 "a binary upgrade is in progress; reload after it",
@@ -112,6 +120,8 @@ impl Server {
                 ),
             },
             Command::Stop { now } => {
+                // As for SIGTERM: a stop wins over an upgrade in progress.
+                self.abort_upgrade("socketd stop came first");
                 let in_flight = self.in_flight();
                 match (self.state, now) {
                     (State::Running, false) => self.begin_stop(),
@@ -169,7 +179,7 @@ impl Server {
                 crate::access_log::reopen();
                 Reply::ok(json!({"reopened": crate::access_log::counts().target}))
             }
-        }
+        })
     }
 
     fn open_slot(&self, name: &str) -> Option<usize> {

@@ -296,3 +296,84 @@ fn a_full_manager_queue_delays_the_fd_store_but_loses_no_socket() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
+
+#[test]
+fn sockets_from_socket_activation_are_handed_over_and_their_files_kept() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.is_file()) else {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // The manager binds the TCP socket on a port and a unix socket with a name socketd would
+    // never pick; the listeners' own addresses differ (port 0, another path): adopted by name.
+    let config = format!(
+        "[daemon]\npidfile = \"{{dir}}/socketd.pid\"\n{}{}",
+        listener("tcp", "tcp", "127.0.0.1:0", "echo"),
+        listener("unix", "unix", "{dir}/unused.sock", "echo"),
+    );
+    let mut d = Daemon::spawn_with(&config, |dir, cfg| {
+        let mut cmd = command(activate);
+        cmd.arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--listen={}", dir.join("manager.sock").display()))
+            .arg("--fdname=tcp:unix")
+            .arg(SOCKETD)
+            .arg("--config")
+            .arg(cfg);
+        cmd
+    });
+    // systemd-socket-activate starts socketd on the first connection.
+    d.wait_log("as 4.", READY_TIMEOUT);
+    let mut first = Stream::tcp(([127, 0, 0, 1], port).into());
+    first.write_all(b"first\n").expect("send");
+    d.wait_ready();
+    assert_eq!(first.read_line(), "first\n");
+    drop(first);
+    let old = d.pid();
+    d.signal(libc::SIGUSR2);
+    d.wait_log("stops accepting and drains", READY_TIMEOUT);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    let log = d.log();
+    for name in ["tcp", "unix"] {
+        assert_contains(
+            &log,
+            &[&format!(
+                "listener `{name}`: using the socket `{name}` handed over by pid {old}"
+            )],
+        );
+    }
+    let new: i32 = std::fs::read_to_string(d.dir().join("socketd.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let manager_sock = d.dir().join("manager.sock");
+    let mut s = Stream::tcp(([127, 0, 0, 1], port).into());
+    s.write_all(b"tcp\n").expect("send");
+    assert_eq!(s.read_line(), "tcp\n");
+    let mut u = Stream::unix(&manager_sock);
+    u.write_all(b"unix\n").expect("send");
+    assert_eq!(u.read_line(), "unix\n");
+    drop((s, u));
+    assert!(
+        !d.dir().join("unused.sock").exists(),
+        "bound its own socket"
+    );
+    // SAFETY: kill(2) has no memory effects; `new` is the daemon the upgrade started.
+    unsafe { libc::kill(new, libc::SIGTERM) };
+    wait_until("the new process to stop", STOP_BUDGET, || {
+        std::fs::read_to_string(format!("/proc/{new}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    assert!(
+        manager_sock.exists(),
+        "the manager's socket file was removed by socketd"
+    );
+}

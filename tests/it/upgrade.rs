@@ -779,3 +779,24 @@ fn a_detached_daemon_is_upgraded_through_its_pidfile() {
     assert!(!pidfile.exists(), "pidfile left after the stop");
     assert!(!sock.exists(), "socket file left after the stop");
 }
+
+#[test]
+fn a_binary_that_cannot_be_executed_is_rolled_back_at_once() {
+    let mut d = start(&config("10s"));
+    // Not executable: execve fails in the child, which says so on the readiness pipe.
+    install(&d, |p| {
+        std::fs::write(p.with_extension("txt"), b"not a program").expect("write");
+        copy_binary(&p.with_extension("txt"), p);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    });
+    d.signal(libc::SIGUSR2);
+    let line = d.wait_log("upgrade failed:", READY_TIMEOUT);
+    assert_contains(
+        &line,
+        &["cannot start the new binary (execve: Permission denied"],
+    );
+    still_serving(&d);
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
