@@ -87,52 +87,82 @@ struct ProxyTable {
 }
 
 impl ProxySettings {
-    /// Read the `proxy` table for a listener of `ctx.protocol`.
+    /// Read the `proxy` table for a listener of `ctx.protocol` (every problem, in one line).
     pub(crate) fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
+        ProxySettings::from_build_all(ctx).map_err(|all| all.join("; "))
+    }
+
+    /// Read the `proxy` table, collecting every problem (each names its key first).
+    fn from_build_all(ctx: &BuildContext) -> Result<ProxySettings, Vec<String>> {
         let Some(table) = ctx.settings else {
-            return Err(format!("handler `proxy` needs its settings: add {USAGE}"));
+            return Err(vec![format!(
+                "handler `proxy` needs its settings: add {USAGE}"
+            )]);
         };
+        let mut errors = Vec::new();
         for key in table.keys() {
             if !KEYS.split(", ").any(|k| k == key) {
-                return Err(format!("proxy: unknown key `{key}`; valid keys: {KEYS}"));
+                errors.push(format!("proxy: unknown key `{key}`; valid keys: {KEYS}"));
             }
         }
         let upstream = match table.get("upstream") {
-            Some(toml::Value::String(s)) => parse_upstream(s)?,
-            Some(_) => return Err(format!("proxy: `upstream` must be a string, e.g. {USAGE}")),
-            None => return Err(format!("proxy: `upstream` is required, e.g. {USAGE}")),
+            // "proxy: upstream …" becomes "proxy: `upstream` …", so it is shown at its key.
+            Some(toml::Value::String(s)) => parse_upstream(s)
+                .map_err(|e| errors.push(e.replacen("proxy: upstream", "proxy: `upstream`", 1)))
+                .ok(),
+            Some(_) => {
+                errors.push(format!("proxy: `upstream` must be a string, e.g. {USAGE}"));
+                None
+            }
+            None => {
+                errors.push(format!("proxy: `upstream` is required, e.g. {USAGE}"));
+                None
+            }
         };
         let proxy_protocol = match table.get("proxy_protocol") {
             None => None,
             Some(toml::Value::String(v)) if v == "v1" => Some(ProxyProtocol::V1),
             Some(toml::Value::String(v)) if v == "v2" => Some(ProxyProtocol::V2),
             Some(v) => {
-                return Err(format!(
+                errors.push(format!(
                     "proxy: `proxy_protocol` = {v} is not valid; valid values: \"v1\", \"v2\" \
                      (leave it out for no header)"
-                ))
+                ));
+                None
             }
         };
         if ctx.protocol.is_datagram() {
-            if ctx.protocol != Protocol::Udp || !matches!(upstream, Upstream::Inet(_)) {
-                return Err(
+            if ctx.protocol != Protocol::Udp || !matches!(upstream, Some(Upstream::Inet(_)) | None)
+            {
+                errors.push(
                     "proxy: datagram proxying is UDP to UDP only: use protocol = \"udp\" \
-                            with an ip:port upstream"
+                     with an ip:port upstream"
                         .into(),
                 );
             }
             if proxy_protocol.is_some() {
-                return Err(
+                errors.push(
                     "proxy: `proxy_protocol` applies to stream listeners only; remove it".into(),
                 );
             }
         }
-        Ok(ProxySettings {
-            upstream,
-            connect_timeout: duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
-            proxy_protocol,
-            udp_idle: duration(table, "udp_idle", DEFAULT_UDP_IDLE)?,
-        })
+        let connect_timeout = duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let udp_idle = duration(table, "udp_idle", DEFAULT_UDP_IDLE)
+            .map_err(|e| errors.push(e))
+            .ok();
+        match (upstream, connect_timeout, udp_idle) {
+            (Some(upstream), Some(connect_timeout), Some(udp_idle)) if errors.is_empty() => {
+                Ok(ProxySettings {
+                    upstream,
+                    connect_timeout,
+                    proxy_protocol,
+                    udp_idle,
+                })
+            }
+            _ => Err(errors),
+        }
     }
 
     /// A blocking connect with the configured timeout (threaded and forked workers).
@@ -240,8 +270,8 @@ pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
         "proxy",
         ctx.settings,
         || {
-            ProxySettings::from_build(ctx)
-                .map_err(|m| SettingsError::from_messages("proxy", ctx.settings, vec![m]))
+            ProxySettings::from_build_all(ctx)
+                .map_err(|all| SettingsError::from_messages("proxy", ctx.settings, all))
         },
     )?);
     Ok(Arc::new(move || {
