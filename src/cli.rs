@@ -334,6 +334,16 @@ fn run(
         h.restore_stderr();
         *lock(&ready) = Some(h.ready);
     }
+    // The daemon owns the process-wide start: its fork servers are forked here, while it still
+    // has its only thread, so no forked worker can inherit a lock.
+    if let Err(e) = server.start_fork_servers() {
+        let why = chain(&e);
+        log::error!("not starting: {why}");
+        if let Some(pipe) = lock(&ready).as_mut() {
+            pipe.failed(EXIT_RUNTIME, &why);
+        }
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
     let (on_ready, ready_pidfile) = (
         std::sync::Arc::clone(&ready),
