@@ -31,7 +31,7 @@ mod status;
 mod stop;
 mod upgrade;
 
-pub use upgrade::{Outcome as UpgradeOutcome, Reply as UpgradeReply};
+pub(crate) use upgrade::Outcome as UpgradeOutcome;
 
 pub use handle::ShutdownHandle;
 use stop::State;
