@@ -110,7 +110,8 @@ enum Command {
     /// Replace the running daemon's binary without refusing a connection: the daemon starts
     /// the new binary with every listening socket, and stops accepting and drains only once
     /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
-    /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
+    /// did not take over (the old one keeps serving). Through the control socket if there is
+    /// one, else by SIGUSR2 to the pid in the pidfile.
     Upgrade(upgrade::UpgradeArgs),
 }
 
@@ -167,15 +168,24 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
-        Some(Command::Upgrade(args)) => {
-            upgrade::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
-        }
+        Some(Command::Upgrade(args)) => upgrade::run(
+            &cli.config,
+            cli.pidfile.as_deref(),
+            cli.control.as_deref(),
+            &args,
+            &registry,
+        ),
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
         Some(other) => {
             let Some((request, json)) = other.control() else {
                 return ExitCode::from(EXIT_USAGE);
             };
             use crate::control::client;
+            // A client's output may be piped into `head`: end quietly on a closed pipe like
+            // other Unix tools, not with a panic (the daemon itself keeps SIGPIPE ignored).
+            // SAFETY: signal(2) restoring the default action; this process is a short-lived
+            // client with no other thread yet.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             match client::find_socket(&cli.config, cli.control.as_deref()) {
                 Ok(socket) => client::run(&socket, request, json),
                 Err(e) => {
@@ -323,6 +333,16 @@ fn run(
     if let Some(mut h) = handover.take() {
         h.restore_stderr();
         *lock(&ready) = Some(h.ready);
+    }
+    // The daemon owns the process-wide start: its fork servers are forked here, while it still
+    // has its only thread, so no forked worker can inherit a lock.
+    if let Err(e) = server.start_fork_servers() {
+        let why = chain(&e);
+        log::error!("not starting: {why}");
+        if let Some(pipe) = lock(&ready).as_mut() {
+            pipe.failed(EXIT_RUNTIME, &why);
+        }
+        return ExitCode::from(EXIT_RUNTIME);
     }
     let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
     let (on_ready, ready_pidfile) = (

@@ -175,6 +175,10 @@ fn print_human(command: &Command, a: &Value) {
             "access log reopened ({})",
             a["reopened"].as_str().unwrap_or_default()
         ),
+        Command::Upgrade { .. } => println!(
+            "upgraded: pid {} -> pid {}",
+            a["upgrade"]["from"], a["upgrade"]["pid"]
+        ),
     }
 }
 

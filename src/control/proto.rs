@@ -31,6 +31,12 @@ pub enum Command {
     Drain { listener: String },
     /// Reopen the access log file (after logrotate moved it).
     ReopenLogs,
+    /// Replace the binary (as SIGUSR2): the answer comes once the new process serves (its
+    /// pid) or has been given up on (why, with its last output).
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 impl Command {
@@ -43,6 +49,7 @@ impl Command {
         "resume",
         "drain",
         "reopen-logs",
+        "upgrade",
     ];
 
     /// The request line for this command (without its newline).
@@ -158,6 +165,10 @@ mod tests {
                 listener: "x".into(),
             },
             Command::ReopenLogs,
+            Command::Upgrade { binary: None },
+            Command::Upgrade {
+                binary: Some("/usr/sbin/socketd.new".into()),
+            },
         ] {
             let line = c.encode();
             assert!(line.contains("\"version\":1"), "{line}");
@@ -166,6 +177,10 @@ mod tests {
         assert_eq!(
             Command::decode(br#"{"version":1,"command":"stop"}"#),
             Ok(Command::Stop { now: false })
+        );
+        assert_eq!(
+            Command::decode(br#"{"version":1,"command":"upgrade"}"#),
+            Ok(Command::Upgrade { binary: None })
         );
     }
 

@@ -13,4 +13,3 @@ pub mod notify;
 pub mod pidfile;
 pub mod privileges;
 pub mod upgrade;
-mod upgrade_child;

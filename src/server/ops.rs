@@ -89,6 +89,17 @@ impl Server {
     /// Answer every command the control and metrics threads handed over.
     pub(super) fn answer_asks(&mut self) {
         while let Ok(ask) = self.ops.asks.try_recv() {
+            if let Command::Upgrade { binary } = ask.command {
+                // Answered when the upgrade ends, not now.
+                let reply = ask.reply;
+                self.upgrade(
+                    binary,
+                    Some(Box::new(move |outcome| {
+                        let _ = reply.try_send(upgrade_reply(outcome));
+                    })),
+                );
+                continue;
+            }
             if let Some(reply) = self.answer(ask.command, &ask.reply) {
                 let _ = ask.reply.try_send(reply);
             }
@@ -97,7 +108,7 @@ impl Server {
 
     /// The answer now, or `None` for a command whose outcome comes later: its arm keeps a
     /// clone of `_later` and sends the answer when it knows (the client thread waits up to
-    /// `ANSWER_DEADLINE`). No command needs that yet; an `upgrade` command would.
+    /// `ANSWER_DEADLINE`). (`upgrade` is answered by `answer_asks` when the upgrade ends.)
     fn answer(
         &mut self,
         command: Command,
@@ -105,6 +116,8 @@ impl Server {
     ) -> Option<Reply> {
         Some(match command {
             Command::Status => Reply::ok(json!({ "status": self.status_json() })),
+            // `answer_asks` starts it and answers when it ends.
+            Command::Upgrade { .. } => Reply::error("upgrade: not answered here", json!({})),
             Command::Reload if self.upgrading.is_some() => Reply::error(
                 "a binary upgrade is in progress; reload after it",
                 json!({}),
@@ -330,5 +343,16 @@ impl Server {
             },
             "listeners": listeners,
         })
+    }
+}
+
+/// The control answer for an upgrade's outcome.
+fn upgrade_reply(outcome: super::UpgradeOutcome) -> Reply {
+    match outcome {
+        Ok(pid) => Reply::ok(json!({"upgrade": {"pid": pid, "from": std::process::id()}})),
+        Err(why) => Reply::error(
+            format!("upgrade failed: {why}"),
+            json!({"upgrade": {"pid": std::process::id()}}),
+        ),
     }
 }

@@ -25,10 +25,10 @@ pub(super) const OUTPUT: Token = Token(usize::MAX - 2);
 pub(super) const EXITED: Token = Token(usize::MAX - 3);
 
 /// How an upgrade ended: the new process's pid, or why it did not take over.
-pub type Outcome = Result<u32, String>;
+pub(crate) type Outcome = Result<u32, String>;
 
 /// Called once with the outcome (the control socket answers its client with it).
-pub type Reply = Box<dyn FnOnce(Outcome) + Send>;
+pub(crate) type Reply = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An upgrade in progress.
 pub(super) struct InProgress {
@@ -48,7 +48,7 @@ impl Server {
     /// Start an upgrade to `binary` (default: the binary this process was started from).
     /// `reply` gets the outcome: at once if the upgrade is refused or cannot start, else when
     /// the new process is serving or has been given up on.
-    pub fn upgrade(&mut self, binary: Option<PathBuf>, reply: Option<Reply>) {
+    pub(crate) fn upgrade(&mut self, binary: Option<PathBuf>, reply: Option<Reply>) {
         let refuse = |why: String, reply: Option<Reply>| {
             log::warn!("upgrade refused: {why}");
             if let Some(r) = reply {

@@ -613,3 +613,21 @@ fn a_reload_turns_the_access_log_on_and_off() {
     );
     stop(d);
 }
+
+/// The access lines of the last connections before a stop are written before the process
+/// exits (the writer is flushed), not lost with it.
+#[test]
+fn a_stop_flushes_the_access_log() {
+    let mut d = Daemon::start(&format!(
+        "{CONTROL}access_log = \"file:{{dir}}/access.log\"\n{}",
+        echo("echo")
+    ));
+    for i in 0..200 {
+        round_trip(&d, "echo", &format!("{i}\n"));
+    }
+    let out = ctl(&d, &["stop"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    let text = std::fs::read_to_string(d.dir().join("access.log")).expect("access log");
+    assert_eq!(text.lines().count(), 200, "{text}");
+}

@@ -125,7 +125,8 @@ fn an_upgrade_names_the_new_main_pid_and_the_new_process_feeds_the_watchdog() {
     assert_eq!(reloading.pid, old);
     let handed = m.expect("MAINPID=", READY_TIMEOUT);
     assert_eq!(handed.pid, old, "MAINPID= comes from the main process");
-    assert_contains(&handed.text, &["READY=1"]);
+    // WATCHDOG=1 with it: the manager's watchdog clock restarts at the hand-over.
+    assert_contains(&handed.text, &["READY=1", "WATCHDOG=1"]);
     let new: i32 = field(&handed.text, "MAINPID=")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {:?}", handed.text));

@@ -800,3 +800,98 @@ fn a_binary_that_cannot_be_executed_is_rolled_back_at_once() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
+
+/// `config` with a control socket: `socketd upgrade` then goes through it and gets the outcome.
+fn config_with_control(upgrade_timeout: &str) -> String {
+    config(upgrade_timeout).replacen("[daemon]\n", "[daemon]\ncontrol = \"{dir}/control\"\n", 1)
+}
+
+fn upgrade_with(d: &Daemon, args: &[&str]) -> CmdOutput {
+    let mut cmd = socketd_cmd();
+    cmd.arg("--config")
+        .arg(d.config_path())
+        .arg("upgrade")
+        .args(args);
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+fn script(d: &Daemon, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let text = d.dir().join(format!("{name}.txt"));
+    std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+    std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = d.dir().join(name);
+    copy_binary(&text, &path);
+    path
+}
+
+#[test]
+fn upgrade_through_the_control_socket_to_another_binary() {
+    let mut d = start(&config_with_control("20s"));
+    let old = d.pid();
+    let other = d.dir().join("socketd-other");
+    copy_binary(Path::new(SOCKETD), &other);
+    let out = upgrade_with(&d, &["--binary", &other.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}\n{}", out.describe(), d.log_dump());
+    let new = Successor {
+        pid: pid_in_pidfile(&d),
+    };
+    assert_contains(
+        &out.stdout,
+        &[&format!("upgraded: pid {old} -> pid {}", new.pid)],
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", new.pid)).expect("exe");
+    assert_eq!(exe, other, "the new process runs --binary");
+    assert_exit_code(d.wait_exit(HANDOVER_BUDGET), 0, &d);
+    let mut s = d.connect("tcp");
+    s.write_all(b"new\n").expect("send");
+    assert_eq!(s.read_line(), "new\n");
+    drop(s);
+    new.signal(libc::SIGTERM);
+    new.wait_gone(STOP_BUDGET);
+}
+
+#[test]
+fn a_failed_upgrade_through_the_control_socket_says_why() {
+    let mut d = start(&config_with_control("2s"));
+    let bad = script(
+        &d,
+        "bad",
+        "echo 'new build: missing libfoo.so.2' >&2\nexit 1",
+    );
+    let out = upgrade_with(&d, &["--binary", &bad.display().to_string()]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert_contains(
+        &out.stderr,
+        &[
+            "upgrade failed: the new process exited with status 1 before it was ready",
+            "new build: missing libfoo.so.2",
+        ],
+    );
+    still_serving(&d);
+
+    // One that never gets ready, and a second upgrade asked for meanwhile.
+    let slow = script(&d, "slow", "echo 'waiting forever' >&2\nexec sleep 60");
+    let mut first = socketd_cmd();
+    first
+        .arg("--config")
+        .arg(d.config_path())
+        .args(["upgrade", "--binary", &slow.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let first = first.spawn().expect("start socketd upgrade");
+    // (The bad binary's upgrade above logged the first such line.)
+    d.wait_log_count("upgrade: started", 2, READY_TIMEOUT);
+    let second = upgrade_with(&d, &[]);
+    assert_eq!(second.code(), Some(1), "{}", second.describe());
+    assert_contains(&second.stderr, &["an upgrade is already in progress"]);
+    let first = first.wait_with_output().expect("wait for socketd upgrade");
+    assert_eq!(first.status.code(), Some(1), "{first:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&first.stderr),
+        &["was not ready within 2s", "waiting forever"],
+    );
+    still_serving(&d);
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}

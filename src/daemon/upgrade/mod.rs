@@ -12,11 +12,14 @@
 //!   its own stderr and keeps the tail, so a failed upgrade reports what the new binary said.
 //!   The new process gets the real stderr back (descriptor `SOCKETD_UPGRADE_STDERR_FD`) before
 //!   it starts any worker process;
-//! - a pidfd tells the old process when the new one exits.
+//! - the new process starts through a short-lived helper (`child`), its parent until the
+//!   hand-over: the helper reports how the new process ended if it does, and exits at the
+//!   hand-over so that the new process becomes the service manager's child; a pidfd on the
+//!   helper tells the old process when that happened (`watch`).
 //!
-//! `LISTEN_PID` must be the new process's own pid, known only after `fork`; so the child is
-//! forked by hand (not `std::process::Command`), and writes its pid into an environment entry
-//! prepared with room for it, then `execve`s. Between `fork` and `execve` the child makes only
+//! `LISTEN_PID` must be the new process's own pid, known only after `fork`; so it is forked by
+//! hand (not `std::process::Command`), and writes its pid into an environment entry prepared
+//! with room for it, then `execve`s. The variables besides systemd's are in `wire`. Between `fork` and `execve` the child makes only
 //! async-signal-safe calls (`dup2`, `close_range`, `sigprocmask`, `signal`, `getpid`, `write`),
 //! since the old process has other threads. Every descriptor other than stdin, stdout, the
 //! stderr pipe, the sockets and the two pipe ends is closed in the child: the old process's
@@ -24,7 +27,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -35,57 +38,13 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-/// The readiness pipe's write end in the new process (`ok` / `exit CODE why`).
-pub const ENV_READY_FD: &str = "SOCKETD_UPGRADE_READY_FD";
-/// The real stderr, for the new process to put back once its start-up output is read.
-pub const ENV_STDERR_FD: &str = "SOCKETD_UPGRADE_STDERR_FD";
-/// The old process's pid (the new one's parent), for logs and the pidfile hand-over.
-pub const ENV_FROM: &str = "SOCKETD_UPGRADE_FROM";
-/// Names (`:`-separated, as `LISTEN_FDNAMES`) of unix listeners whose socket file socketd
-/// created: the new process removes those files when it stops for good, as the old would have.
-pub const ENV_OWNED: &str = "SOCKETD_UPGRADE_OWNED";
-/// Names of sockets the old process had from the service manager (socket activation or the
-/// fd store): bound where the unit says, so adopted by name whatever their address.
-pub const ENV_MANAGER: &str = "SOCKETD_UPGRADE_MANAGER";
+mod child;
+mod watch;
+mod wire;
 
-/// Where each handed-over unix socket lives (`name=HEX(path)`, `:`-separated): a socket bound
-/// with a mode or owner was bound elsewhere and renamed into place, so its own address
-/// (getsockname) is not its path.
-pub const ENV_PATHS: &str = "SOCKETD_UPGRADE_PATHS";
-
-/// `ENV_PATHS`'s value for `paths`.
-pub fn encode_paths<'a>(paths: impl Iterator<Item = (&'a str, &'a Path)>) -> String {
-    let hex: Vec<String> = paths
-        .map(|(name, path)| {
-            let h: String = path
-                .as_os_str()
-                .as_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("{name}={h}")
-        })
-        .collect();
-    hex.join(":")
-}
-
-/// `ENV_PATHS`'s value read back; malformed entries are skipped.
-pub fn decode_paths(text: &str) -> Vec<(String, PathBuf)> {
-    text.split(':')
-        .filter_map(|entry| {
-            let (name, hex) = entry.split_once('=')?;
-            let bytes: Option<Vec<u8>> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                .collect();
-            let path = PathBuf::from(OsStr::from_bytes(&bytes?));
-            Some((name.to_string(), path))
-        })
-        .collect()
-}
-
-/// The pidfile's descriptor: the new process writes its pid into the same locked file.
-pub const ENV_PIDFILE_FD: &str = "SOCKETD_UPGRADE_PIDFILE_FD";
+use watch::parse_word;
+pub use watch::{Progress, Started};
+pub use wire::*;
 
 /// The locked pidfile's descriptor, if this process has one (`share_pidfile`).
 static PIDFILE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -95,9 +54,6 @@ static PIDFILE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::
 pub fn share_pidfile(fd: BorrowedFd<'_>) {
     PIDFILE_FD.store(fd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
 }
-
-/// How much of the new process's start-up output is kept for the failure report.
-const TAIL: usize = 4096;
 
 /// The binary socketd was started from, read at start-up: after a package replaces the file,
 /// `/proc/self/exe` names the deleted one, and an upgrade must start the file at the path.
@@ -127,36 +83,6 @@ pub struct Handed<'a> {
     pub from_manager: bool,
     /// A unix socket's path, as the listener has it.
     pub path: Option<&'a Path>,
-}
-
-/// The new process, started and not yet judged.
-#[derive(Debug)]
-pub struct Started {
-    /// The new process.
-    pub pid: Pid,
-    /// Its parent until it is ready (`upgrade_child::helper`), this process's child.
-    helper: Option<Pid>,
-    /// Closing this lets the helper exit (`release`).
-    release: Option<OwnedFd>,
-    pub binary: PathBuf,
-    /// The helper's pidfd: readable when it exits, which before the release means the new
-    /// process has ended.
-    pub pidfd: OwnedFd,
-    /// Read ends, non-blocking.
-    pub ready: File,
-    pub output: File,
-    pub deadline: Instant,
-    timeout: Duration,
-    ready_text: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-/// What the new process has said so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
-    Waiting,
-    Ready,
-    Failed(String),
 }
 
 /// Start `binary` with this process's arguments and environment plus `extra_env`, handing it
@@ -281,7 +207,7 @@ pub fn spawn(
     if helper == 0 {
         // SAFETY: in the forked helper; every pointer points into buffers that outlive it.
         unsafe {
-            super::upgrade_child::helper(
+            child::helper(
                 release,
                 &plan,
                 report,
@@ -390,203 +316,18 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     })
 }
 
-impl Started {
-    /// Read what the new process (or its helper) wrote on the readiness pipe.
-    pub fn on_ready_pipe(&mut self) -> Progress {
-        let mut buf = [0u8; 1024];
-        loop {
-            match self.ready.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => self.ready_text.extend_from_slice(&buf[..k]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        // Lines come from the new process (`ok`, `exit CODE why`, `exec-failed ...`) and then
-        // maybe from the helper (`exit-status S`); the first decisive one counts.
-        let text = String::from_utf8_lossy(&self.ready_text).into_owned();
-        let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
-        match lines.next() {
-            Some(line) => match parse_word(line.trim()) {
-                Progress::Failed(why) if line.starts_with("exit-status ") => {
-                    self.on_output(); // it has ended: all it wrote is in the pipe
-                    Progress::Failed(format!("{why}{}", self.output_said()))
-                }
-                p => p,
-            },
-            None => Progress::Waiting,
-        }
-    }
-
-    /// Copy the new process's start-up output to this process's stderr and keep its tail.
-    pub fn on_output(&mut self) {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.output.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => {
-                    let _ = io::stderr().write_all(&buf[..k]);
-                    self.tail.extend_from_slice(&buf[..k]);
-                    if self.tail.len() > TAIL {
-                        self.tail.drain(..self.tail.len() - TAIL);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    }
-
-    /// The helper exited (its pidfd is readable): the new process has ended. Reap the helper
-    /// and say how the new process ended.
-    pub fn on_exit(&mut self) -> Progress {
-        if let Some(helper) = self.helper.take() {
-            let _ = nix::sys::wait::waitpid(helper, None);
-        }
-        self.on_output();
-        match self.on_ready_pipe() {
-            Progress::Failed(why) => Progress::Failed(why),
-            _ => Progress::Failed(format!(
-                "the new process (pid {}) ended before it was ready{}",
-                self.pid,
-                self.output_said()
-            )),
-        }
-    }
-
-    /// `Some(why)` once the deadline has passed without a word.
-    pub fn expired(&mut self, now: Instant) -> Option<String> {
-        if now < self.deadline {
-            return None;
-        }
-        self.on_output();
-        Some(format!(
-            "the new process (pid {}) was not ready within {}{}",
-            self.pid,
-            humantime::format_duration(self.timeout),
-            self.output_said()
-        ))
-    }
-
-    /// The new process's last lines of output, for a failure message.
-    fn output_said(&self) -> String {
-        let text = String::from_utf8_lossy(&self.tail);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.is_empty() {
-            return "; it printed nothing".to_string();
-        }
-        let last: Vec<&str> = lines.iter().rev().take(5).rev().copied().collect();
-        format!("; its output ended with: {}", last.join(" | "))
-    }
-
-    /// The new process serves: let the helper go and wait for it, so the new process is the
-    /// service manager's child (re-parented) before it is named the main process.
-    pub fn release(&mut self) {
-        drop(self.release.take());
-        if let Some(helper) = self.helper.take() {
-            let _ = nix::sys::wait::waitpid(helper, None);
-        }
-    }
-
-    /// Give up on the new process: SIGKILL it; its helper reaps it and exits, and is reaped
-    /// on a thread here (it may take a moment).
-    pub fn abandon(mut self) {
-        let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
-        let Some(helper) = self.helper.take() else {
-            return;
-        };
-        drop(self.release.take());
-        let reaper = std::thread::Builder::new().name("upgrade-reap".into());
-        let spawned = reaper.spawn(move || {
-            let _ = nix::sys::wait::waitpid(helper, None);
-        });
-        if spawned.is_err() {
-            let _ = nix::sys::wait::waitpid(helper, None);
-        }
-    }
-}
-
-/// A line on the readiness pipe: `ok`, `exit CODE why`, `exec-failed CALL ERRNO`, or the
-/// helper's `exit-status S` (a wait status).
-fn parse_word(line: &str) -> Progress {
-    if line == "ok" {
-        return Progress::Ready;
-    }
-    if let Some(rest) = line.strip_prefix("exec-failed ") {
-        let (call, errno) = rest.split_once(' ').unwrap_or((rest, ""));
-        let e = errno
-            .parse()
-            .map(io::Error::from_raw_os_error)
-            .map_or_else(|_| errno.to_string(), |e| e.to_string());
-        return Progress::Failed(format!("cannot start the new binary ({call}: {e})"));
-    }
-    if let Some(rest) = line.strip_prefix("exit-status ") {
-        let how = match rest.parse::<i32>() {
-            Ok(s) if libc::WIFEXITED(s) => format!("exited with status {}", libc::WEXITSTATUS(s)),
-            Ok(s) if libc::WIFSIGNALED(s) => match Signal::try_from(libc::WTERMSIG(s)) {
-                Ok(sig) => format!("was killed by {sig}"),
-                Err(_) => format!("was killed by signal {}", libc::WTERMSIG(s)),
-            },
-            _ => format!("ended (wait status {rest})"),
-        };
-        return Progress::Failed(format!("the new process {how} before it was ready"));
-    }
-    if let Some(rest) = line.strip_prefix("exit ") {
-        let (code, why) = rest.split_once(' ').unwrap_or((rest, ""));
-        return Progress::Failed(format!(
-            "the new process failed to start (exit {code}): {why}"
-        ));
-    }
-    Progress::Failed(format!("the new process said {line:?} instead of `ok`"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn readiness_words_are_read_as_the_detach_pipe_writes_them() {
-        assert_eq!(parse_word("ok"), Progress::Ready);
-        assert_eq!(
-            parse_word("exit 3 listener `a`: cannot listen"),
-            Progress::Failed(
-                "the new process failed to start (exit 3): listener `a`: cannot listen".into()
-            )
-        );
-        let Progress::Failed(why) = parse_word("exec-failed execve 2") else {
-            panic!("not a failure");
-        };
-        assert!(why.contains("execve: No such file or directory"), "{why}");
-    }
-
-    #[test]
-    fn socket_paths_survive_the_environment() {
-        let paths = [
-            ("a", Path::new("/run/socketd/echo.sock")),
-            ("b", Path::new("/tmp/odd:name=x\n.sock")),
-        ];
-        let text = encode_paths(paths.iter().copied());
-        assert!(
-            !text.contains('\n') && text.matches(':').count() == 1,
-            "{text}"
-        );
-        let back = decode_paths(&text);
-        assert_eq!(back.len(), 2);
-        for ((name, path), (n, p)) in paths.iter().zip(&back) {
-            assert_eq!((*name, *path), (n.as_str(), p.as_path()));
-        }
-        assert!(decode_paths("").is_empty());
-        assert!(decode_paths("x=zz").is_empty());
-    }
-
-    #[test]
     fn decimals_are_written_in_place() {
         let mut buf = [0xffu8; 24];
         // SAFETY: the buffer has room for 20 digits and a NUL.
-        let n = unsafe { super::super::upgrade_child::write_decimal(buf.as_mut_ptr(), 4_194_304) };
+        let n = unsafe { child::write_decimal(buf.as_mut_ptr(), 4_194_304) };
         assert_eq!(&buf[..n + 1], b"4194304\0");
         // SAFETY: as above.
-        let n = unsafe { super::super::upgrade_child::write_decimal(buf.as_mut_ptr(), 0) };
+        let n = unsafe { child::write_decimal(buf.as_mut_ptr(), 0) };
         assert_eq!(&buf[..n + 1], b"0\0");
     }
 
