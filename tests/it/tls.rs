@@ -926,3 +926,19 @@ fn tls_idle_timeout_cuts_a_silent_session_in_front_of_an_exec_program() {
     // The programs saw EOF and exited.
     d.wait_log_count("/bin/cat (pid", 2, IO_TIMEOUT);
 }
+
+#[test]
+fn tls_check_refuses_bad_proxy_upstream_tls_settings() {
+    let text = "[[listener]]\nname = \"p\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\n\
+                handler = \"proxy\"\nproxy = { upstream = \"127.0.0.1:9\", tls = { ca = \"/nonexistent/ca.pem\", \
+                client_cert = \"/x.pem\", bogus = 1 } }\n";
+    let (out, file, _dir) = check(text);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let lines = out.diagnostics(&file).join("\n");
+    assert!(
+        lines.contains(
+            "proxy: unknown key `tls.bogus`; valid keys: server_name, ca, client_cert, client_key"
+        ),
+        "{lines}"
+    );
+}
