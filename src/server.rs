@@ -383,6 +383,7 @@ impl Server {
             }
         }
         self.collect_done();
+        self.tls_turn();
         self.answer_asks();
         self.revisit();
         self.tick_guards();
@@ -603,6 +604,23 @@ impl Server {
             {
                 slot.watch(self.poll.registry());
                 self.again.push(done.listener);
+            }
+        }
+    }
+
+    /// TLS listeners: dispatch finished handshakes to free workers, and accept again when a
+    /// handshake place freed (see `crate::tls`).
+    fn tls_turn(&mut self) {
+        for (id, slot) in self.slots.iter_mut() {
+            let room = slot.tls_turn(&mut self.shared);
+            if room
+                && slot.listener.is_some()
+                && !slot.watching
+                && !slot.fd_starved
+                && self.state == State::Running
+            {
+                slot.watch(self.poll.registry());
+                self.again.push(*id);
             }
         }
     }

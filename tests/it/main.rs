@@ -31,6 +31,7 @@ mod start;
 mod stop;
 mod sysd;
 mod systemd;
+mod tls;
 mod traffic;
 mod under_systemd;
 mod upgrade;
