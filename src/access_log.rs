@@ -32,6 +32,8 @@ enum Msg {
     Line(String),
     /// Look at the reopen/retarget requests now.
     Wake,
+    /// Say when every line queued before this one is written (the daemon is exiting).
+    Flush(SyncSender<()>),
 }
 
 /// Counters and requests shared by the workers, the loop and the writer thread.
@@ -264,6 +266,26 @@ pub fn set_target(target: &AccessLogTarget) {
     wake();
 }
 
+/// At exit: wait (at most `timeout`) until the lines queued so far are written, so the last
+/// connections' lines are not lost with the process.
+pub fn flush(timeout: Duration) {
+    let Some(sink) = SINK.get() else { return };
+    let deadline = Instant::now() + timeout;
+    let (tx, rx) = sync_channel(1);
+    let mut msg = Msg::Flush(tx);
+    loop {
+        match sink.tx.try_send(msg) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                msg = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
 fn wake() {
     if let Some(sink) = SINK.get() {
         // A full queue means the writer is busy and looks at the requests after its batch.
@@ -409,10 +431,18 @@ fn writer_loop(writer: &mut Writer, rx: &Receiver<Msg>, s: &'static Shared, sysl
         }
         let mut bytes = 0;
         let mut next = first;
+        let mut flushed = None;
         while let Some(m) = next.take() {
-            if let Msg::Line(l) = m {
-                bytes += l.len() + 32;
-                batch.push(l);
+            match m {
+                Msg::Line(l) => {
+                    bytes += l.len() + 32;
+                    batch.push(l);
+                }
+                Msg::Wake => {}
+                Msg::Flush(done) => {
+                    flushed = Some(done);
+                    break;
+                }
             }
             if bytes < BATCH_BYTES {
                 next = rx.try_recv().ok();
@@ -431,6 +461,9 @@ fn writer_loop(writer: &mut Writer, rx: &Receiver<Msg>, s: &'static Shared, sysl
                 }
             }
             batch.clear();
+        }
+        if let Some(done) = flushed {
+            let _ = done.try_send(());
         }
     }
 }

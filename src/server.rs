@@ -272,6 +272,8 @@ impl Server {
     pub fn serve(mut self) -> Result<(), ServeError> {
         self.serve_forever(&mut || {})?;
         self.server_close();
+        // The last connections' access lines, before the process (and its writer) goes.
+        crate::access_log::flush(Duration::from_secs(2));
         log::info!("socketd stopped");
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the connection-duration histogram's buckets (`+Inf` is implied).
@@ -102,14 +102,22 @@ impl ListenerStats {
     }
 }
 
-fn registry() -> &'static Mutex<BTreeMap<String, Arc<ListenerStats>>> {
-    static REGISTRY: OnceLock<Mutex<BTreeMap<String, Arc<ListenerStats>>>> = OnceLock::new();
+fn registry() -> &'static RwLock<BTreeMap<String, Arc<ListenerStats>>> {
+    static REGISTRY: OnceLock<RwLock<BTreeMap<String, Arc<ListenerStats>>>> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 
-/// The counters of listener `name`, created on first use.
+/// The counters of listener `name`, created on first use. Every ended connection looks its
+/// listener up here: a read lock, so workers do not queue behind each other.
 pub fn listener(name: &str) -> Arc<ListenerStats> {
-    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = registry()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+    {
+        return Arc::clone(s);
+    }
+    let mut map = registry().write().unwrap_or_else(|p| p.into_inner());
     Arc::clone(map.entry(name.to_string()).or_default())
 }
 

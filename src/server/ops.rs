@@ -100,13 +100,21 @@ impl Server {
                 );
                 continue;
             }
-            let reply = self.answer(ask.command);
-            let _ = ask.reply.try_send(reply);
+            if let Some(reply) = self.answer(ask.command, &ask.reply) {
+                let _ = ask.reply.try_send(reply);
+            }
         }
     }
 
-    fn answer(&mut self, command: Command) -> Reply {
-        match command {
+    /// The answer now, or `None` for a command whose outcome comes later: its arm keeps a
+    /// clone of `_later` and sends the answer when it knows (the client thread waits up to
+    /// `ANSWER_DEADLINE`). (`upgrade` is answered by `answer_asks` when the upgrade ends.)
+    fn answer(
+        &mut self,
+        command: Command,
+        _later: &std::sync::mpsc::SyncSender<Reply>,
+    ) -> Option<Reply> {
+        Some(match command {
             Command::Status => Reply::ok(json!({ "status": self.status_json() })),
             // `answer_asks` starts it and answers when it ends.
             Command::Upgrade { .. } => Reply::error("upgrade: not answered here", json!({})),
@@ -125,6 +133,8 @@ impl Server {
                 ),
             },
             Command::Stop { now } => {
+                // As for SIGTERM: a stop wins over an upgrade in progress.
+                self.abort_upgrade("socketd stop came first");
                 let in_flight = self.in_flight();
                 match (self.state, now) {
                     (State::Running, false) => self.begin_stop(),
@@ -182,7 +192,7 @@ impl Server {
                 crate::access_log::reopen();
                 Reply::ok(json!({"reopened": crate::access_log::counts().target}))
             }
-        }
+        })
     }
 
     fn open_slot(&self, name: &str) -> Option<usize> {

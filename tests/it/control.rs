@@ -572,3 +572,62 @@ fn an_upgrade_hands_the_control_socket_and_the_metrics_address_over() {
         "the new process removed its socket"
     );
 }
+
+/// A reload switches the access log on (and off again) without a restart.
+#[test]
+fn a_reload_turns_the_access_log_on_and_off() {
+    let d = Daemon::start(&format!("{CONTROL}{}", echo("echo")));
+    round_trip(&d, "echo", "unlogged\n");
+    assert_eq!(status(&d)["access_log"]["target"], "off");
+    d.write_config(&format!(
+        "{CONTROL}access_log = \"file:{{dir}}/access.log\"\n{}",
+        echo("echo")
+    ));
+    let out = ctl(&d, &["reload"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let log = d.dir().join("access.log");
+    assert_eq!(
+        status(&d)["access_log"]["target"],
+        format!("file:{}", log.display())
+    );
+    round_trip(&d, "echo", "logged\n");
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains(" in 7 out 7 outcome ok")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the line after the reload"
+        );
+        std::thread::sleep(POLL);
+    }
+    d.write_config(&format!("{CONTROL}{}", echo("echo")));
+    assert_eq!(ctl(&d, &["reload"]).code(), Some(0));
+    assert_eq!(status(&d)["access_log"]["target"], "off");
+    round_trip(&d, "echo", "unlogged again\n");
+    let s = status(&d);
+    assert_eq!(listener(&s, "echo")["served"], 3);
+    let text = std::fs::read_to_string(&log).expect("access log");
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "only the connection while it was on: {text}"
+    );
+    stop(d);
+}
+
+/// The access lines of the last connections before a stop are written before the process
+/// exits (the writer is flushed), not lost with it.
+#[test]
+fn a_stop_flushes_the_access_log() {
+    let mut d = Daemon::start(&format!(
+        "{CONTROL}access_log = \"file:{{dir}}/access.log\"\n{}",
+        echo("echo")
+    ));
+    for i in 0..200 {
+        round_trip(&d, "echo", &format!("{i}\n"));
+    }
+    let out = ctl(&d, &["stop"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    let text = std::fs::read_to_string(d.dir().join("access.log")).expect("access log");
+    assert_eq!(text.lines().count(), 200, "{text}");
+}
