@@ -181,6 +181,11 @@ pub fn main_with(registry: Registry) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             };
             use crate::control::client;
+            // A client's output may be piped into `head`: end quietly on a closed pipe like
+            // other Unix tools, not with a panic (the daemon itself keeps SIGPIPE ignored).
+            // SAFETY: signal(2) restoring the default action; this process is a short-lived
+            // client with no other thread yet.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             match client::find_socket(&cli.config, cli.control.as_deref()) {
                 Ok(socket) => client::run(&socket, request, json),
                 Err(e) => {
@@ -328,6 +333,16 @@ fn run(
     if let Some(mut h) = handover.take() {
         h.restore_stderr();
         *lock(&ready) = Some(h.ready);
+    }
+    // The daemon owns the process-wide start: its fork servers are forked here, while it still
+    // has its only thread, so no forked worker can inherit a lock.
+    if let Err(e) = server.start_fork_servers() {
+        let why = chain(&e);
+        log::error!("not starting: {why}");
+        if let Some(pipe) = lock(&ready).as_mut() {
+            pipe.failed(EXIT_RUNTIME, &why);
+        }
+        return ExitCode::from(EXIT_RUNTIME);
     }
     let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
     let (on_ready, ready_pidfile) = (

@@ -83,7 +83,8 @@ mod socketserver;
 
 pub use cli::main_with;
 pub use config::{
-    BuildContext, Catalog, Config, ConfigError, Diagnostic, ListenAddr, ListenerConfig,
+    BuildContext, Catalog, Config, ConfigError, Diagnostic, ListenAddr, ListenerConfig, Problem,
+    SettingsError,
 };
 pub use config::{Protocol, WorkerModel};
 pub use conn::{Conn, PeerAddr};

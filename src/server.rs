@@ -249,9 +249,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let id = self.next_id;
         self.next_id += 1;
@@ -283,6 +283,24 @@ impl Server {
         ShutdownHandle::new(Arc::clone(&self.control))
     }
 
+    /// The daemon's fork servers, for every config (a reload may add a forked listener): call
+    /// while the process still has its only thread, which `ForkServer::start` checks (bind,
+    /// detach, privilege drop and logging start none). Pool threads, event loops and everything
+    /// else start after this. Also marks inherited descriptors close-on-exec. Idempotent.
+    pub fn start_fork_servers(&mut self) -> Result<(), ServeError> {
+        if self.shared.forks.is_some() {
+            return Ok(());
+        }
+        crate::process::cloexec_all();
+        // Worker processes send ended connections to the daemon over this (they inherit it).
+        crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
+        let forks =
+            crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
+                .map_err(io_err("cannot start the fork server for forked workers"))?;
+        self.shared.forks = Some(Arc::new(forks));
+        Ok(())
+    }
+
     /// Start what serving needs, once: fork servers, readiness watches, `READY=1`.
     fn start(&mut self) -> Result<(), ServeError> {
         if self.started {
@@ -294,20 +312,8 @@ impl Server {
             .values()
             .any(|s| s.cfg.workers == crate::config::WorkerModel::Forked);
         if self.daemon {
-            // Fork safety rests on this ordering: the fork servers are forked here, while this
-            // process still has its only thread (bind, detach, privilege drop and logging start
-            // none; `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool
-            // threads, event loops and everything else start after this line.
-            crate::process::cloexec_all();
-            // Worker processes send ended connections to the daemon over this (they inherit it).
-            crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
-            let forks = crate::worker::forked::ForkServer::start(
-                &self.registry,
-                self.shared.notifier.clone(),
-            )
-            .map_err(io_err("cannot start the fork server for forked workers"))?;
-            self.shared.forks = Some(Arc::new(forks));
-        } else if forked {
+            self.start_fork_servers()?;
+        } else if forked && self.shared.forks.is_none() {
             // A library server may live in a process with other threads: see
             // `ForkServer::start_threaded` for what its children can and cannot inherit.
             let forks = crate::worker::forked::ForkServer::start_threaded(
@@ -653,9 +659,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let stopping = Arc::clone(&self.shared.stopping);
         for slot in self.slots.values_mut() {

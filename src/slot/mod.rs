@@ -35,6 +35,35 @@ pub use crate::worker::Shared;
 /// socketserver's `verify_request`: judges a peer before any worker sees it.
 pub type Verify = Arc<dyn Fn(&crate::conn::PeerAddr) -> bool + Send + Sync>;
 
+/// How a listener's requests meet a worker model: chosen once per config (`Slot::new`,
+/// `Slot::reconfigure`) and matched in one place per kind of request (`dispatch_stream`,
+/// `dispatch_datagram`, `drain`), instead of `cfg.workers` tests spread around.
+#[derive(Debug, Clone)]
+enum Route {
+    /// The listener's thread pool.
+    Threaded,
+    /// The fork servers, through the slot's `Link`.
+    Forked,
+    /// The listener's event loops.
+    Event,
+    /// inetd `wait`: the listening socket itself goes to the program, which was resolved once
+    /// per config (accounts included) rather than on every drain.
+    Wait(crate::exec::Program),
+}
+
+impl Route {
+    fn of(cfg: &ListenerConfig) -> Route {
+        if let Some(program) = crate::handler::exec::wait_program(cfg) {
+            return Route::Wait(program);
+        }
+        match cfg.workers {
+            WorkerModel::Threaded => Route::Threaded,
+            WorkerModel::Forked => Route::Forked,
+            WorkerModel::Event => Route::Event,
+        }
+    }
+}
+
 /// What the loop should do with a listener after draining it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
@@ -80,9 +109,8 @@ pub struct Slot {
     /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
     /// dropped) before any worker sees it.
     pub verify: Option<Verify>,
-    /// A `wait = true` exec listener's program, resolved once per config (accounts included)
-    /// rather than on every drain.
-    wait: Option<crate::exec::Program>,
+    /// How requests meet the worker model, chosen once per config.
+    route: Route,
 }
 
 impl std::fmt::Debug for Slot {
@@ -105,7 +133,7 @@ impl Slot {
     ) -> io::Result<Slot> {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
-        let wait = crate::handler::exec::wait_program(&cfg);
+        let route = Route::of(&cfg);
         let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
@@ -124,7 +152,7 @@ impl Slot {
             events: crate::event::SlotEvents::default(),
             stats,
             verify: None,
-            wait,
+            route,
             paused: false,
         })
     }
@@ -132,7 +160,7 @@ impl Slot {
     /// Apply a reload's settings to this listener: new connections get them.
     pub fn reconfigure(&mut self, cfg: Arc<ListenerConfig>, factory: Factory, ctx: Context) {
         self.pool.set_max(cfg.max_workers);
-        self.wait = crate::handler::exec::wait_program(&cfg);
+        self.route = Route::of(&cfg);
         self.ctx = ctx;
         self.cfg = cfg;
         self.factory = factory;
@@ -197,8 +225,9 @@ impl Slot {
             self.unwatch(poll);
             return Drained::Empty;
         }
-        if let Some(program) = self.wait.clone() {
-            return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
+        if let Route::Wait(program) = &self.route {
+            let program = program.clone();
+            return self.drain_wait(poll, shared, program); // inetd `wait`: see slot/wait.rs
         }
         // After EMFILE, accept again only with room to serve: at the margin an accept would
         // succeed and the handler then fail for want of its next descriptor, every retry.
@@ -244,10 +273,6 @@ impl Slot {
                         continue;
                     }
                     self.stats.accepted.fetch_add(1, Relaxed);
-                    if self.cfg.workers == WorkerModel::Event {
-                        self.dispatch_event(shared, conn, peer, ticket);
-                        continue;
-                    }
                     self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
@@ -257,18 +282,7 @@ impl Slot {
                         continue;
                     }
                     self.stats.accepted.fetch_add(1, Relaxed);
-                    if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
-                        let (id, cfg) = (self.id, &self.cfg);
-                        if let Err(e) =
-                            self.events
-                                .datagram(id, cfg, shared, &buf[..n], &peer, reply)
-                        {
-                            log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
-                        }
-                        continue;
-                    }
-                    let data = buf[..n].to_vec();
-                    self.dispatch_datagram(shared, data, peer);
+                    self.dispatch_datagram(shared, &buf[..n], peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -314,6 +328,7 @@ impl Slot {
         Drained::RetryAt(Instant::now() + FD_RETRY)
     }
 
+    /// An admitted connection meets this listener's worker model: the one place that decides.
     fn dispatch_stream(
         &mut self,
         shared: &mut Shared,
@@ -322,6 +337,13 @@ impl Slot {
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
     ) {
+        let forked = match self.route {
+            Route::Event => return self.dispatch_event(shared, conn, peer, ticket),
+            Route::Forked => true,
+            Route::Threaded => false,
+            // `wait` is for datagram listeners only (validation refuses it elsewhere).
+            Route::Wait(_) => return,
+        };
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
@@ -334,7 +356,7 @@ impl Slot {
             self.id,
         );
         log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
-        if self.cfg.workers == WorkerModel::Forked {
+        if forked {
             // The daemon keeps its copy of the connection (and the tracker entry, for stop and
             // timeouts) until the child's exit is reported.
             let guard = TrackGuard {
@@ -391,19 +413,24 @@ impl Slot {
         }
     }
 
-    fn dispatch_datagram(
-        &mut self,
-        shared: &mut Shared,
-        data: Vec<u8>,
-        peer: crate::conn::PeerAddr,
-    ) {
-        if self.cfg.workers == WorkerModel::Forked {
-            self.dispatch_forked_datagram(shared, data, peer);
-            return;
-        }
+    /// An admitted datagram meets this listener's worker model.
+    fn dispatch_datagram(&mut self, shared: &mut Shared, data: &[u8], peer: crate::conn::PeerAddr) {
         let Some(socket) = self.reply.clone() else {
             return;
         };
+        match self.route {
+            Route::Event => {
+                let (id, cfg) = (self.id, &self.cfg);
+                if let Err(e) = self.events.datagram(id, cfg, shared, data, &peer, &socket) {
+                    log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
+                }
+                return;
+            }
+            Route::Forked => return self.dispatch_forked_datagram(shared, data.to_vec(), peer),
+            Route::Threaded => {}
+            Route::Wait(_) => return,
+        }
+        let data = data.to_vec();
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, id) = (shared.notifier.clone(), self.id);
         let job = move || {
@@ -422,7 +449,7 @@ impl Slot {
         shared: &mut Shared,
         conn: Option<u64>,
     ) {
-        debug_assert_eq!(self.cfg.workers, WorkerModel::Threaded);
+        debug_assert!(matches!(self.route, Route::Threaded));
         match self.pool.execute(job) {
             Ok(()) => self.busy += 1,
             Err(e) => {
