@@ -414,6 +414,10 @@ impl Server {
             }
             service_actions();
         };
+        if self.control.requested() {
+            // A stop wins over a binary upgrade in progress.
+            self.abort_upgrade("a stop came first");
+        }
         if self.state == State::Running {
             self.pause_all();
         }
@@ -652,8 +656,6 @@ impl Server {
             if self.state != State::Stopped {
                 self.stop_now(why);
             }
-        } else if self.control.requested() {
-            self.abort_upgrade("a stop came first");
         }
         if asks.reload {
             if self.upgrading.is_some() {
