@@ -38,6 +38,11 @@ impl Notifier {
         Notifier { tx, waker }
     }
 
+    /// Wake the loop without a report (a TLS handshake came back).
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Report a finished job; the loop may already be gone at exit, which is fine.
     pub fn done(&self, done: Done) {
         if self.tx.send(done).is_ok() {

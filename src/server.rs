@@ -202,8 +202,10 @@ impl Server {
             crate::daemon::activation::Inherited::default()
         };
         for cfg in &config.listeners {
+            let mut paused = false;
             let listener = match inherited.take_for(cfg) {
                 Some(taken) => {
+                    paused = taken.paused;
                     match taken.upgrade_from {
                         Some(pid) => log::info!(
                             "listener `{}`: using the socket `{}` handed over by pid {pid}",
@@ -222,7 +224,11 @@ impl Server {
                 }
                 None => Listener::bind(cfg)?,
             };
-            server.add_slot(cfg.clone(), listener)?;
+            let id = server.add_slot(cfg.clone(), listener)?;
+            if let (true, Some(slot)) = (paused, server.slots.get_mut(&id)) {
+                slot.paused = true; // as the old process of an upgrade had it
+                log::info!("listener `{}`: paused, as before the upgrade", cfg.name);
+            }
         }
         inherited.report_unmatched();
         server.config = config;
@@ -384,6 +390,7 @@ impl Server {
         }
         self.answer_handle();
         self.collect_done();
+        self.tls_turn();
         self.answer_asks();
         self.revisit();
         self.tick_guards();
@@ -608,6 +615,23 @@ impl Server {
             {
                 slot.watch(self.poll.registry());
                 self.again.push(done.listener);
+            }
+        }
+    }
+
+    /// TLS listeners: dispatch finished handshakes to free workers, and accept again when a
+    /// handshake place freed (see `crate::tls`).
+    fn tls_turn(&mut self) {
+        for (id, slot) in self.slots.iter_mut() {
+            let room = slot.tls_turn(&mut self.shared);
+            if room
+                && slot.listener.is_some()
+                && !slot.watching
+                && !slot.fd_starved
+                && self.state == State::Running
+            {
+                slot.watch(self.poll.registry());
+                self.again.push(*id);
             }
         }
     }

@@ -265,6 +265,7 @@ mod tests {
             threads: 1,
             protect,
             handler_settings: None,
+            tls: None,
         }
     }
 

@@ -19,6 +19,7 @@ use crate::worker::threaded::Pool;
 use crate::worker::{serve_datagram, serve_stream, Done, Tracker};
 
 mod link;
+mod tls;
 mod wait;
 
 /// Connections accepted (or datagrams read) per readiness event before other listeners get a
@@ -111,6 +112,8 @@ pub struct Slot {
     pub verify: Option<Verify>,
     /// How requests meet the worker model, chosen once per config.
     route: Route,
+    /// `tls = {...}`: handshakes at the TLS front and finished ones waiting for a worker.
+    tls: tls::Handshakes,
 }
 
 impl std::fmt::Debug for Slot {
@@ -153,6 +156,7 @@ impl Slot {
             stats,
             verify: None,
             route,
+            tls: tls::Handshakes::default(),
             paused: false,
         })
     }
@@ -219,6 +223,41 @@ impl Slot {
         self.busy < self.cfg.max_workers
     }
 
+    /// Whether to accept another connection: a worker place, or for a TLS listener a
+    /// handshake place (handshakes never hold a worker; see `crate::tls`).
+    fn has_room(&self) -> bool {
+        match self.cfg.tls {
+            Some(_) => self.tls.held() < tls::handshake_room(self.cfg.max_workers),
+            None => self.has_capacity(),
+        }
+    }
+
+    /// TLS handshakes in progress or finished and waiting for a worker.
+    pub fn tls_held(&self) -> usize {
+        self.tls.held()
+    }
+
+    /// Dispatch TLS connections whose handshake finished, while workers are free. Returns
+    /// whether the listener has room to accept again.
+    pub fn tls_turn(&mut self, shared: &mut Shared) -> bool {
+        if self.cfg.tls.is_none() {
+            return false;
+        }
+        self.tls.collect();
+        while self.has_capacity() {
+            let Some(r) = self.tls.next_ready() else {
+                break;
+            };
+            let session = tls::Session {
+                info: r.info,
+                local: r.local,
+                accepted: r.accepted,
+            };
+            self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(session));
+        }
+        self.has_room()
+    }
+
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
         if self.paused {
@@ -242,7 +281,7 @@ impl Slot {
             }
             // Full, unless every newcomer would be refused anyway (`max_connections` reached):
             // then refusing at once beats leaving them in the backlog.
-            if !self.has_capacity() && !self.guard.at_max_connections(&self.cfg) {
+            if !self.has_room() && !self.guard.at_max_connections(&self.cfg) {
                 self.unwatch(poll);
                 return Drained::Full;
             }
@@ -273,7 +312,15 @@ impl Slot {
                         continue;
                     }
                     self.stats.accepted.fetch_add(1, Relaxed);
-                    self.dispatch_stream(shared, conn, peer, local, ticket);
+                    if self.cfg.tls.is_some() {
+                        // Admitted first (no crypto for refused peers); the handshake runs at
+                        // the TLS front, and `tls_turn` dispatches the plaintext end.
+                        let notifier = shared.notifier.clone();
+                        let wake = Box::new(move || notifier.wake());
+                        self.tls.start(&self.cfg, conn, peer, local, ticket, wake);
+                        continue;
+                    }
+                    self.dispatch_stream(shared, conn, peer, local, ticket, None);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
                     if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now())
@@ -336,9 +383,10 @@ impl Slot {
         peer: crate::conn::PeerAddr,
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
+        tls: Option<tls::Session>,
     ) {
         let forked = match self.route {
-            Route::Event => return self.dispatch_event(shared, conn, peer, ticket),
+            Route::Event => return self.dispatch_event(shared, conn, peer, ticket, tls),
             Route::Forked => true,
             Route::Threaded => false,
             // `wait` is for datagram listeners only (validation refuses it elsewhere).
@@ -347,8 +395,11 @@ impl Slot {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        // A TLS connection's max_duration counts from its accept (the handshake included).
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| t.info);
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, tracker, id) = (
             shared.notifier.clone(),
@@ -364,7 +415,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard));
+            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard), tls);
             return;
         }
         let job = move || {
@@ -374,7 +425,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
+            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard, tls);
             notifier.done(Done {
                 listener: id,
                 outcome,
@@ -391,18 +442,22 @@ impl Slot {
         conn: crate::conn::Conn,
         peer: crate::conn::PeerAddr,
         ticket: crate::protect::Ticket,
+        tls: Option<tls::Session>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| (t.local, t.info));
         let (id, cfg) = (self.id, &self.cfg);
         let accepted = crate::event::Accepted {
             conn,
             peer,
             conn_id,
             ticket,
+            tls,
         };
         match self.events.dispatch_stream(id, cfg, shared, accepted) {
             Ok(()) => self.busy += 1,

@@ -32,6 +32,7 @@ mod start;
 mod stop;
 mod sysd;
 mod systemd;
+mod tls;
 mod traffic;
 mod under_systemd;
 mod upgrade;
