@@ -388,6 +388,7 @@ impl Server {
                 Token(id) => self.drain(id),
             }
         }
+        self.answer_handle();
         self.collect_done();
         self.tls_turn();
         self.answer_asks();
@@ -420,6 +421,10 @@ impl Server {
             }
             service_actions();
         };
+        if self.control.requested() {
+            // A stop wins over a binary upgrade in progress.
+            self.abort_upgrade("a stop came first");
+        }
         if self.state == State::Running {
             self.pause_all();
         }
@@ -635,33 +640,67 @@ impl Server {
         self.slots.values().map(|s| s.busy).sum()
     }
 
+    /// The daemon's signals, turned into the calls a `ShutdownHandle` offers: TERM and INT are
+    /// `shutdown` (a second one, or QUIT, is `shutdown_now`), HUP `reload`, USR1 a status
+    /// report, USR2 a binary upgrade. `answer_handle` then acts on them on the same path as a
+    /// handle's calls from another thread.
     fn on_signals(&mut self) {
         let Some(signals) = self.signals.as_mut() else {
             return;
         };
         let pending: Vec<i32> = signals.pending().collect();
+        let handle = self.shutdown_handle();
         for sig in pending {
             match sig {
                 SIGTERM | SIGINT => {
-                    self.abort_upgrade("a stop signal came first");
-                    match self.state {
-                        State::Running => self.begin_stop(),
-                        _ => self.stop_now("second stop signal"),
+                    if self.state == State::Running && !handle.shutdown_requested() {
+                        // On the serving thread this only asks; `serve_forever` returns at the
+                        // end of the turn and `server_close` (in `serve`) drains.
+                        handle.shutdown();
+                    } else {
+                        handle.ask_stop_now("second stop signal");
                     }
                 }
-                SIGQUIT => {
-                    self.abort_upgrade("SIGQUIT came first");
-                    self.stop_now("SIGQUIT");
-                }
-                SIGHUP if self.upgrading.is_some() => {
-                    log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
-                }
-                SIGHUP if self.state == State::Running => drop(self.reload()),
-                SIGUSR2 => self.upgrade(None, None),
-                SIGHUP => log::warn!("SIGHUP ignored: stopping"),
-                SIGUSR1 => self.log_status(),
+                SIGQUIT => handle.ask_stop_now("SIGQUIT"),
+                SIGHUP => handle.reload(),
+                SIGUSR1 => handle.log_status(),
+                SIGUSR2 => handle.upgrade(),
                 _ => {}
             }
+        }
+    }
+
+    /// Act on what handles (and so the daemon's signals) asked since the last turn; a graceful
+    /// `shutdown` is seen by `serve_forever` itself.
+    fn answer_handle(&mut self) {
+        let asks = self.control.take_asks();
+        // A stop wins over a binary upgrade in progress.
+        if let Some(why) = asks.stop_now {
+            self.abort_upgrade(&format!("{why} came first"));
+            if self.state != State::Stopped {
+                self.stop_now(why);
+            }
+        }
+        if asks.reload {
+            if self.upgrading.is_some() {
+                log::warn!("reload ignored: a binary upgrade is in progress; reload after it");
+            } else if self.state != State::Running || self.control.requested() {
+                log::warn!("reload ignored: stopping");
+            } else if self.config.origin.as_os_str().is_empty() {
+                log::warn!("reload ignored: this server was not made from a config file");
+            } else {
+                drop(self.reload());
+            }
+        }
+        if asks.upgrade {
+            if self.control.requested() {
+                log::warn!("upgrade refused: this process is stopping");
+            } else {
+                self.upgrade(None, None);
+            }
+        }
+        if asks.status {
+            self.log_status();
         }
     }
 

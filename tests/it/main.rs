@@ -20,6 +20,7 @@ mod forked;
 mod forked_exec;
 mod handlers;
 mod hostile;
+mod lib_examples;
 mod log_lines;
 mod manager;
 mod metrics;
