@@ -945,7 +945,7 @@ fn tls_check_refuses_bad_proxy_upstream_tls_settings() {
 
 /// A client CA with two client certificates (serials 0x1a "good", 0x2b "revoked") and a CRL
 /// from that CA revoking 0x2b, written as `crl-ca.pem`, `good.pem/.key`, `revoked.pem/.key`
-/// and `crl.pem` next to `pki`'s files.
+/// and `crl.pem` next to `pki`'s files, and `crl-empty.pem`, the same CA's CRL revoking nothing.
 fn write_crl_pki(pki: &Pki) {
     let (params, key, ca_pem) = ca("crl test CA");
     let issuer = Issuer::new(params, key);
@@ -964,22 +964,30 @@ fn write_crl_pki(pki: &Pki) {
         write(&format!("{name}.pem"), &cert.pem());
         write(&format!("{name}.key"), &key.serialize_pem());
     }
-    let crl = rcgen::CertificateRevocationListParams {
-        this_update: rcgen::date_time_ymd(2020, 1, 1),
-        next_update: rcgen::date_time_ymd(4000, 1, 1),
-        crl_number: rcgen::SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: vec![rcgen::RevokedCertParams {
-            serial_number: rcgen::SerialNumber::from(vec![0x2b]),
-            revocation_time: rcgen::date_time_ymd(2021, 1, 1),
-            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        }],
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
-    .signed_by(&issuer)
-    .expect("sign the CRL");
-    write("crl.pem", &crl.pem().expect("CRL PEM"));
+    let crl = |revoked: &[u8]| {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(4000, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(vec![*serial]),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign the CRL")
+        .pem()
+        .expect("CRL PEM")
+    };
+    write("crl.pem", &crl(&[0x2b]));
+    write("crl-empty.pem", &crl(&[]));
 }
 
 #[test]
@@ -1100,4 +1108,55 @@ fn tls_check_names_the_crl_file_key_and_position() {
             lines.join("\n")
         );
     }
+}
+
+#[test]
+fn tls_crl_updated_by_sighup_revokes_without_a_restart() {
+    let pki = Pki::new();
+    write_crl_pki(&pki);
+    let live = TestDir::new();
+    let crl = live.path().join("crl.pem");
+    std::fs::copy(pki.path("crl-empty.pem"), &crl).expect("copy");
+    let tls = format!(
+        "tls = {{ {}, client_ca = \"{}\", crl = \"{}\" }}",
+        pki.server("server"),
+        pki.p("crl-ca.pem"),
+        crl.display()
+    );
+    let d = Daemon::start(&format!("{DAEMON}{}", listener("c", "event", "echo", &tls)));
+    let addr = d.addr("c");
+    let served = |name: &str| {
+        let (cert, key) = (pki.p(&format!("{name}.pem")), pki.p(&format!("{name}.key")));
+        let args = [
+            "-servername",
+            "localhost",
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-quiet",
+            "-ign_eof",
+        ];
+        s_client(addr, &args, "crl-ping\n", "crl-ping").contains("crl-ping")
+    };
+    assert!(served("revoked"), "not yet revoked\n{}", d.log_dump());
+
+    // A broken CRL is refused by the reload; the old one keeps serving.
+    std::fs::write(&crl, "not a CRL\n").expect("write");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload refused", IO_TIMEOUT);
+    assert_contains(&d.log(), &["key `tls.crl`", "holds no CRL"]);
+    assert!(
+        served("revoked"),
+        "old CRL after a refused reload\n{}",
+        d.log_dump()
+    );
+
+    // The CA's new CRL revokes the certificate on SIGHUP; the good one is still served.
+    std::fs::copy(pki.path("crl.pem"), &crl).expect("copy");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", IO_TIMEOUT);
+    assert!(!served("revoked"), "revoked after reload\n{}", d.log_dump());
+    assert!(served("good"), "good after reload\n{}", d.log_dump());
+    assert_eq!(d.addr("c"), addr);
 }
