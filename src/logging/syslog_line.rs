@@ -15,6 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use syslog::{LogFormat, Severity};
 
+use crate::clock::CivilTime;
+
 use crate::config::SyslogFormat;
 
 /// What every message of one logger shares.
@@ -33,45 +35,6 @@ pub struct Header {
 const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
-
-/// A UTC calendar reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Civil {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-    micros: u32,
-}
-
-impl Civil {
-    fn of(t: SystemTime) -> Civil {
-        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = d.as_secs() as i64;
-        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
-        // Howard Hinnant's days_from_civil, inverted (civil_from_days).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        Civil {
-            year,
-            month,
-            day,
-            hour: rem / 3600,
-            minute: rem / 60 % 60,
-            second: rem % 60,
-            micros: d.subsec_micros(),
-        }
-    }
-}
 
 /// The syslog formatter of one logger at one instant: the crate's `LogFormat` with socketd's
 /// bytes (the clock is a field so tests drive the date).
@@ -93,7 +56,11 @@ impl LogFormat<&str> for Line<'_> {
 /// One message: `text` is the line without a newline.
 pub fn format(h: &Header, severity: Severity, text: &str, now: SystemTime) -> Vec<u8> {
     let pri = u32::from(h.facility) * 8 + severity as u32;
-    let c = Civil::of(now);
+    let c = CivilTime::utc(now);
+    // Before 1970 there are no microseconds to tell (the clock is set that far back).
+    let micros = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_micros());
     let line = match h.format {
         SyslogFormat::Rfc3164 => {
             let month = MONTHS[(c.month as usize - 1) % 12];
@@ -115,7 +82,7 @@ pub fn format(h: &Header, severity: Severity, text: &str, now: SystemTime) -> Ve
             c.hour,
             c.minute,
             c.second,
-            c.micros,
+            micros,
             h.hostname.as_deref().unwrap_or("-"),
             h.pid
         ),
@@ -179,18 +146,5 @@ mod tests {
             String::from_utf8(line).expect("utf-8"),
             "<27>1 2000-02-29T00:00:00.123456Z box socketd 4242 - - x"
         );
-    }
-
-    #[test]
-    fn calendar_matches_known_dates() {
-        let c = Civil::of(at(0, 0));
-        assert_eq!((c.year, c.month, c.day), (1970, 1, 1));
-        let c = Civil::of(at(1_709_164_799, 0)); // 2024-02-28 23:59:59
-        assert_eq!(
-            (c.year, c.month, c.day, c.hour, c.minute, c.second),
-            (2024, 2, 28, 23, 59, 59)
-        );
-        let c = Civil::of(at(4_102_444_800, 0)); // 2100-01-01
-        assert_eq!((c.year, c.month, c.day), (2100, 1, 1));
     }
 }
