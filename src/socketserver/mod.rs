@@ -175,6 +175,33 @@ impl Base {
             .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
     }
 
+    /// `bind_inet` for handlers made by `factory`, with the hooks in front of them.
+    fn bind_inet_with<A, F, H>(protocol: Protocol, addr: A, factory: F) -> io::Result<Base>
+    where
+        A: ToSocketAddrs,
+        F: Fn() -> H + Send + Sync + 'static,
+        H: Handler + 'static,
+    {
+        let hooks = Arc::new(Hooks::default());
+        let registry = Base::registry_for(factory, &hooks);
+        Base::bind_inet(protocol, addr, registry, HANDLER, hooks)
+    }
+
+    /// `bind_inet` for the built-in `handler`.
+    fn bind_inet_builtin<A: ToSocketAddrs>(
+        protocol: Protocol,
+        addr: A,
+        handler: &str,
+    ) -> Result<Base, Error> {
+        let registry = Base::builtin(handler)?;
+        Base::bind_inet(protocol, addr, registry, handler, Arc::default()).map_err(|e| {
+            Error::Serve(ServeError::Io {
+                context: "bind",
+                source: e,
+            })
+        })
+    }
+
     /// A registry holding only `factory`, wrapped so the hooks see every request.
     fn registry_for<F, H>(factory: F, hooks: &Arc<Hooks>) -> Registry
     where
@@ -471,24 +498,17 @@ impl TcpServer {
         F: Fn() -> H + Send + Sync + 'static,
         H: Handler + 'static,
     {
-        let hooks = Arc::new(Hooks::default());
-        let registry = Base::registry_for(factory, &hooks);
-        let base = Base::bind_inet(Protocol::Tcp, addr, registry, HANDLER, hooks)?;
-        Ok(TcpServer { base })
+        Ok(TcpServer {
+            base: Base::bind_inet_with(Protocol::Tcp, addr, factory)?,
+        })
     }
 
     /// Bind a TCP socket for a built-in handler (`echo`, `discard`, `chargen`, `daytime`,
     /// `time`), the kind `.event()` can serve.
     pub fn bind_builtin<A: ToSocketAddrs>(addr: A, handler: &str) -> Result<TcpServer, Error> {
-        let registry = Base::builtin(handler)?;
-        let base = Base::bind_inet(Protocol::Tcp, addr, registry, handler, Arc::default())
-            .map_err(|e| {
-                Error::Serve(ServeError::Io {
-                    context: "bind",
-                    source: e,
-                })
-            })?;
-        Ok(TcpServer { base })
+        Ok(TcpServer {
+            base: Base::bind_inet_builtin(Protocol::Tcp, addr, handler)?,
+        })
     }
 
     /// The address actually bound (socketserver's `server_address`).
@@ -516,23 +536,16 @@ impl UdpServer {
         F: Fn() -> H + Send + Sync + 'static,
         H: Handler + 'static,
     {
-        let hooks = Arc::new(Hooks::default());
-        let registry = Base::registry_for(factory, &hooks);
-        let base = Base::bind_inet(Protocol::Udp, addr, registry, HANDLER, hooks)?;
-        Ok(UdpServer { base })
+        Ok(UdpServer {
+            base: Base::bind_inet_with(Protocol::Udp, addr, factory)?,
+        })
     }
 
     /// Bind a UDP socket for a built-in handler.
     pub fn bind_builtin<A: ToSocketAddrs>(addr: A, handler: &str) -> Result<UdpServer, Error> {
-        let registry = Base::builtin(handler)?;
-        let base = Base::bind_inet(Protocol::Udp, addr, registry, handler, Arc::default())
-            .map_err(|e| {
-                Error::Serve(ServeError::Io {
-                    context: "bind",
-                    source: e,
-                })
-            })?;
-        Ok(UdpServer { base })
+        Ok(UdpServer {
+            base: Base::bind_inet_builtin(Protocol::Udp, addr, handler)?,
+        })
     }
 
     /// The address actually bound.
