@@ -38,6 +38,17 @@ impl Notifier {
         Notifier { tx, waker }
     }
 
+    /// Report a finished job without waking the loop: it is collected on the loop's next
+    /// turn. For callers that wake the loop themselves when it must look sooner.
+    pub fn done_quiet(&self, done: Done) {
+        let _ = self.tx.send(done);
+    }
+
+    /// Wake the loop (e.g. to recompute its timers).
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Report a finished job; the loop may already be gone at exit, which is fine.
     pub fn done(&self, done: Done) {
         if self.tx.send(done).is_ok() {

@@ -289,6 +289,16 @@ impl Listener {
         }
     }
 
+    /// A second handle (a `dup`) on a stream listener's socket, for event loops that accept
+    /// for themselves; `None` for datagram sockets. Dropping it never removes a socket file.
+    pub fn acceptor(&self) -> io::Result<Option<Acceptor>> {
+        Ok(match &self.socket {
+            Socket4::Tcp(l) => Some(Acceptor::Tcp(l.try_clone()?)),
+            Socket4::Unix(l) => Some(Acceptor::Unix(l.try_clone()?)),
+            Socket4::Udp(_) | Socket4::UnixDgram(_) => None,
+        })
+    }
+
     /// Watch for connections or datagrams.
     pub fn register(&self, poll: &PollRegistry, token: Token) -> io::Result<()> {
         poll.register(&mut SourceFd(&self.as_raw_fd()), token, Interest::READABLE)
@@ -297,6 +307,39 @@ impl Listener {
     /// Stop watching (back-pressure, or before closing).
     pub fn deregister(&self, poll: &PollRegistry) -> io::Result<()> {
         poll.deregister(&mut SourceFd(&self.as_raw_fd()))
+    }
+}
+
+/// A stream listener's socket as an event loop holds it (see `Listener::acceptor`).
+#[derive(Debug)]
+pub enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Acceptor {
+    /// Accept one connection (the socket is non-blocking: `WouldBlock` when none waits).
+    pub fn accept(&self) -> io::Result<(Conn, PeerAddr)> {
+        match self {
+            Acceptor::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                Ok((Conn::Tcp(s), PeerAddr::Inet(a)))
+            }
+            Acceptor::Unix(l) => {
+                let (s, a) = l.accept()?;
+                let peer = unix_peer(&s, a.as_pathname());
+                Ok((Conn::Unix(s), peer))
+            }
+        }
+    }
+}
+
+impl AsRawFd for Acceptor {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Acceptor::Tcp(l) => l.as_raw_fd(),
+            Acceptor::Unix(l) => l.as_raw_fd(),
+        }
     }
 }
 

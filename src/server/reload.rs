@@ -145,6 +145,7 @@ impl Server {
                         let cfg = Arc::new(cfg);
                         let ctx = Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
                         slot.reconfigure(cfg, factory, ctx);
+                        slot.setup_accept(self.poll.registry(), &self.shared);
                         if slot.has_capacity() && !slot.fd_starved {
                             slot.watch(self.poll.registry());
                         }
@@ -179,7 +180,8 @@ impl Server {
                 removed += 1;
             }
         }
-        self.slots.retain(|_, s| s.listener.is_some() || s.busy > 0);
+        self.slots
+            .retain(|_, s| s.listener.is_some() || s.in_flight() > 0);
         self.config = new;
         log::info!("reload: done ({kept} kept, {added} added, {removed} removed)");
     }

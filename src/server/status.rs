@@ -20,12 +20,19 @@ impl Server {
             } else {
                 "connections open"
             };
+            let loops = s
+                .accepted_per_loop()
+                .map(|n| {
+                    let n: Vec<String> = n.iter().map(u64::to_string).collect();
+                    format!(", accepted by event loops {}", n.join("/"))
+                })
+                .unwrap_or_default();
             log::info!(
-                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}",
+                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}{loops}",
                 s.cfg.name,
-                s.busy,
+                s.in_flight(),
                 s.served,
-                s.busy,
+                s.in_flight(),
                 s.cfg.max_workers,
                 s.pool.threads(),
                 if s.watching { "accepting" } else { "paused" }

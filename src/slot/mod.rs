@@ -78,6 +78,11 @@ pub struct Slot {
     /// A `wait = true` exec listener's program, resolved once per config (accounts included)
     /// rather than on every drain.
     wait: Option<crate::exec::Program>,
+    /// Whether this listener's event loops may accept for themselves (a daemon's listeners,
+    /// unless `SOCKETD_EVENT_ACCEPT=handoff`; see `event::accept`).
+    pub loops_may_accept: bool,
+    /// Set while (or since) the event loops accept for themselves.
+    accepting: Option<Arc<crate::event::accept::LoopAccept>>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -118,7 +123,77 @@ impl Slot {
             events: crate::event::SlotEvents::default(),
             verify: None,
             wait,
+            loops_may_accept: false,
+            accepting: None,
         })
+    }
+
+    /// Let the event loops accept for themselves when this listener qualifies (a stream
+    /// `workers = "event"` listener of the daemon), or go back to accepting here when it no
+    /// longer does (a reload changed its model). Call after `new` and `reconfigure`.
+    pub fn setup_accept(&mut self, poll: &PollRegistry, shared: &Shared) {
+        let qualifies = self.loops_may_accept
+            && self.cfg.workers == WorkerModel::Event
+            && !self.cfg.protocol.is_datagram()
+            && self.wait.is_none()
+            && self.verify.is_none();
+        if !qualifies || self.listener.is_none() {
+            self.stop_loop_accept();
+            return;
+        }
+        let was_watching = self.watching;
+        if self.accepting.is_none() {
+            self.unwatch(poll); // the main loop's own watch, handed over below
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        match self
+            .events
+            .start_accepting(self.id, &self.cfg, shared, listener, &self.guard)
+        {
+            Ok(a) => {
+                self.accepting = Some(a);
+                if was_watching {
+                    self.watch(poll);
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "listener `{}`: {e}; the main loop accepts instead",
+                    self.cfg.name
+                );
+                self.stop_loop_accept();
+            }
+        }
+    }
+
+    /// The loops stop accepting; their count joins `busy`. The listener is left unwatched:
+    /// the caller watches it again (on the main loop's poll) if it should be.
+    fn stop_loop_accept(&mut self) {
+        if let Some(a) = self.accepting.take() {
+            self.events.stop_accepting();
+            a.close();
+            self.busy += a.take_started();
+            self.watching = false;
+        }
+    }
+
+    /// Add the connections the loops accepted since the last call to `busy`.
+    pub fn absorb(&mut self) {
+        if let Some(a) = &self.accepting {
+            self.busy += a.take_started();
+        }
+    }
+
+    /// Connections open now (jobs in flight), counting what the loops just accepted.
+    pub fn in_flight(&self) -> usize {
+        self.busy + self.accepting.as_ref().map_or(0, |a| a.started())
+    }
+
+    /// Connections accepted by each event loop, when the loops accept for themselves.
+    pub fn accepted_per_loop(&self) -> Option<Vec<u64>> {
+        self.accepting.as_ref().map(|a| a.per_loop())
     }
 
     /// Apply a reload's settings to this listener: new connections get them.
@@ -153,6 +228,13 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if let Some(a) = &self.accepting {
+            if self.listener.is_some() {
+                a.set_wanted(true);
+                self.watching = true;
+            }
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -163,6 +245,11 @@ impl Slot {
 
     /// Stop watching: the kernel queues new connections in the backlog meanwhile.
     pub fn unwatch(&mut self, poll: &PollRegistry) {
+        if let Some(a) = &self.accepting {
+            a.set_wanted(false);
+            self.watching = false;
+            return;
+        }
         if let (Some(l), true) = (&self.listener, self.watching) {
             let _ = l.deregister(poll);
         }
@@ -172,16 +259,24 @@ impl Slot {
     /// Stop accepting for good: the socket is closed and its unix file removed.
     pub fn close(&mut self, poll: &PollRegistry) -> Option<Listener> {
         self.unwatch(poll);
+        if let Some(a) = &self.accepting {
+            a.close(); // no loop accepts once this returns
+            self.events.stop_accepting();
+        }
         self.listener.take()
     }
 
     /// Whether another job may start.
     pub fn has_capacity(&self) -> bool {
-        self.busy < self.cfg.max_workers
+        // Loops that accept for themselves hold back at `max_workers` on their own.
+        self.accepting.is_some() || self.busy < self.cfg.max_workers
     }
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.accepting.is_some() {
+            return Drained::Empty; // the event loops accept (see `event::accept`)
+        }
         if let Some(program) = self.wait.clone() {
             return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
         }
@@ -436,7 +531,7 @@ impl Drop for TrackGuard {
 }
 
 /// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
-fn out_of_descriptors(e: &io::Error) -> bool {
+pub(crate) fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
@@ -445,7 +540,7 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 
 /// Errors about one connection or one datagram that say nothing about the listener: a client
 /// that gave up before accept, an ICMP error reported on a UDP socket.
-fn transient(e: &io::Error) -> bool {
+pub(crate) fn transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ECONNABORTED)
