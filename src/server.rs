@@ -609,7 +609,10 @@ impl Server {
                 SIGHUP if self.state == State::Running => self.reload(),
                 SIGUSR2 => self.upgrade(None, None),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
-                SIGUSR1 => self.log_status(),
+                SIGUSR1 => {
+                    self.collect_done(); // loops report closes lazily (see `event::accept`)
+                    self.log_status()
+                }
                 _ => {}
             }
         }

@@ -16,6 +16,10 @@
 //! by the loops: the socket is taken out of every set until a connection closes (or the retry
 //! time comes), and the kernel's backlog holds newcomers meanwhile.
 //!
+//! The kernel wakes whichever loop waits, so connections arriving one at a time would all land
+//! on the first loop: a loop clearly busier than the least busy one passes a connection on to
+//! it (`Gate::pass_on`), which costs what the old hand-off cost, for those connections only.
+//!
 //! `SOCKETD_EVENT_ACCEPT=handoff` in the daemon's environment selects the old path (the main
 //! loop accepts and hands off); the bench uses it to compare both in one run.
 
@@ -30,7 +34,7 @@ use crate::listener::Acceptor;
 use crate::protect::Guard;
 use crate::worker::Tracker;
 
-use super::{Accepted, Handoff, Service};
+use super::{Accepted, Handoff, LoopHandle, Msg, Service};
 
 /// The token a loop's epoll set carries for the listening socket (even, so never a slab
 /// token's upstream side, and far beyond any slab index).
@@ -82,6 +86,8 @@ struct Gate {
     epolls: Vec<OwnedFd>,
     /// Connections accepted by each loop since its start (status).
     accepted: Vec<u64>,
+    /// The loops, for passing a connection on to a less loaded one.
+    siblings: Vec<LoopHandle>,
 }
 
 /// Quiet `Done`s after which a loop wakes the main loop anyway, so its channel stays short.
@@ -106,6 +112,7 @@ impl LoopAccept {
                 registered: false,
                 epolls: Vec::new(),
                 accepted: Vec::new(),
+                siblings: Vec::new(),
             }),
             started: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -143,13 +150,14 @@ impl LoopAccept {
     }
 
     /// The loops changed (first start, or a reload changed `threads`).
-    pub(super) fn set_loops(&self, epolls: Vec<OwnedFd>) {
+    pub(super) fn set_loops(&self, epolls: Vec<OwnedFd>, siblings: Vec<LoopHandle>) {
         let mut g = self.gate();
         let wanted = g.wanted;
         g.wanted = false;
         g.sync();
         g.accepted = vec![0; epolls.len()];
         g.epolls = epolls;
+        g.siblings = siblings;
         g.wanted = wanted;
         g.sync();
     }
@@ -164,9 +172,15 @@ impl LoopAccept {
         self.started.load(Ordering::SeqCst)
     }
 
-    /// Connections accepted by each loop (status).
-    pub fn per_loop(&self) -> Vec<u64> {
-        self.gate().accepted.clone()
+    /// Connections accepted by each loop, and open on each now (status).
+    pub fn per_loop(&self) -> (Vec<u64>, Vec<usize>) {
+        let g = self.gate();
+        let open = g
+            .siblings
+            .iter()
+            .map(|l| l.live.load(Ordering::Relaxed))
+            .collect();
+        (g.accepted.clone(), open)
     }
 
     /// A loop: accept and admit up to a fair batch; the admitted connections go to `out`.
@@ -216,11 +230,10 @@ impl LoopAccept {
                         }
                         self.open.fetch_add(1, Ordering::SeqCst);
                         self.started.fetch_add(1, Ordering::SeqCst);
-                        live.fetch_add(1, Ordering::Relaxed);
                         if let Some(n) = g.accepted.get_mut(me) {
                             *n += 1;
                         }
-                        out.push(Handoff {
+                        let h = Handoff {
                             accepted: Accepted {
                                 conn,
                                 peer,
@@ -229,7 +242,11 @@ impl LoopAccept {
                             },
                             service: Arc::clone(&g.service),
                             idle: g.cfg.protect.idle_timeout,
-                        });
+                        };
+                        if let Some(h) = g.pass_on(me, live, h) {
+                            live.fetch_add(1, Ordering::Relaxed);
+                            out.push(h);
+                        }
                     } else {
                         outcome.timers = true; // the refusal log may want a summary
                     }
@@ -304,6 +321,40 @@ pub(super) struct AcceptOutcome {
 }
 
 impl Gate {
+    /// Balance: the kernel wakes whichever loop is waiting, so connections that arrive one at
+    /// a time all land on the first loop. A loop clearly busier than the least busy one (by
+    /// open connections, more than one plus an eighth) passes the connection on through that
+    /// loop's channel, as the main loop's hand-off does. `None`: passed on; otherwise ours.
+    fn pass_on(&self, me: usize, live: &AtomicUsize, h: Handoff) -> Option<Handoff> {
+        let mine = live.load(Ordering::Relaxed);
+        let (i, least) = self
+            .siblings
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.live.load(Ordering::Relaxed)))
+            .min_by_key(|&(_, n)| n)?;
+        if i == me || mine <= least + 1 + least / 8 {
+            return Some(h);
+        }
+        let to = &self.siblings[i];
+        to.live.fetch_add(1, Ordering::Relaxed);
+        match to.tx.send(Msg::Stream(h)) {
+            Ok(()) => {
+                // Wake it only if it may be asleep (see `LoopHandle::send`).
+                if to.sleeping.swap(false, Ordering::SeqCst) {
+                    let _ = to.waker.wake();
+                }
+                None
+            }
+            // That loop is gone (a panic): keep the connection here.
+            Err(std::sync::mpsc::SendError(Msg::Stream(h))) => {
+                to.live.fetch_sub(1, Ordering::Relaxed);
+                Some(h)
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Out of descriptors (or nearly): out of the loops' sets until the retry time; one log
     /// line per episode.
     fn starve(&mut self, why: &dyn std::fmt::Display, now: Instant) {

@@ -105,13 +105,22 @@ enum Msg {
     Retire,
 }
 
-/// One loop thread as seen from the main loop.
+/// One loop thread as seen from the main loop (and, when loops accept, from its siblings).
+#[derive(Clone)]
 struct LoopHandle {
     tx: Sender<Msg>,
     waker: Arc<Waker>,
     live: Arc<AtomicUsize>,
     /// Set by the loop just before it drains its channel and blocks in `poll`.
     sleeping: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for LoopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopHandle")
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl LoopHandle {
@@ -202,7 +211,7 @@ impl SlotEvents {
             });
         }
         if let Some(a) = &self.accept {
-            a.set_loops(epolls);
+            a.set_loops(epolls, fresh.clone());
         }
         for old in std::mem::replace(&mut self.loops, fresh) {
             old.send(Msg::Retire);

@@ -22,9 +22,14 @@ impl Server {
             };
             let loops = s
                 .accepted_per_loop()
-                .map(|n| {
-                    let n: Vec<String> = n.iter().map(u64::to_string).collect();
-                    format!(", accepted by event loops {}", n.join("/"))
+                .map(|(accepted, open)| {
+                    let a: Vec<String> = accepted.iter().map(u64::to_string).collect();
+                    let o: Vec<String> = open.iter().map(usize::to_string).collect();
+                    format!(
+                        ", accepted by event loops {} (open on each {})",
+                        a.join("/"),
+                        o.join("/")
+                    )
                 })
                 .unwrap_or_default();
             log::info!(

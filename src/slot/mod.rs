@@ -191,8 +191,9 @@ impl Slot {
         self.busy + self.accepting.as_ref().map_or(0, |a| a.started())
     }
 
-    /// Connections accepted by each event loop, when the loops accept for themselves.
-    pub fn accepted_per_loop(&self) -> Option<Vec<u64>> {
+    /// Connections accepted by each event loop and open on each, when the loops accept for
+    /// themselves.
+    pub fn accepted_per_loop(&self) -> Option<(Vec<u64>, Vec<usize>)> {
         self.accepting.as_ref().map(|a| a.per_loop())
     }
 

@@ -16,18 +16,27 @@ fn echo_event(name: &str, extra: &str) -> String {
     )
 }
 
-/// The per-loop counts of the last status line for `name` with `count` occurrences.
-fn accepted_per_loop(d: &Daemon, name: &str, count: usize) -> Vec<u64> {
+/// The per-loop counts (accepted, open now) of the `count`th status line for `name`.
+fn per_loop(d: &Daemon, name: &str, count: usize) -> (Vec<u64>, Vec<u64>) {
     d.signal(libc::SIGUSR1);
     let line = d.wait_log_count(&format!("status: listener `{name}`"), count, IO_TIMEOUT);
     let Some((_, counts)) = line.split_once("accepted by event loops ") else {
         panic!("no per-loop accept counts in {line:?}");
     };
-    counts
-        .trim()
-        .split('/')
-        .map(|n| n.parse().unwrap_or_else(|_| panic!("count in {line:?}")))
-        .collect()
+    let Some((accepted, open)) = counts.trim().split_once(" (open on each ") else {
+        panic!("no per-loop open counts in {line:?}");
+    };
+    let parse = |s: &str| -> Vec<u64> {
+        s.trim_end_matches(')')
+            .split('/')
+            .map(|n| n.parse().unwrap_or_else(|_| panic!("count in {line:?}")))
+            .collect()
+    };
+    (parse(accepted), parse(open))
+}
+
+fn accepted_per_loop(d: &Daemon, name: &str, count: usize) -> Vec<u64> {
+    per_loop(d, name, count).0
 }
 
 /// One connect, echo, close.
@@ -70,6 +79,27 @@ fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
     d.wait_log("access: listener `e` peer 127.0.0.1:", IO_TIMEOUT); // as before
     d.signal(libc::SIGTERM);
     let mut d = d;
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+/// Connections that come one at a time wake the same waiting loop; the busier loop passes
+/// them on, so long-lived connections still spread over the loops.
+#[test]
+fn connections_arriving_one_by_one_spread_over_the_loops() {
+    let mut d = Daemon::start(&echo_event("s", "threads = 2"));
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let mut s = Stream::tcp(d.addr("s"));
+        s.write_all(format!("c{i}\n").as_bytes()).expect("send");
+        assert_eq!(s.read_line(), format!("c{i}\n"));
+        held.push(s);
+    }
+    let (accepted, open) = per_loop(&d, "s", 1);
+    assert_eq!(accepted.iter().sum::<u64>(), 8, "{accepted:?}");
+    assert_eq!(open.iter().sum::<u64>(), 8, "{open:?}");
+    assert!(open.iter().all(|&n| n >= 3), "unbalanced: {open:?}");
+    drop(held);
+    d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
 
