@@ -78,7 +78,9 @@ struct Gate {
     /// The main loop wants the listener watched (not paused, not stopped).
     wanted: bool,
     full: bool,
-    /// Out of descriptors: not before this time.
+    /// In an out-of-descriptors episode (logged once, like `Slot::fd_starved`).
+    starved: bool,
+    /// Out of descriptors: out of the loops' sets until this time.
     starved_until: Option<Instant>,
     /// The socket is in the loops' epoll sets now.
     registered: bool,
@@ -108,6 +110,7 @@ impl LoopAccept {
                 guard,
                 wanted: false,
                 full: false,
+                starved: false,
                 starved_until: None,
                 registered: false,
                 epolls: Vec::new(),
@@ -158,6 +161,8 @@ impl LoopAccept {
         g.accepted = vec![0; epolls.len()];
         g.epolls = epolls;
         g.siblings = siblings;
+        // The loop that owned a retry timer may be among the old ones: the new set tries now.
+        g.starved_until = None;
         g.wanted = wanted;
         g.sync();
     }
@@ -220,6 +225,9 @@ impl LoopAccept {
             match acceptor.accept() {
                 Ok((conn, peer)) => {
                     let low = crate::protect::near_fd_limit(conn.as_raw_fd());
+                    if std::mem::take(&mut g.starved) {
+                        log::info!("listener `{}`: accepting again", g.cfg.name);
+                    }
                     let now = Instant::now();
                     if let Some(ticket) = g.guard.admit_stream(&g.cfg, &peer, now) {
                         let conn_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -279,16 +287,15 @@ impl LoopAccept {
     pub(super) fn retry(&self) -> Option<Instant> {
         let mut g = self.gate();
         g.starved_until?;
-        if crate::protect::fd_headroom() {
-            log::info!("listener `{}`: accepting again", g.cfg.name);
-            g.starved_until = None;
-            g.sync();
-            None
-        } else {
+        // As `Slot::drain`: accept again only with room to serve.
+        if g.starved && !crate::protect::fd_headroom() {
             let t = Instant::now() + crate::slot::FD_RETRY;
             g.starved_until = Some(t);
-            Some(t)
+            return Some(t);
         }
+        g.starved_until = None;
+        g.sync();
+        None
     }
 
     /// A loop closed a connection it accepted. Returns whether the main loop must see its
@@ -358,7 +365,7 @@ impl Gate {
     /// Out of descriptors (or nearly): out of the loops' sets until the retry time; one log
     /// line per episode.
     fn starve(&mut self, why: &dyn std::fmt::Display, now: Instant) {
-        if self.starved_until.is_none() {
+        if !std::mem::replace(&mut self.starved, true) {
             log::error!(
                 "listener `{}`: accept failed: {why}; pausing, retrying every {}ms",
                 self.cfg.name,
