@@ -110,7 +110,8 @@ fn outcome_word(o: &Outcome) -> &'static str {
     }
 }
 
-/// Log the access line of a finished connection.
+/// A finished connection: count it in the listener's metrics and hand its access line to
+/// the access log's sink (`[daemon] access_log`; never the daemon's own log).
 pub fn log_stream(
     listener: &str,
     peer: &PeerAddr,
@@ -118,16 +119,46 @@ pub fn log_stream(
     bytes: Bytes,
     outcome: &Outcome,
 ) {
-    log::info!(
-        "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
-        took,
-        count(bytes.received),
-        count(bytes.sent),
-        outcome_word(outcome)
-    );
+    // A worker process always sends the line: the daemon's access log may have been turned on
+    // by a reload since this process was forked, and the daemon decides.
+    let forwards = crate::access_log::forwards();
+    // A library server has no sink: its access lines go through the `log` facade (info).
+    let sink = crate::access_log::started();
+    let wanted = if sink {
+        crate::access_log::enabled()
+    } else {
+        log::log_enabled!(log::Level::Info)
+    };
+    let line = (forwards || wanted).then(|| {
+        format!(
+            "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
+            took,
+            count(bytes.received),
+            count(bytes.sent),
+            outcome_word(outcome)
+        )
+    });
+    if forwards {
+        // A worker process: the daemon counts it and writes the line.
+        crate::access_log::forward(&crate::access_log::Ended {
+            listener: listener.to_string(),
+            micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            received: bytes.received,
+            sent: bytes.sent,
+            line,
+        });
+        return;
+    }
+    crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
+    match line {
+        Some(line) if sink => crate::access_log::line(line),
+        Some(line) => log::info!("{line}"),
+        None => {}
+    }
 }
 
-/// Log a finished datagram (debug level).
+/// A finished datagram: its bytes count in the metrics; its access line goes to the daemon's
+/// log at debug level only, so a UDP flood cannot flood any log.
 pub fn log_datagram(
     listener: &str,
     peer: &PeerAddr,
@@ -135,6 +166,12 @@ pub fn log_datagram(
     len: usize,
     outcome: &Outcome,
 ) {
+    if !crate::access_log::forwards() {
+        let stats = crate::stats::listener(listener);
+        stats
+            .bytes_in
+            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     log::debug!(
         "access: listener `{listener}` peer {peer} duration {took:?} datagram in {len} outcome {}",
         outcome_word(outcome)

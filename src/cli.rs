@@ -48,6 +48,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pidfile: Option<PathBuf>,
 
+    /// The running daemon's control socket, for the client subcommands (status, reload, …);
+    /// default: `[daemon] control` read from the config file.
+    #[arg(long, global = true, value_name = "PATH")]
+    control: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,11 +62,89 @@ enum Command {
     /// Validate the config file without binding anything; prints `ok` and exits 0, or lists
     /// every problem and exits 1 (for systemd's ExecStartPre).
     Check,
+    /// Show the running daemon: every listener's address, worker model, state and counters;
+    /// the process's uptime, descriptors, memory, config checksum and last reload.
+    Status {
+        /// Print the JSON answer (schema in README, "Control socket").
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running daemon re-read its config file; waits for the outcome, prints why a
+    /// refused file was refused and exits 1 (for systemd's ExecReload).
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running daemon gracefully (in-flight connections finish, up to
+    /// shutdown_timeout) and wait until it has exited.
+    Stop {
+        /// Stop at once: close open connections, kill worker processes.
+        #[arg(long)]
+        now: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop accepting on a listener; its socket stays open and the kernel queues connections.
+    Pause {
+        listener: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept again on a paused listener.
+    Resume {
+        listener: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a listener's socket and let its connections finish; a reload binds it again.
+    Drain {
+        listener: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reopen the access log file (after logrotate moved it away).
+    ReopenLogs {
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the running daemon's binary without refusing a connection: the daemon starts
     /// the new binary with every listening socket, and stops accepting and drains only once
     /// the new process serves. Exits 0 with the new pid, or non-zero with why the new binary
-    /// did not take over (the old one keeps serving). Finds the daemon by its pidfile.
+    /// did not take over (the old one keeps serving). Through the control socket if there is
+    /// one, else by SIGUSR2 to the pid in the pidfile.
     Upgrade(upgrade::UpgradeArgs),
+}
+
+impl Command {
+    /// The control request for a client subcommand, and whether to print JSON.
+    fn control(&self) -> Option<(crate::control::Command, bool)> {
+        use crate::control::Command as C;
+        Some(match self {
+            Command::Check | Command::Upgrade(_) => return None,
+            Command::Status { json } => (C::Status, *json),
+            Command::Reload { json } => (C::Reload, *json),
+            Command::Stop { now, json } => (C::Stop { now: *now }, *json),
+            Command::Pause { listener, json } => (
+                C::Pause {
+                    listener: listener.clone(),
+                },
+                *json,
+            ),
+            Command::Resume { listener, json } => (
+                C::Resume {
+                    listener: listener.clone(),
+                },
+                *json,
+            ),
+            Command::Drain { listener, json } => (
+                C::Drain {
+                    listener: listener.clone(),
+                },
+                *json,
+            ),
+            Command::ReopenLogs { json } => (C::ReopenLogs, *json),
+        })
+    }
 }
 
 /// The command line as a clap `Command`: what the man page and the shell completions are
@@ -85,10 +168,32 @@ pub fn main_with(registry: Registry) -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(&cli.config, &registry),
-        Some(Command::Upgrade(args)) => {
-            upgrade::run(&cli.config, cli.pidfile.as_deref(), &args, &registry)
-        }
+        Some(Command::Upgrade(args)) => upgrade::run(
+            &cli.config,
+            cli.pidfile.as_deref(),
+            cli.control.as_deref(),
+            &args,
+            &registry,
+        ),
         None => run(&cli.config, registry, cli.daemon, cli.pidfile),
+        Some(other) => {
+            let Some((request, json)) = other.control() else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            use crate::control::client;
+            // A client's output may be piped into `head`: end quietly on a closed pipe like
+            // other Unix tools, not with a panic (the daemon itself keeps SIGPIPE ignored).
+            // SAFETY: signal(2) restoring the default action; this process is a short-lived
+            // client with no other thread yet.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            match client::find_socket(&cli.config, cli.control.as_deref()) {
+                Ok(socket) => client::run(&socket, request, json),
+                Err(e) => {
+                    eprintln!("socketd: {e}");
+                    ExitCode::from(client::EXIT_UNREACHABLE)
+                }
+            }
+        }
     }
 }
 
@@ -228,6 +333,16 @@ fn run(
     if let Some(mut h) = handover.take() {
         h.restore_stderr();
         *lock(&ready) = Some(h.ready);
+    }
+    // The daemon owns the process-wide start: its fork servers are forked here, while it still
+    // has its only thread, so no forked worker can inherit a lock.
+    if let Err(e) = server.start_fork_servers() {
+        let why = chain(&e);
+        log::error!("not starting: {why}");
+        if let Some(pipe) = lock(&ready).as_mut() {
+            pipe.failed(EXIT_RUNTIME, &why);
+        }
+        return ExitCode::from(EXIT_RUNTIME);
     }
     let pidfile = std::sync::Arc::new(std::sync::Mutex::new(pidfile));
     let (on_ready, ready_pidfile) = (

@@ -53,15 +53,20 @@ pub mod conn;
 #[doc(hidden)]
 pub mod jobs;
 pub(crate) mod process;
+mod sha256;
+pub(crate) mod stats;
 // Config: text -> Config, knowing no handler.
 pub mod config;
 // Mechanics.
 pub(crate) mod access;
+pub(crate) mod access_log;
+pub(crate) mod control;
 pub(crate) mod daemon;
 pub(crate) mod exec;
 #[doc(hidden)]
 pub mod listener;
 pub(crate) mod logging;
+pub(crate) mod metrics;
 #[doc(hidden)]
 pub mod protect;
 // Handlers, then worker models, then the slot, then the loop.
@@ -78,7 +83,8 @@ mod socketserver;
 
 pub use cli::main_with;
 pub use config::{
-    BuildContext, Catalog, Config, ConfigError, Diagnostic, ListenAddr, ListenerConfig,
+    BuildContext, Catalog, Config, ConfigError, Diagnostic, ListenAddr, ListenerConfig, Problem,
+    SettingsError,
 };
 pub use config::{Protocol, WorkerModel};
 pub use conn::{Conn, PeerAddr};

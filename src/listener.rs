@@ -214,9 +214,14 @@ impl Listener {
 
     /// Set where an adopted socket came from, when an upgrade handed it over: `owned_file`
     /// makes its unix socket file this process's to remove when it stops for good, once it
-    /// has taken over (`claim_file`).
-    pub fn set_origin(&mut self, owned_file: bool, from_manager: bool) {
+    /// has taken over (`claim_file`); `path` is where the old process had the socket.
+    pub fn set_origin(&mut self, owned_file: bool, from_manager: bool, path: Option<PathBuf>) {
         self.from_manager = from_manager;
+        if let Some(p) = path {
+            // The old process's listener path (the socket may have been bound elsewhere and
+            // renamed into place, so its own address is not it).
+            self.local = ListenAddr::Path(p);
+        }
         if let (true, ListenAddr::Path(p)) = (owned_file, &self.local) {
             self.pending_file = Some(p.clone());
         }
@@ -385,7 +390,7 @@ fn inet_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
 
 /// A socket file left by a dead process is removed; a live one, or anything that is not a
 /// socket, is left alone and refused, so socketd never steals or destroys someone's path.
-fn clear_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn clear_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -25,12 +25,13 @@ use crate::worker::{Done, Notifier, Tracker};
 
 mod fdstore;
 mod handle;
+mod ops;
 mod reload;
 mod status;
 mod stop;
 mod upgrade;
 
-pub use upgrade::{Outcome as UpgradeOutcome, Reply as UpgradeReply};
+pub(crate) use upgrade::Outcome as UpgradeOutcome;
 
 pub use handle::ShutdownHandle;
 use stop::State;
@@ -96,6 +97,11 @@ pub struct Server {
     upgrading: Option<upgrade::InProgress>,
     /// Listening sockets in the service manager's fd store (`fdstore`).
     fd_stored: fdstore::Stored,
+    /// The store has been brought in line once; when to try again for the rest.
+    fd_store_synced: bool,
+    fd_store_retry: Option<Instant>,
+    /// The control socket, metrics endpoint and what they report (`ops`).
+    ops: ops::Ops,
 }
 
 impl std::fmt::Debug for Server {
@@ -144,6 +150,7 @@ impl Server {
         let (tx, done_rx) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let control = handle::Control::new(Arc::clone(&waker));
+        let ops = ops::Ops::bind(&config, Arc::clone(&waker))?;
         let mut server = Server {
             poll,
             signals,
@@ -181,6 +188,9 @@ impl Server {
             on_ready: Vec::new(),
             upgrading: None,
             fd_stored: fdstore::Stored::new(),
+            fd_store_synced: false,
+            fd_store_retry: None,
+            ops,
         };
         if crate::daemon::handover::from_pid().is_some() {
             server.notify.defer_first_ready();
@@ -207,7 +217,7 @@ impl Server {
                         ),
                     }
                     let mut l = Listener::adopt(taken.fd, cfg)?;
-                    l.set_origin(taken.owned_file, taken.from_manager);
+                    l.set_origin(taken.owned_file, taken.from_manager, taken.path);
                     l
                 }
                 None => Listener::bind(cfg)?,
@@ -239,9 +249,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let id = self.next_id;
         self.next_id += 1;
@@ -268,6 +278,8 @@ impl Server {
     pub fn serve(mut self) -> Result<(), ServeError> {
         self.serve_forever(&mut || {})?;
         self.server_close();
+        // The last connections' access lines, before the process (and its writer) goes.
+        crate::access_log::flush(Duration::from_secs(2));
         log::info!("socketd stopped");
         Ok(())
     }
@@ -275,6 +287,24 @@ impl Server {
     /// A handle that stops `serve_forever` from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle::new(Arc::clone(&self.control))
+    }
+
+    /// The daemon's fork servers, for every config (a reload may add a forked listener): call
+    /// while the process still has its only thread, which `ForkServer::start` checks (bind,
+    /// detach, privilege drop and logging start none). Pool threads, event loops and everything
+    /// else start after this. Also marks inherited descriptors close-on-exec. Idempotent.
+    pub fn start_fork_servers(&mut self) -> Result<(), ServeError> {
+        if self.shared.forks.is_some() {
+            return Ok(());
+        }
+        crate::process::cloexec_all();
+        // Worker processes send ended connections to the daemon over this (they inherit it).
+        crate::access_log::prepare().map_err(io_err("cannot set up the access log"))?;
+        let forks =
+            crate::worker::forked::ForkServer::start(&self.registry, self.shared.notifier.clone())
+                .map_err(io_err("cannot start the fork server for forked workers"))?;
+        self.shared.forks = Some(Arc::new(forks));
+        Ok(())
     }
 
     /// Start what serving needs, once: fork servers, readiness watches, `READY=1`.
@@ -288,18 +318,8 @@ impl Server {
             .values()
             .any(|s| s.cfg.workers == crate::config::WorkerModel::Forked);
         if self.daemon {
-            // Fork safety rests on this ordering: the fork servers are forked here, while this
-            // process still has its only thread (bind, detach, privilege drop and logging start
-            // none; `ForkServer::start` checks /proc/self/task and refuses otherwise). Pool
-            // threads, event loops and everything else start after this line.
-            crate::process::cloexec_all();
-            let forks = crate::worker::forked::ForkServer::start(
-                &self.registry,
-                self.shared.notifier.clone(),
-            )
-            .map_err(io_err("cannot start the fork server for forked workers"))?;
-            self.shared.forks = Some(Arc::new(forks));
-        } else if forked {
+            self.start_fork_servers()?;
+        } else if forked && self.shared.forks.is_none() {
             // A library server may live in a process with other threads: see
             // `ForkServer::start_threaded` for what its children can and cannot inherit.
             let forks = crate::worker::forked::ForkServer::start_threaded(
@@ -325,6 +345,7 @@ impl Server {
             l.claim_file(); // an upgrade's new process has taken over
         }
         if self.daemon {
+            self.start_ops()?;
             log::info!("socketd ready: {} listeners", self.slots.len());
         }
         let status = self.status_line();
@@ -369,8 +390,11 @@ impl Server {
             }
         }
         self.collect_done();
+        self.answer_asks();
         self.revisit();
         self.tick_guards();
+        self.retry_fd_store();
+        crate::access_log::report_drops(Instant::now());
         self.check_upgrade();
         self.check_stop();
         Ok(())
@@ -512,9 +536,14 @@ impl Server {
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for t in [self.notify.watchdog_due(), self.upgrade_deadline()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.notify.watchdog_due(),
+            self.upgrade_deadline(),
+            self.fd_store_retry,
+            crate::access_log::next_report(),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -564,6 +593,11 @@ impl Server {
             slot.absorb(); // before the decrement: this `Done`'s start may be in there
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
+            if done.outcome != crate::worker::Outcome::Ok {
+                slot.stats
+                    .handler_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if slot.listener.is_none() {
                 if slot.busy == 0 {
                     log::info!("listener `{}`: drained", slot.cfg.name);
@@ -606,7 +640,7 @@ impl Server {
                 SIGHUP if self.upgrading.is_some() => {
                     log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
                 }
-                SIGHUP if self.state == State::Running => self.reload(),
+                SIGHUP if self.state == State::Running => drop(self.reload()),
                 SIGUSR2 => self.upgrade(None, None),
                 SIGHUP => log::warn!("SIGHUP ignored: stopping"),
                 SIGUSR1 => {
@@ -623,14 +657,6 @@ impl Server {
     pub fn on_ready(&mut self, hook: impl FnOnce() + Send + 'static) {
         self.on_ready.push(Box::new(hook));
     }
-
-    fn reload(&mut self) {
-        self.notify.reloading();
-        self.reload_config();
-        self.sync_fd_store();
-        let status = self.status_line();
-        self.notify.ready(&status);
-    }
 }
 
 /// What a library server (`crate::socketserver`) changes between `bind` and serving.
@@ -644,9 +670,9 @@ impl Server {
         let factory = self
             .registry
             .build_for(&cfg)
-            .map_err(|message| ServeError::Handler {
+            .map_err(|e| ServeError::Handler {
                 listener: cfg.name.clone(),
-                message,
+                message: e.to_string(),
             })?;
         let stopping = Arc::clone(&self.shared.stopping);
         for slot in self.slots.values_mut() {

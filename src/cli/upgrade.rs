@@ -1,12 +1,15 @@
-//! `socketd upgrade`: ask the running daemon (found by its pidfile) to replace its binary, and
-//! wait for the outcome.
+//! `socketd upgrade`: ask the running daemon to replace its binary, and wait for the outcome.
 //!
-//! The request is SIGUSR2, the signal nginx uses for the same thing, so scripts that signal
-//! directly get the same upgrade. The daemon restarts the binary at the path it was started
-//! from (a package upgrade replaces that file). The outcome is read from the pidfile: the new
-//! process renames its own pidfile into place only once it serves, so a new live pid there
-//! means the upgrade took over; the old pid still there after `upgrade_timeout` means it was
-//! rolled back (the daemon's log says why).
+//! The config file is checked first (a file the new process would refuse fails here, exit 1,
+//! without disturbing the daemon). Then, with a control socket (`--control`, `[daemon]
+//! control`), the request goes there and the answer is the outcome: the new pid, or why the
+//! new binary did not take over with its last lines of output (exit 1). Without one, the
+//! request is SIGUSR2 to the pid in the pidfile (the signal nginx uses for the same thing, so
+//! scripts that signal directly get the same upgrade), and the outcome is read from the
+//! pidfile: the new process writes its pid there only once it serves, so a new live pid there
+//! means the upgrade took over; the old pid still there after `upgrade_timeout` means it did
+//! not (exit 3; the daemon's log says why). The daemon starts the binary at the path it was
+//! started from (a package upgrade replaces that file), or `--binary` (control socket only).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,9 +35,36 @@ const POLL: Duration = Duration::from_millis(20);
 pub fn run(
     config_path: &Path,
     pidfile: Option<&Path>,
+    control: Option<&Path>,
     args: &UpgradeArgs,
     registry: &Registry,
 ) -> ExitCode {
+    if let Err(e) = Config::load(config_path, registry) {
+        eprintln!("{e}");
+        eprintln!(
+            "socketd upgrade: {} is invalid: the new process would refuse it; nothing was done",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let has_control = control.is_some() || configured_control(config_path);
+    if has_control {
+        use crate::control::client;
+        let socket = match client::find_socket(config_path, control) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("socketd upgrade: {e}");
+                return ExitCode::from(client::EXIT_UNREACHABLE);
+            }
+        };
+        // The daemon resolves a relative path from its own working directory: send ours.
+        let binary = args.binary.as_ref().map(|b| {
+            std::env::current_dir()
+                .map(|d| d.join(b))
+                .unwrap_or_else(|_| b.clone())
+        });
+        return client::run(&socket, crate::control::Command::Upgrade { binary }, false);
+    }
     match upgrade(config_path, pidfile, args, registry) {
         Ok((old, new)) => {
             println!("upgraded: pid {old} -> pid {new}");
@@ -75,9 +105,9 @@ fn upgrade(
         return Err((
             EXIT_USAGE,
             format!(
-                "--binary {} needs the daemon's control socket; without it the daemon starts \
-                 the binary at its own path again: put the new binary there and run `socketd \
-                 upgrade` without --binary",
+                "--binary {} needs the daemon's control socket ([daemon] control); without \
+                 it the daemon starts the binary at its own path again: put the new binary \
+                 there and run `socketd upgrade` without --binary",
                 b.display()
             ),
         ));
@@ -118,6 +148,11 @@ fn upgrade(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// Whether the config file names a control socket (`[daemon] control`).
+fn configured_control(config_path: &Path) -> bool {
+    crate::control::client::find_socket(config_path, None).is_ok_and(|p| !p.as_os_str().is_empty())
 }
 
 fn read_pid(path: &Path) -> Option<u32> {

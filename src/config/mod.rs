@@ -9,6 +9,7 @@
 mod across;
 mod catalog;
 mod error;
+mod ops;
 mod parse;
 mod protection;
 mod raw;
@@ -18,14 +19,16 @@ pub mod types;
 mod validate;
 mod values;
 
-pub use catalog::{BuildContext, Catalog};
+pub use catalog::{BuildContext, Catalog, Problem, SettingsError};
 pub use error::{ConfigError, Diagnostic};
-pub use protection::{
-    parse_network, protection_defaults, resolve_group, resolve_user, Rate, SocketFile,
-};
+pub use ops::{AccessLogTarget, ControlConfig};
+#[cfg(test)]
+pub(crate) use protection::parse_network;
+pub use protection::{protection_defaults, Rate, SocketFile};
+pub(crate) use protection::{resolve_group, resolve_user};
 pub use types::*;
 /// The one duration format (`"500ms"`, `"10s"`), for handler tables that take durations.
-pub use values::parse_duration;
+pub(crate) use values::parse_duration;
 
 use std::path::Path;
 

@@ -214,10 +214,18 @@ fn handler_settings(
         return None;
     }
     let span = value.span();
+    let key_spans = match value.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+            .collect(),
+        _ => Default::default(),
+    };
     match toml::Table::deserialize(ValueDeserializer::from(value)) {
         Ok(table) => Some(HandlerSettings {
             key: key.span(),
             table,
+            key_spans,
         }),
         Err(e) => {
             let at: Range<usize> = e.span().unwrap_or(span);

@@ -40,6 +40,19 @@ pub(super) struct RawDaemon {
     pub upgrade_timeout: Option<Spanned<String>>,
     pub fd_store: Option<Spanned<bool>>,
     pub syslog: Option<RawSyslog>,
+    // Operating the running daemon (issue 10), validated in `ops`.
+    pub control: Option<Spanned<String>>,
+    pub control_mode: Option<Spanned<String>>,
+    pub control_group: Option<Spanned<String>>,
+    pub access_log: Option<Spanned<String>>,
+    pub metrics: Option<RawMetrics>,
+}
+
+/// `[daemon.metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub address: Option<Spanned<String>>,
 }
 
 /// `[daemon.syslog]`.

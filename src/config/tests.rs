@@ -27,10 +27,29 @@ fn registry() -> Registry {
             Some(toml::Value::String(_)) => {
                 Ok(Arc::new(|| Box::new(Greet) as Box<dyn Handler>) as Factory)
             }
-            _ => Err("needs `text`, a string, e.g. greet = { text = \"hi\" }".to_string()),
+            _ => Err("needs `text`, a string, e.g. greet = { text = \"hi\" }".into()),
         }
     });
+    r.register_settings("typed", |_ctx: &BuildContext, s: TypedSettings| {
+        if s.times > 10 {
+            return Err(crate::config::SettingsError::at(
+                "times",
+                "`times` must be at most 10",
+            ));
+        }
+        Ok(Arc::new(|| Box::new(Greet) as Box<dyn Handler>) as Factory)
+    });
     r
+}
+
+/// A registered handler's own settings struct.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct TypedSettings {
+    text: String,
+    #[serde(default)]
+    times: u32,
 }
 
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -426,4 +445,84 @@ fn odd_documents_give_diagnostics_not_panics() {
             }
         }
     }
+}
+
+/// (file, line, column) of each diagnostic, in order.
+fn places(all: &[String]) -> Vec<(String, String)> {
+    all.iter()
+        .map(|d| {
+            let mut parts = d.splitn(4, ':');
+            let file = parts.next().unwrap_or_default();
+            let line = parts.next().unwrap_or_default();
+            let col = parts.next().unwrap_or_default();
+            (file.to_string(), format!("{line}:{col}"))
+        })
+        .collect()
+}
+
+const EXEC_LISTENER: &str = "[[listener]]\nname = \"x\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"exec\"\n";
+
+#[test]
+fn exec_table_with_three_mistakes_gives_three_errors_each_at_its_key() {
+    let text = format!(
+        "{EXEC_LISTENER}[listener.exec]\nargv = [\"relative\"]\nstderr = \"loud\"\nbogus = 1\n"
+    );
+    let all = errors(&text);
+    assert_eq!(all.len(), 3, "{all:#?}");
+    assert_eq!(
+        places(&all),
+        [
+            ("socketd.toml".to_string(), "7:1".to_string()),
+            ("socketd.toml".to_string(), "8:1".to_string()),
+            ("socketd.toml".to_string(), "9:1".to_string()),
+        ],
+        "{all:#?}"
+    );
+    assert_has(&all[0], &["key `exec.argv`", "must be an absolute path"]);
+    assert_has(
+        &all[1],
+        &["key `exec.stderr`", "valid values: log, null, inherit"],
+    );
+    assert_has(&all[2], &["key `exec.bogus`", "valid keys: argv"]);
+}
+
+#[test]
+fn a_missing_required_exec_key_is_reported_on_the_table() {
+    let text = format!("{EXEC_LISTENER}[listener.exec]\ncwd = \"/\"\n");
+    let one = error(&text);
+    assert_has(&one, &["socketd.toml:6:", "`argv` is required"]);
+}
+
+#[test]
+fn registered_settings_struct_reports_each_bad_key_at_its_place() {
+    let text = "[[listener]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"typed\"\n[listener.typed]\ntext = 5\ncolour = \"red\"\n";
+    let all = errors(text);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert_has(
+        &all[0],
+        &["socketd.toml:7:", "key `typed.text`", "invalid type"],
+    );
+    assert_has(
+        &all[1],
+        &[
+            "socketd.toml:8:",
+            "key `typed.colour`",
+            "unknown key `typed.colour`; valid keys: text, times",
+        ],
+    );
+    // A missing required key: one error, on the table.
+    let missing = "[[listener]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"typed\"\ntyped = { times = 1 }\n";
+    assert_has(
+        &error(missing),
+        &["socketd.toml:6:", "missing field `text`"],
+    );
+    // The builder's own refusal, on its key.
+    let many = "[[listener]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"typed\"\n[listener.typed]\ntext = \"hi\"\ntimes = 11\n";
+    assert_has(
+        &error(many),
+        &["socketd.toml:8:", "key `typed.times`", "at most 10"],
+    );
+    // And a good table parses.
+    let good = "[[listener]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"typed\"\ntyped = { text = \"hi\", times = 2 }\n";
+    assert!(parse(good).is_ok());
 }

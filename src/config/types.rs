@@ -66,6 +66,12 @@ pub struct DaemonConfig {
     pub log_level: log::LevelFilter,
     /// `[daemon.syslog]`: used when `log = "syslog"`.
     pub syslog: SyslogConfig,
+    /// The control socket (`control`, `control_mode`, `control_group`).
+    pub control: super::ops::ControlConfig,
+    /// `access_log`: where the per-connection lines go.
+    pub access_log: super::ops::AccessLogTarget,
+    /// `[daemon.metrics] address`: the Prometheus endpoint, off when `None`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -80,6 +86,13 @@ impl Default for DaemonConfig {
             log: LogTarget::Stderr,
             log_level: log::LevelFilter::Info,
             syslog: SyslogConfig::default(),
+            control: super::ops::ControlConfig {
+                path: None,
+                mode: super::ops::CONTROL_MODE,
+                group: None,
+            },
+            access_log: super::ops::AccessLogTarget::Off,
+            metrics: None,
         }
     }
 }

@@ -163,7 +163,11 @@ fn log_level(name: &str) -> Option<log::LevelFilter> {
 /// `[daemon]`: every key optional, defaults from `DaemonConfig::default()`.
 pub(super) fn validate_daemon(raw: &RawDaemon, c: &mut Check<'_, '_>) -> DaemonConfig {
     let d = DaemonConfig::default();
+    let (control, access_log, metrics) = super::ops::validate_ops(raw, c);
     DaemonConfig {
+        control,
+        access_log,
+        metrics,
         shutdown_timeout: c.duration(
             &raw.shutdown_timeout,
             "shutdown_timeout",
@@ -244,6 +248,8 @@ fn parse_syslog_addr(text: &str) -> Result<SyslogAddr, String> {
 pub(super) struct HandlerSettings {
     pub key: Range<usize>,
     pub table: toml::Table,
+    /// Where each of the table's keys is written, so a problem with one is shown there.
+    pub key_spans: std::collections::BTreeMap<String, Range<usize>>,
 }
 
 /// One listener's own keys and its handler (not cross-listener rules). `None` when anything
@@ -330,10 +336,18 @@ fn build_handler(
     handler_span: &Range<usize>,
     c: &mut Check<'_, '_>,
 ) {
-    if let Err(detail) = registry.check(handler, ctx) {
-        match settings {
-            Some(s) => c.error(&s.key, handler, detail),
-            None => c.error(handler_span, "handler", detail),
+    let Err(refused) = registry.check(handler, ctx) else {
+        return;
+    };
+    for problem in refused.problems {
+        let at_key = problem
+            .key
+            .as_ref()
+            .and_then(|k| Some((k, settings?.key_spans.get(k)?)));
+        match (at_key, settings) {
+            (Some((k, span)), _) => c.error(span, &format!("{handler}.{k}"), problem.message),
+            (None, Some(s)) => c.error(&s.key, handler, problem.message),
+            (None, None) => c.error(handler_span, "handler", problem.message),
         }
     }
 }

@@ -17,7 +17,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ListenAddr, ListenerConfig, Protocol};
-use crate::daemon::upgrade::{ENV_MANAGER as UP_MANAGER, ENV_OWNED as UP_OWNED};
+use crate::daemon::upgrade::{
+    decode_paths, ENV_MANAGER as UP_MANAGER, ENV_OWNED as UP_OWNED, ENV_PATHS as UP_PATHS,
+};
 
 /// One socket passed by the service manager, with what it turned out to be.
 #[derive(Debug)]
@@ -45,6 +47,8 @@ pub struct Taken {
     pub owned_file: bool,
     /// The service manager passed it (to this process, or to the old one of an upgrade).
     pub from_manager: bool,
+    /// Handed over: the unix socket's path as the old process's listener had it.
+    pub path: Option<PathBuf>,
 }
 
 /// The sockets socketd was started with, until listeners claim them.
@@ -66,6 +70,7 @@ impl Inherited {
                 .collect()
         };
         let (owned, manager) = (list(UP_OWNED), list(UP_MANAGER));
+        let paths = decode_paths(&std::env::var(UP_PATHS).unwrap_or_default());
         let handed = crate::daemon::handover::from_pid().is_some();
         for var in [
             "LISTEN_FDS",
@@ -73,6 +78,7 @@ impl Inherited {
             "LISTEN_FDNAMES",
             UP_OWNED,
             UP_MANAGER,
+            UP_PATHS,
         ] {
             std::env::remove_var(var);
         }
@@ -89,7 +95,12 @@ impl Inherited {
                 // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS belong to this process (the
                 // crate checked LISTEN_PID) and nothing else owns them; each is taken once.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                let kind = socket_kind(&fd).ok();
+                let mut kind = socket_kind(&fd).ok();
+                let path = paths.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
+                if let (true, Some(p), Some((_, addr))) = (handed, path, kind.as_mut()) {
+                    // Bound elsewhere and renamed into place (a socket file with a mode).
+                    *addr = ListenAddr::Path(p.clone());
+                }
                 Passed {
                     fd,
                     handed,
@@ -128,6 +139,10 @@ impl Inherited {
             },
             owned_file: p.owned_file,
             from_manager: p.from_manager,
+            path: match (p.handed, p.kind) {
+                (true, Some((_, ListenAddr::Path(path)))) => Some(path),
+                _ => None,
+            },
         })
     }
 

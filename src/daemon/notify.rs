@@ -91,11 +91,17 @@ impl Notify {
     /// (this process's further messages would be refused, and the new one feeds the
     /// watchdog).
     pub fn handed_over(&mut self, pid: u32, status: &str) {
-        self.send(&[
+        // WATCHDOG=1 too: the new process's keep-alives count only from now on, so the
+        // manager's clock restarts here rather than at this process's last one.
+        let mut states = vec![
             NotifyState::MainPid(pid),
             NotifyState::Ready,
             NotifyState::Status(status),
-        ]);
+        ];
+        if self.watchdog_every.is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        self.send(&states);
         self.target = None;
         self.next_watchdog = None;
         self.watchdog_every = None;

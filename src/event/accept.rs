@@ -66,6 +66,8 @@ pub struct LoopAccept {
     urgent: AtomicBool,
     /// `Done`s reported without a wake-up since the last wake-up.
     quiet: AtomicUsize,
+    /// The listener's counters (status, metrics).
+    stats: Arc<crate::stats::ListenerStats>,
 }
 
 #[derive(Debug)]
@@ -101,6 +103,7 @@ impl LoopAccept {
         cfg: Arc<ListenerConfig>,
         service: Arc<Service>,
         guard: Guard,
+        stats: Arc<crate::stats::ListenerStats>,
     ) -> LoopAccept {
         LoopAccept {
             gate: Mutex::new(Gate {
@@ -122,6 +125,7 @@ impl LoopAccept {
             full: AtomicBool::new(false),
             urgent: AtomicBool::new(false),
             quiet: AtomicUsize::new(0),
+            stats,
         }
     }
 
@@ -238,6 +242,7 @@ impl LoopAccept {
                         }
                         self.open.fetch_add(1, Ordering::SeqCst);
                         self.started.fetch_add(1, Ordering::SeqCst);
+                        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                         if let Some(n) = g.accepted.get_mut(me) {
                             *n += 1;
                         }

@@ -229,6 +229,7 @@ impl SlotEvents {
         shared: &Shared,
         listener: &crate::listener::Listener,
         guard: &crate::protect::Guard,
+        stats: &Arc<crate::stats::ListenerStats>,
     ) -> Result<Arc<accept::LoopAccept>, String> {
         let service = self.service(cfg)?;
         if let Some(a) = &self.accept {
@@ -243,6 +244,7 @@ impl SlotEvents {
                 Arc::clone(cfg),
                 service,
                 guard.clone(),
+                Arc::clone(stats),
             )));
             // Loops started for hand-off know nothing of the socket: start a fresh set.
             for old in self.loops.drain(..) {

@@ -416,7 +416,7 @@ impl Loop {
         self.ctx.tracker.remove(c.conn_id);
         // The access line, as the other worker models log it (bytes from TCP_INFO, read only
         // when the line is logged).
-        if log::log_enabled!(log::Level::Info) {
+        {
             let bytes = match &c.client {
                 EvStream::Tcp(s) => crate::access::tcp_bytes(s.as_fd()),
                 EvStream::Unix(_) => crate::access::Bytes::default(),

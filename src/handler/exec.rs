@@ -20,7 +20,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use super::{BuildContext, Context, DatagramRequest, Factory, Handler, Request, StreamRequest};
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, SettingsError};
 use crate::conn::Conn;
 use crate::exec::{connection_env, Program, StderrMode};
 
@@ -33,8 +33,8 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// The registry's builder for `exec`.
-pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
-    let program = Arc::new(parse(ctx)?);
+pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
+    let program = Arc::new(parse_settings(ctx)?);
     Ok(Arc::new(move || {
         Box::new(Exec {
             program: Arc::clone(&program),
@@ -123,8 +123,36 @@ pub fn wait_program(cfg: &ListenerConfig) -> Option<Program> {
     parse(&ctx).ok()
 }
 
-/// Check and resolve the `exec` table.
-pub fn parse(ctx: &BuildContext) -> Result<Program, String> {
+/// The `exec` table's shape, for serde: every key and its type (unknown keys refused). The
+/// values are then checked and resolved by `parse_all` (absolute program, usable variable
+/// names, existing directory, known accounts, a valid `stderr`, `wait` only on datagrams).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read for its shape only
+struct ExecTable {
+    argv: Option<Vec<String>>,
+    env: Option<std::collections::BTreeMap<String, String>>,
+    pass_env: Option<Vec<String>>,
+    cwd: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    stderr: Option<String>,
+    wait: Option<bool>,
+}
+
+/// Check and resolve the `exec` table, with every problem on its own key.
+pub fn parse_settings(ctx: &BuildContext) -> Result<Program, SettingsError> {
+    super::read_shape_then::<ExecTable, _>("exec", ctx.settings, || {
+        parse_all(ctx).map_err(|all| SettingsError::from_messages("exec", ctx.settings, all))
+    })
+}
+
+/// Check and resolve the `exec` table (every problem, in one line).
+pub(crate) fn parse(ctx: &BuildContext) -> Result<Program, String> {
+    parse_settings(ctx).map_err(|e| e.to_string())
+}
+
+fn parse_all(ctx: &BuildContext) -> Result<Program, Vec<String>> {
     let empty = toml::Table::new();
     let t = ctx.settings.unwrap_or(&empty);
     let mut errors = Vec::new();
@@ -220,7 +248,7 @@ pub fn parse(ctx: &BuildContext) -> Result<Program, String> {
         ));
     }
     if !errors.is_empty() {
-        return Err(errors.join("; "));
+        return Err(errors);
     }
     Ok(Program {
         argv,

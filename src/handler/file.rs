@@ -10,6 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{BuildContext, Context, Factory, Handler, Request};
+use crate::config::SettingsError;
+
+/// The `file` table as written: serde reads it, refusing unknown keys, one error per key.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileTable {
+    /// The file to send; must be absolute.
+    path: String,
+}
 
 /// `file = { path = "..." }`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,34 +28,37 @@ pub struct FileSettings {
 }
 
 impl FileSettings {
-    /// Read the `file` table; only stream listeners can be sent a file.
-    pub fn from_build(ctx: &BuildContext) -> Result<FileSettings, String> {
+    /// Read the `file` table ([`FileTable`], through the same per-key reader registered
+    /// handlers use); only stream listeners can be sent a file.
+    pub(crate) fn from_build(ctx: &BuildContext) -> Result<FileSettings, String> {
+        FileSettings::read(ctx).map_err(|e| e.to_string())
+    }
+
+    /// `from_build` with every problem on its key.
+    pub(crate) fn read(ctx: &BuildContext) -> Result<FileSettings, SettingsError> {
         if ctx.protocol.is_datagram() {
-            return Err(format!(
+            return Err(SettingsError::from(format!(
                 "handler `file` serves stream listeners only (tcp, unix), not {}; \
                  use protocol = \"tcp\" or \"unix\"",
                 ctx.protocol
-            ));
+            )));
         }
         let usage = "file = { path = \"/srv/motd.txt\" }";
-        let Some(table) = ctx.settings else {
-            return Err(format!("handler `file` needs its settings: add {usage}"));
-        };
-        for key in table.keys() {
-            if key != "path" {
-                return Err(format!("file: unknown key `{key}`; valid keys: path"));
-            }
+        if ctx.settings.is_none() {
+            return Err(SettingsError::from(format!(
+                "handler `file` needs its settings: add {usage}"
+            )));
         }
-        let path = match table.get("path") {
-            Some(toml::Value::String(p)) => PathBuf::from(p),
-            Some(_) => return Err(format!("file: `path` must be a string, e.g. {usage}")),
-            None => return Err(format!("file: `path` is required, e.g. {usage}")),
-        };
+        let table: FileTable = super::read_settings("file", ctx.settings)?;
+        let path = PathBuf::from(table.path);
         if !path.is_absolute() {
-            return Err(format!(
-                "file: path {:?} must be absolute (the daemon's working directory is not \
-                 yours), e.g. {usage}",
-                path.display().to_string()
+            return Err(SettingsError::at(
+                "path",
+                format!(
+                    "file: path {:?} must be absolute (the daemon's working directory is not \
+                     yours), e.g. {usage}",
+                    path.display().to_string()
+                ),
             ));
         }
         Ok(FileSettings { path })
@@ -69,8 +81,8 @@ impl FileSettings {
 }
 
 /// Builds the blocking `file` handler (threaded and forked workers).
-pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
-    let settings = Arc::new(FileSettings::from_build(ctx)?);
+pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
+    let settings = Arc::new(FileSettings::read(ctx)?);
     Ok(Arc::new(move || {
         Box::new(FileHandler(Arc::clone(&settings))) as Box<dyn Handler>
     }))

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use crate::config::BuildContext;
-use crate::config::{Catalog, ListenerConfig};
+use crate::config::{Catalog, ListenerConfig, SettingsError};
 pub use crate::conn::DatagramSocket;
 use crate::conn::{Conn, PeerAddr, SharedConn};
 
@@ -55,7 +55,7 @@ pub type Factory = Arc<dyn Fn() -> Box<dyn Handler> + Send + Sync>;
 
 /// Turns a listener's settings into a factory, or says what is wrong with them. Builders are
 /// called at `check` time and again at (re)start, so they must not have side effects.
-pub type Builder = Arc<dyn Fn(&BuildContext) -> Result<Factory, String> + Send + Sync>;
+pub type Builder = Arc<dyn Fn(&BuildContext) -> Result<Factory, SettingsError> + Send + Sync>;
 
 /// Config handler names to builders; what makes a custom daemon binary a one-liner.
 #[derive(Clone, Default)]
@@ -95,7 +95,7 @@ impl Registry {
     /// Register a builder under `name`, replacing any earlier one of that name.
     pub fn register<B>(&mut self, name: &str, builder: B)
     where
-        B: Fn(&BuildContext) -> Result<Factory, String> + Send + Sync + 'static,
+        B: Fn(&BuildContext) -> Result<Factory, SettingsError> + Send + Sync + 'static,
     {
         self.builders.insert(name.to_string(), Arc::new(builder));
         // A programmer's handler under a built-in's name replaces it in every model.
@@ -108,15 +108,52 @@ impl Registry {
         self.event_capable.contains(name)
     }
 
+    /// Register a handler whose settings are a serde struct `S`, read the way the core keys
+    /// are: every unknown or mistyped key is its own error at its own line and column (give
+    /// `S` `#[serde(deny_unknown_fields)]` so unknown keys are refused), a missing required key
+    /// one error on the table. `build` gets the parsed settings and may refuse them too.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use socketd::{Factory, Handler, Registry};
+    /// #[derive(serde::Deserialize)]
+    /// #[serde(deny_unknown_fields)]
+    /// struct GreetSettings {
+    ///     text: String,
+    ///     #[serde(default)]
+    ///     times: u32,
+    /// }
+    /// # struct Greet(Arc<GreetSettings>);
+    /// # impl Handler for Greet {
+    /// #     fn handle(&mut self, _: &mut socketd::Request, _: &socketd::Context) -> std::io::Result<()> { Ok(()) }
+    /// # }
+    /// let mut registry = Registry::with_builtins();
+    /// registry.register_settings("greet", |_ctx, s: GreetSettings| {
+    ///     let s = Arc::new(s);
+    ///     Ok(Arc::new(move || Box::new(Greet(Arc::clone(&s))) as Box<dyn Handler>) as Factory)
+    /// });
+    /// ```
+    pub fn register_settings<S, B>(&mut self, name: &str, build: B)
+    where
+        S: serde::de::DeserializeOwned,
+        B: Fn(&BuildContext, S) -> Result<Factory, SettingsError> + Send + Sync + 'static,
+    {
+        let owned = name.to_string();
+        self.register(name, move |ctx: &BuildContext| {
+            let settings = read_settings::<S>(&owned, ctx.settings)?;
+            build(ctx, settings)
+        });
+    }
+
     /// Register a handler that needs no settings: a listener table for it is refused.
     pub fn register_default<H: Handler + Default + 'static>(&mut self, name: &str) {
         let owned = name.to_string();
         self.register(name, move |ctx: &BuildContext| {
             if let Some(t) = ctx.settings {
                 if !t.is_empty() {
-                    return Err(format!(
+                    return Err(SettingsError::from(format!(
                         "handler `{owned}` takes no settings; remove the `{owned}` table"
-                    ));
+                    )));
                 }
             }
             Ok(Arc::new(|| Box::new(H::default()) as Box<dyn Handler>) as Factory)
@@ -134,18 +171,18 @@ impl Registry {
     }
 
     /// Build the factory for a handler name.
-    pub fn build(&self, name: &str, ctx: &BuildContext) -> Result<Factory, String> {
+    pub fn build(&self, name: &str, ctx: &BuildContext) -> Result<Factory, SettingsError> {
         match self.builders.get(name) {
             Some(b) => b(ctx),
-            None => Err(format!(
+            None => Err(SettingsError::from(format!(
                 "unknown handler `{name}`; valid values: {}",
                 self.names().join(", ")
-            )),
+            ))),
         }
     }
 
     /// Build the factory for a validated listener.
-    pub fn build_for(&self, l: &ListenerConfig) -> Result<Factory, String> {
+    pub fn build_for(&self, l: &ListenerConfig) -> Result<Factory, SettingsError> {
         self.build(
             &l.handler,
             &BuildContext {
@@ -174,8 +211,92 @@ impl Catalog for Registry {
         EVENT_HANDLERS.to_vec()
     }
 
-    fn check(&self, name: &str, ctx: &BuildContext<'_>) -> Result<(), String> {
+    fn check(&self, name: &str, ctx: &BuildContext<'_>) -> Result<(), SettingsError> {
         self.build(name, ctx).map(drop)
+    }
+}
+
+/// Read a handler's table into `S`, with each bad key its own problem: the whole table first;
+/// if that fails, each key alone (where "missing field" only means another key is required).
+pub(crate) fn read_settings<S: serde::de::DeserializeOwned>(
+    handler: &str,
+    table: Option<&toml::Table>,
+) -> Result<S, SettingsError> {
+    let table = table.cloned().unwrap_or_default();
+    let whole = match toml::Value::Table(table.clone()).try_into::<S>() {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let mut problems = Vec::new();
+    for (key, value) in &table {
+        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+        if let Err(e) = toml::Value::Table(alone).try_into::<S>() {
+            let message = unknown_key_message(handler, e.message().trim());
+            if !message.contains("missing field") {
+                problems.push(crate::config::Problem {
+                    key: Some(key.clone()),
+                    message,
+                });
+            }
+        }
+    }
+    if problems.is_empty() {
+        problems.push(crate::config::Problem {
+            key: None,
+            message: format!(
+                "{}; add it to the `{handler}` table",
+                whole.to_string().trim()
+            ),
+        });
+    }
+    Err(SettingsError { problems })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" in the words the core keys use:
+/// "unknown key `handler.x`; valid keys: a, b". Other messages pass unchanged.
+fn unknown_key_message(handler: &str, message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((key, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let valid = expected
+        .trim_start_matches(", expected ")
+        .trim_start_matches("one of ")
+        .replace(" or ", ", ")
+        .replace('`', "");
+    format!("unknown key `{handler}.{key}`; valid keys: {valid}")
+}
+
+/// A built-in's table: its shape (which keys, of which types) read into the serde struct `S`
+/// with a problem per bad key, then the built-in's own checks (`semantic`), whose problems
+/// are added for every key serde had no complaint about.
+pub(crate) fn read_shape_then<S, T>(
+    handler: &str,
+    table: Option<&toml::Table>,
+    semantic: impl FnOnce() -> Result<T, SettingsError>,
+) -> Result<T, SettingsError>
+where
+    S: serde::de::DeserializeOwned,
+{
+    let shape = read_settings::<S>(handler, Some(table.unwrap_or(&toml::Table::new()))).err();
+    match (shape, semantic()) {
+        (None, result) => result,
+        (Some(mut all), result) => {
+            if let Err(more) = result {
+                for p in more.problems {
+                    let seen = all
+                        .problems
+                        .iter()
+                        .any(|q| q.key.is_some() && q.key == p.key);
+                    if !seen && p.key.is_some() {
+                        all.problems.push(p);
+                    }
+                }
+            }
+            Err(all)
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BuildContext, Context, Factory, Handler, Request};
-use crate::config::Protocol;
+use crate::config::{Protocol, SettingsError};
 use crate::conn::{Conn, PeerAddr};
 
 /// How long a connect to the upstream may take when `connect_timeout` is not given.
@@ -74,53 +74,95 @@ fn duration(table: &toml::Table, key: &str, default: Duration) -> Result<Duratio
     }
 }
 
+/// The `proxy` table's shape, for serde: every key and its type (unknown keys refused); the
+/// values are then checked by `ProxySettings::from_build`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read for its shape only
+struct ProxyTable {
+    upstream: Option<String>,
+    connect_timeout: Option<String>,
+    proxy_protocol: Option<String>,
+    udp_idle: Option<String>,
+}
+
 impl ProxySettings {
-    /// Read the `proxy` table for a listener of `ctx.protocol`.
-    pub fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
+    /// Read the `proxy` table for a listener of `ctx.protocol` (every problem, in one line).
+    pub(crate) fn from_build(ctx: &BuildContext) -> Result<ProxySettings, String> {
+        ProxySettings::from_build_all(ctx).map_err(|all| all.join("; "))
+    }
+
+    /// Read the `proxy` table, collecting every problem (each names its key first).
+    fn from_build_all(ctx: &BuildContext) -> Result<ProxySettings, Vec<String>> {
         let Some(table) = ctx.settings else {
-            return Err(format!("handler `proxy` needs its settings: add {USAGE}"));
+            return Err(vec![format!(
+                "handler `proxy` needs its settings: add {USAGE}"
+            )]);
         };
+        let mut errors = Vec::new();
         for key in table.keys() {
             if !KEYS.split(", ").any(|k| k == key) {
-                return Err(format!("proxy: unknown key `{key}`; valid keys: {KEYS}"));
+                errors.push(format!("proxy: unknown key `{key}`; valid keys: {KEYS}"));
             }
         }
         let upstream = match table.get("upstream") {
-            Some(toml::Value::String(s)) => parse_upstream(s)?,
-            Some(_) => return Err(format!("proxy: `upstream` must be a string, e.g. {USAGE}")),
-            None => return Err(format!("proxy: `upstream` is required, e.g. {USAGE}")),
+            // "proxy: upstream …" becomes "proxy: `upstream` …", so it is shown at its key.
+            Some(toml::Value::String(s)) => parse_upstream(s)
+                .map_err(|e| errors.push(e.replacen("proxy: upstream", "proxy: `upstream`", 1)))
+                .ok(),
+            Some(_) => {
+                errors.push(format!("proxy: `upstream` must be a string, e.g. {USAGE}"));
+                None
+            }
+            None => {
+                errors.push(format!("proxy: `upstream` is required, e.g. {USAGE}"));
+                None
+            }
         };
         let proxy_protocol = match table.get("proxy_protocol") {
             None => None,
             Some(toml::Value::String(v)) if v == "v1" => Some(ProxyProtocol::V1),
             Some(toml::Value::String(v)) if v == "v2" => Some(ProxyProtocol::V2),
             Some(v) => {
-                return Err(format!(
+                errors.push(format!(
                     "proxy: `proxy_protocol` = {v} is not valid; valid values: \"v1\", \"v2\" \
                      (leave it out for no header)"
-                ))
+                ));
+                None
             }
         };
         if ctx.protocol.is_datagram() {
-            if ctx.protocol != Protocol::Udp || !matches!(upstream, Upstream::Inet(_)) {
-                return Err(
+            if ctx.protocol != Protocol::Udp || !matches!(upstream, Some(Upstream::Inet(_)) | None)
+            {
+                errors.push(
                     "proxy: datagram proxying is UDP to UDP only: use protocol = \"udp\" \
-                            with an ip:port upstream"
+                     with an ip:port upstream"
                         .into(),
                 );
             }
             if proxy_protocol.is_some() {
-                return Err(
+                errors.push(
                     "proxy: `proxy_protocol` applies to stream listeners only; remove it".into(),
                 );
             }
         }
-        Ok(ProxySettings {
-            upstream,
-            connect_timeout: duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
-            proxy_protocol,
-            udp_idle: duration(table, "udp_idle", DEFAULT_UDP_IDLE)?,
-        })
+        let connect_timeout = duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+            .map_err(|e| errors.push(e))
+            .ok();
+        let udp_idle = duration(table, "udp_idle", DEFAULT_UDP_IDLE)
+            .map_err(|e| errors.push(e))
+            .ok();
+        match (upstream, connect_timeout, udp_idle) {
+            (Some(upstream), Some(connect_timeout), Some(udp_idle)) if errors.is_empty() => {
+                Ok(ProxySettings {
+                    upstream,
+                    connect_timeout,
+                    proxy_protocol,
+                    udp_idle,
+                })
+            }
+            _ => Err(errors),
+        }
     }
 
     /// A blocking connect with the configured timeout (threaded and forked workers).
@@ -137,7 +179,7 @@ impl ProxySettings {
 }
 
 /// `ip:port`, `[ipv6]:port` or `unix:/absolute/path`; never a host name.
-pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+pub(crate) fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if let Some(p) = s.strip_prefix("unix:") {
         let path = PathBuf::from(p);
         if !path.is_absolute() {
@@ -223,8 +265,15 @@ pub fn local_of(conn: &Conn) -> Option<SocketAddr> {
 }
 
 /// Builds the blocking `proxy` handler (threaded and forked workers).
-pub fn build(ctx: &BuildContext) -> Result<Factory, String> {
-    let settings = Arc::new(ProxySettings::from_build(ctx)?);
+pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
+    let settings = Arc::new(super::read_shape_then::<ProxyTable, _>(
+        "proxy",
+        ctx.settings,
+        || {
+            ProxySettings::from_build_all(ctx)
+                .map_err(|all| SettingsError::from_messages("proxy", ctx.settings, all))
+        },
+    )?);
     Ok(Arc::new(move || {
         Box::new(ProxyHandler(Arc::clone(&settings))) as Box<dyn Handler>
     }))

@@ -28,6 +28,12 @@ pub fn use_syslog(cfg: &crate::config::SyslogConfig) {
     let _ = SYSLOG.set(syslog::Syslog::new(cfg));
 }
 
+/// The daemon log's syslog connection, once `log = "syslog"` is in force (the access log
+/// shares it rather than open a second connection to the same `[daemon.syslog]` address).
+pub fn shared_syslog() -> Option<&'static crate::logging::syslog::Syslog> {
+    SYSLOG.get()
+}
+
 /// One line on stderr in the foreground format; also syslog's fallback.
 pub fn write_stderr(level: Level, text: &str) {
     let journald = LOGGER.get().is_some_and(|l| l.journald);

@@ -42,6 +42,19 @@ impl Reason {
         self as usize
     }
 
+    /// The label in status and metrics (one of `stats::REFUSAL_LABELS`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Acl => "acl",
+            Reason::MaxConnections => "max_connections",
+            Reason::MaxPerSource => "max_per_source",
+            Reason::Rate => "rate",
+            Reason::SourcePort => "source_port",
+            Reason::BadSource => "bad_source",
+            Reason::MaxDuration => "max_duration",
+        }
+    }
+
     /// The words used in log lines.
     pub fn describe(self) -> &'static str {
         match self {
@@ -82,6 +95,7 @@ impl RefusalLog {
         now: Instant,
     ) {
         self.totals[reason.index()] += 1;
+        crate::stats::listener(listener).refused(reason.label());
         if self.quiet_until.is_some() {
             self.counts[reason.index()] += 1;
             return;
@@ -158,5 +172,8 @@ mod tests {
             "an empty window ends the quiet spell"
         );
         assert_eq!((log.total(Reason::Rate), log.total(Reason::Acl)), (1000, 1));
+        for r in Reason::ALL {
+            assert!(crate::stats::REFUSAL_LABELS.contains(&r.label()), "{r:?}");
+        }
     }
 }

@@ -18,9 +18,16 @@ fn inode(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     file.metadata().ok().map(|m| m.ino())
 }
 
+/// How soon a store message the manager had no room for is sent again. Its notify socket
+/// queues only a few datagrams (net.unix.max_dgram_qlen, 10 by default), and messages go with
+/// MSG_DONTWAIT so the loop never waits on it: a burst of listeners is stored over a few turns.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Server {
-    /// Bring the store in line with the open listeners (at start and after each reload).
+    /// Bring the store in line with the open listeners (at start, after each reload, and on
+    /// the retry timer while some are not stored yet).
     pub(super) fn sync_fd_store(&mut self) {
+        self.fd_store_retry = None;
         if !self.config.daemon.fd_store || !self.notify.enabled() {
             return;
         }
@@ -32,28 +39,42 @@ impl Server {
                 Some((s.cfg.name.clone(), inode(std::os::fd::AsFd::as_fd(l))?))
             })
             .collect();
-        if self.fd_stored.is_empty() && crate::daemon::handover::from_pid().is_some() {
+        if !self.fd_store_synced && crate::daemon::handover::from_pid().is_some() {
             // The new process of an upgrade: the old one stored these very sockets, and this
             // process may not notify the manager until it is named the main process.
             self.fd_stored = open;
+            self.fd_store_synced = true;
             return;
         }
-        for (name, ino) in std::mem::take(&mut self.fd_stored) {
-            if open.get(&name) != Some(&ino) {
-                self.notify.remove_stored_fd(&name);
-            }
+        let before = self.fd_stored.len();
+        let gone: Vec<String> = self
+            .fd_stored
+            .iter()
+            .filter(|(name, ino)| open.get(*name) != Some(ino))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.notify.remove_stored_fd(&name);
+            self.fd_stored.remove(&name);
         }
-        let mut stored = Stored::new();
+        let mut changed = before != self.fd_stored.len();
         for slot in self.slots.values() {
             let (Some(l), Some(ino)) = (&slot.listener, open.get(&slot.cfg.name)) else {
                 continue;
             };
+            if self.fd_stored.contains_key(&slot.cfg.name) {
+                continue;
+            }
             match self
                 .notify
                 .store_fd(&slot.cfg.name, std::os::fd::AsFd::as_fd(l))
             {
                 Ok(()) => {
-                    stored.insert(slot.cfg.name.clone(), *ino);
+                    self.fd_stored.insert(slot.cfg.name.clone(), *ino);
+                    changed = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.fd_store_retry = Some(std::time::Instant::now() + RETRY);
                 }
                 Err(e) => log::warn!(
                     "listener `{}`: cannot put its socket in the service manager's fd store: {e}",
@@ -61,11 +82,23 @@ impl Server {
                 ),
             }
         }
-        log::info!(
-            "fd store: {} listening sockets kept by the service manager",
-            stored.len()
-        );
-        self.fd_stored = stored;
+        if self.fd_store_retry.is_none() && (changed || !self.fd_store_synced) {
+            log::info!(
+                "fd store: {} listening sockets kept by the service manager",
+                self.fd_stored.len()
+            );
+        }
+        self.fd_store_synced = true;
+    }
+
+    /// Store what the manager had no room for last time, when its time has come.
+    pub(super) fn retry_fd_store(&mut self) {
+        if self
+            .fd_store_retry
+            .is_some_and(|t| t <= std::time::Instant::now())
+        {
+            self.sync_fd_store();
+        }
     }
 
     /// At a stop: leave unix socket files in place while the store holds their sockets.

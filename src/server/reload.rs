@@ -92,8 +92,8 @@ pub(super) fn plan(
 
 impl Server {
     /// SIGHUP: apply the config file's current content, or keep everything as it is and say
-    /// why not.
-    pub(super) fn reload_config(&mut self) {
+    /// why not: `Ok` with a summary of what changed, or `Err` with every reason it was refused.
+    pub(super) fn reload_config(&mut self) -> Result<String, Vec<String>> {
         let path = self.config.origin.clone();
         log::info!("reload: reading {}", path.display());
         let open: Vec<(usize, Arc<ListenerConfig>)> = self
@@ -105,23 +105,25 @@ impl Server {
         match plan(&path, &self.registry, &open) {
             Ok(plan) => {
                 warn_restart_only(&self.config.daemon, &plan.config.daemon);
-                self.apply(plan);
+                Ok(self.apply(plan))
             }
             Err(Refused::RolledBack(why)) => {
                 log::error!("reload rolled back: {why}; the running configuration stays in force");
+                Err(vec![why])
             }
             Err(Refused::Invalid(why)) => {
                 for d in &why {
                     log::error!("reload refused: {d}");
                 }
                 log::error!("reload refused: the running configuration stays in force");
+                Err(why)
             }
         }
     }
 
     /// Carry out a plan: kept listeners get their new settings, taken and bound ones become
     /// slots, listeners the plan does not name stop accepting and drain.
-    pub(super) fn apply(&mut self, plan: Plan) {
+    pub(super) fn apply(&mut self, plan: Plan) -> String {
         let Plan { config: new, steps } = plan;
         let stopping = Arc::clone(&self.shared.stopping);
         let mut live = HashSet::new();
@@ -183,7 +185,9 @@ impl Server {
         self.slots
             .retain(|_, s| s.listener.is_some() || s.in_flight() > 0);
         self.config = new;
-        log::info!("reload: done ({kept} kept, {added} added, {removed} removed)");
+        let summary = format!("{kept} kept, {added} added, {removed} removed");
+        log::info!("reload: done ({summary})");
+        summary
     }
 
     fn install_listener(
@@ -247,6 +251,12 @@ fn warn_restart_only(old: &crate::config::DaemonConfig, new: &crate::config::Dae
     }
     if old.syslog != new.syslog {
         needs.push("syslog");
+    }
+    if old.control != new.control {
+        needs.push("control/control_mode/control_group");
+    }
+    if old.metrics != new.metrics {
+        needs.push("metrics");
     }
     if !needs.is_empty() {
         log::warn!(

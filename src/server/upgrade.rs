@@ -25,10 +25,10 @@ pub(super) const OUTPUT: Token = Token(usize::MAX - 2);
 pub(super) const EXITED: Token = Token(usize::MAX - 3);
 
 /// How an upgrade ended: the new process's pid, or why it did not take over.
-pub type Outcome = Result<u32, String>;
+pub(crate) type Outcome = Result<u32, String>;
 
 /// Called once with the outcome (the control socket answers its client with it).
-pub type Reply = Box<dyn FnOnce(Outcome) + Send>;
+pub(crate) type Reply = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An upgrade in progress.
 pub(super) struct InProgress {
@@ -48,7 +48,7 @@ impl Server {
     /// Start an upgrade to `binary` (default: the binary this process was started from).
     /// `reply` gets the outcome: at once if the upgrade is refused or cannot start, else when
     /// the new process is serving or has been given up on.
-    pub fn upgrade(&mut self, binary: Option<PathBuf>, reply: Option<Reply>) {
+    pub(crate) fn upgrade(&mut self, binary: Option<PathBuf>, reply: Option<Reply>) {
         let refuse = |why: String, reply: Option<Reply>| {
             log::warn!("upgrade refused: {why}");
             if let Some(r) = reply {
@@ -81,6 +81,10 @@ impl Server {
                     fd: std::os::fd::AsFd::as_fd(l),
                     owned_file: l.own_socket_file().is_some(),
                     from_manager: l.from_manager(),
+                    path: match l.local_addr() {
+                        crate::config::ListenAddr::Path(p) => Some(p.as_path()),
+                        crate::config::ListenAddr::Inet(_) => None,
+                    },
                 })
             })
             .collect();
@@ -205,6 +209,8 @@ impl Server {
         // Its output from now on goes to the real stderr; whatever is still in the pipe is
         // start-up output and belongs in the log.
         up.started.on_output();
+        // Re-parented to the service manager before it is named the main process.
+        up.started.release();
         let pid = u32::try_from(up.started.pid.as_raw()).unwrap_or_default();
         self.notify
             .handed_over(pid, &format!("upgraded: pid {pid} serves"));
@@ -219,7 +225,6 @@ impl Server {
             up.started.binary.display(),
             std::process::id()
         );
-        // The new process stays this one's child until this one exits; it is not waited for.
         drop(up.started);
         self.begin_stop();
         if let Some(r) = up.reply {

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,35 @@ pub use crate::worker::Shared;
 
 /// socketserver's `verify_request`: judges a peer before any worker sees it.
 pub type Verify = Arc<dyn Fn(&crate::conn::PeerAddr) -> bool + Send + Sync>;
+
+/// How a listener's requests meet a worker model: chosen once per config (`Slot::new`,
+/// `Slot::reconfigure`) and matched in one place per kind of request (`dispatch_stream`,
+/// `dispatch_datagram`, `drain`), instead of `cfg.workers` tests spread around.
+#[derive(Debug, Clone)]
+enum Route {
+    /// The listener's thread pool.
+    Threaded,
+    /// The fork servers, through the slot's `Link`.
+    Forked,
+    /// The listener's event loops.
+    Event,
+    /// inetd `wait`: the listening socket itself goes to the program, which was resolved once
+    /// per config (accounts included) rather than on every drain.
+    Wait(crate::exec::Program),
+}
+
+impl Route {
+    fn of(cfg: &ListenerConfig) -> Route {
+        if let Some(program) = crate::handler::exec::wait_program(cfg) {
+            return Route::Wait(program);
+        }
+        match cfg.workers {
+            WorkerModel::Threaded => Route::Threaded,
+            WorkerModel::Forked => Route::Forked,
+            WorkerModel::Event => Route::Event,
+        }
+    }
+}
 
 /// What the loop should do with a listener after draining it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,12 +101,16 @@ pub struct Slot {
     pub fork: Option<link::Link>,
     /// `workers = "event"`: the listener's event loops (started on first use).
     events: crate::event::SlotEvents,
+    /// Counters for status and metrics (by listener name: they outlive this slot).
+    pub stats: Arc<crate::stats::ListenerStats>,
+    /// Paused by `socketd pause`: the socket stays open (the kernel queues), nothing is
+    /// accepted until `socketd resume`.
+    pub paused: bool,
     /// A library server's `verify_request`: a peer it refuses is closed (or its datagram
     /// dropped) before any worker sees it.
     pub verify: Option<Verify>,
-    /// A `wait = true` exec listener's program, resolved once per config (accounts included)
-    /// rather than on every drain.
-    wait: Option<crate::exec::Program>,
+    /// How requests meet the worker model, chosen once per config.
+    route: Route,
     /// Whether this listener's event loops may accept for themselves (a daemon's listeners,
     /// unless `SOCKETD_EVENT_ACCEPT=handoff`; see `event::accept`).
     pub loops_may_accept: bool,
@@ -105,7 +138,8 @@ impl Slot {
     ) -> io::Result<Slot> {
         let cfg = Arc::new(cfg);
         let reply = listener.reply_socket()?;
-        let wait = crate::handler::exec::wait_program(&cfg);
+        let route = Route::of(&cfg);
+        let stats = crate::stats::listener(&cfg.name);
         Ok(Slot {
             id,
             pool: Pool::new(&cfg.name, cfg.max_workers),
@@ -121,8 +155,10 @@ impl Slot {
             guard: crate::protect::Guard::default(),
             fork: None,
             events: crate::event::SlotEvents::default(),
+            stats,
             verify: None,
-            wait,
+            route,
+            paused: false,
             loops_may_accept: false,
             accepting: None,
         })
@@ -133,9 +169,8 @@ impl Slot {
     /// longer does (a reload changed its model). Call after `new` and `reconfigure`.
     pub fn setup_accept(&mut self, poll: &PollRegistry, shared: &Shared) {
         let qualifies = self.loops_may_accept
-            && self.cfg.workers == WorkerModel::Event
+            && matches!(self.route, Route::Event)
             && !self.cfg.protocol.is_datagram()
-            && self.wait.is_none()
             && self.verify.is_none();
         if !qualifies || self.listener.is_none() {
             self.stop_loop_accept();
@@ -148,10 +183,15 @@ impl Slot {
         let Some(listener) = &self.listener else {
             return;
         };
-        match self
-            .events
-            .start_accepting(self.id, &self.cfg, shared, listener, &self.guard)
-        {
+        let started = self.events.start_accepting(
+            self.id,
+            &self.cfg,
+            shared,
+            listener,
+            &self.guard,
+            &self.stats,
+        );
+        match started {
             Ok(a) => {
                 self.accepting = Some(a);
                 if was_watching {
@@ -200,7 +240,7 @@ impl Slot {
     /// Apply a reload's settings to this listener: new connections get them.
     pub fn reconfigure(&mut self, cfg: Arc<ListenerConfig>, factory: Factory, ctx: Context) {
         self.pool.set_max(cfg.max_workers);
-        self.wait = crate::handler::exec::wait_program(&cfg);
+        self.route = Route::of(&cfg);
         self.ctx = ctx;
         self.cfg = cfg;
         self.factory = factory;
@@ -229,6 +269,9 @@ impl Slot {
 
     /// Start watching for readiness, if open and not already watching.
     pub fn watch(&mut self, poll: &PollRegistry) {
+        if self.paused {
+            return;
+        }
         if let Some(a) = &self.accepting {
             if self.listener.is_some() {
                 a.set_wanted(true);
@@ -275,11 +318,16 @@ impl Slot {
 
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
+        if self.paused {
+            self.unwatch(poll);
+            return Drained::Empty;
+        }
         if self.accepting.is_some() {
             return Drained::Empty; // the event loops accept (see `event::accept`)
         }
-        if let Some(program) = self.wait.clone() {
-            return self.drain_wait(poll, shared, program); // inetd `wait`: see exec::wait
+        if let Route::Wait(program) = &self.route {
+            let program = program.clone();
+            return self.drain_wait(poll, shared, program); // inetd `wait`: see slot/wait.rs
         }
         // After EMFILE, accept again only with room to serve: at the margin an accept would
         // succeed and the handler then fail for want of its next descriptor, every retry.
@@ -324,10 +372,7 @@ impl Slot {
                     if !self.verified(&peer) {
                         continue;
                     }
-                    if self.cfg.workers == WorkerModel::Event {
-                        self.dispatch_event(shared, conn, peer, ticket);
-                        continue;
-                    }
+                    self.stats.accepted.fetch_add(1, Relaxed);
                     self.dispatch_stream(shared, conn, peer, local, ticket);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
@@ -336,18 +381,8 @@ impl Slot {
                     {
                         continue;
                     }
-                    if let (WorkerModel::Event, Some(reply)) = (self.cfg.workers, &self.reply) {
-                        let (id, cfg) = (self.id, &self.cfg);
-                        if let Err(e) =
-                            self.events
-                                .datagram(id, cfg, shared, &buf[..n], &peer, reply)
-                        {
-                            log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
-                        }
-                        continue;
-                    }
-                    let data = buf[..n].to_vec();
-                    self.dispatch_datagram(shared, data, peer);
+                    self.stats.accepted.fetch_add(1, Relaxed);
+                    self.dispatch_datagram(shared, &buf[..n], peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -393,6 +428,7 @@ impl Slot {
         Drained::RetryAt(Instant::now() + FD_RETRY)
     }
 
+    /// An admitted connection meets this listener's worker model: the one place that decides.
     fn dispatch_stream(
         &mut self,
         shared: &mut Shared,
@@ -401,6 +437,13 @@ impl Slot {
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
     ) {
+        let forked = match self.route {
+            Route::Event => return self.dispatch_event(shared, conn, peer, ticket),
+            Route::Forked => true,
+            Route::Threaded => false,
+            // `wait` is for datagram listeners only (validation refuses it elsewhere).
+            Route::Wait(_) => return,
+        };
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
@@ -413,7 +456,7 @@ impl Slot {
             self.id,
         );
         log::debug!("listener `{}`: connection from {peer}", self.cfg.name);
-        if self.cfg.workers == WorkerModel::Forked {
+        if forked {
             // The daemon keeps its copy of the connection (and the tracker entry, for stop and
             // timeouts) until the child's exit is reported.
             let guard = TrackGuard {
@@ -470,19 +513,24 @@ impl Slot {
         }
     }
 
-    fn dispatch_datagram(
-        &mut self,
-        shared: &mut Shared,
-        data: Vec<u8>,
-        peer: crate::conn::PeerAddr,
-    ) {
-        if self.cfg.workers == WorkerModel::Forked {
-            self.dispatch_forked_datagram(shared, data, peer);
-            return;
-        }
+    /// An admitted datagram meets this listener's worker model.
+    fn dispatch_datagram(&mut self, shared: &mut Shared, data: &[u8], peer: crate::conn::PeerAddr) {
         let Some(socket) = self.reply.clone() else {
             return;
         };
+        match self.route {
+            Route::Event => {
+                let (id, cfg) = (self.id, &self.cfg);
+                if let Err(e) = self.events.datagram(id, cfg, shared, data, &peer, &socket) {
+                    log::warn!("listener `{}` peer {peer}: {e}", self.cfg.name);
+                }
+                return;
+            }
+            Route::Forked => return self.dispatch_forked_datagram(shared, data.to_vec(), peer),
+            Route::Threaded => {}
+            Route::Wait(_) => return,
+        }
+        let data = data.to_vec();
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, id) = (shared.notifier.clone(), self.id);
         let job = move || {
@@ -501,7 +549,7 @@ impl Slot {
         shared: &mut Shared,
         conn: Option<u64>,
     ) {
-        debug_assert_eq!(self.cfg.workers, WorkerModel::Threaded);
+        debug_assert!(matches!(self.route, Route::Threaded));
         match self.pool.execute(job) {
             Ok(()) => self.busy += 1,
             Err(e) => {

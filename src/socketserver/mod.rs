@@ -21,8 +21,8 @@
 //! holds at that instant stays held in the children: a forked handler must not wait for such a
 //! lock. (Python's `ForkingMixIn` forks the threaded program for every request and promises
 //! nothing; the daemon `socketd` starts its fork servers before it has a second thread, so its
-//! children inherit no lock at all.) The fork server ends with `server_close`, or when the
-//! thread that started serving exits.
+//! children inherit no lock at all.) The fork server ends with `server_close` (or drop), or with
+//! the process; it does not matter which thread serves or closes.
 
 mod hooks;
 

@@ -493,3 +493,28 @@ fn no_signal_disposition_is_changed() {
         assert_eq!(dispositions(), before, "after serving with {mix:?}");
     }
 }
+
+/// serve_forever may run again after a shutdown, on another thread: a forking server's fork
+/// server outlives the thread that started it (it ends with server_close, not with a thread).
+#[test]
+fn serve_forever_runs_again_on_another_thread_after_shutdown() {
+    let mut server = TcpServer::bind("127.0.0.1:0", MyHandler::default)
+        .expect("bind")
+        .mix(Mix::Forking);
+    let addr = server.server_address();
+    let stop = server.shutdown_handle();
+    let first = std::thread::spawn(move || {
+        let client = std::thread::spawn(move || {
+            let a = tcp_exchange(addr, &["one"]);
+            stop.shutdown();
+            a
+        });
+        server.serve_forever().expect("first serve_forever");
+        (server, client.join().expect("client"))
+    });
+    // The thread that started the fork server has ended once join returns.
+    let (mut server, one) = first.join().expect("first thread");
+    assert_eq!(one, "Your msg=one\n");
+    let two = serve_while(&mut server, move || tcp_exchange(addr, &["two"]));
+    assert_eq!(two, "Your msg=two\n");
+}

@@ -88,7 +88,7 @@ impl Child<'_> {
             (JobKind::Datagram, None, Some(s)) => s.try_clone()?,
             _ => return Err(std::io::Error::other("no socket was passed for this job")),
         };
-        close_all_but(&[fd.as_raw_fd()]);
+        close_all_but(&[fd.as_raw_fd(), crate::access_log::forward_fd()]);
         let factory = self
             .entry
             .factory

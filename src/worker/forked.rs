@@ -130,7 +130,7 @@ fn server_count() -> usize {
 
 /// Fork one fork server (the caller is single-threaded, or holds the locks `start_threaded`
 /// names).
-fn fork_one(registry: &Registry, parent: Pid) -> io::Result<Arc<Process>> {
+fn fork_one(registry: &Registry, parent: Option<Pid>) -> io::Result<Arc<Process>> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -168,7 +168,7 @@ impl ForkServer {
         let mut servers = Vec::new();
         for _ in 0..server_count() {
             // Ones already started see their socket close when `servers` drops, and exit.
-            servers.push(fork_one(registry, parent)?);
+            servers.push(fork_one(registry, Some(parent))?);
         }
         let server = ForkServer::with(servers, notifier)?;
         log::debug!("fork servers started, pids {:?}", server.pids());
@@ -188,13 +188,15 @@ impl ForkServer {
     /// a forked handler must not wait for those (Python's `ForkingMixIn` promises less: it
     /// forks the threaded process for every request).
     pub fn start_threaded(registry: &Registry, notifier: Notifier) -> io::Result<ForkServer> {
-        let parent = nix::unistd::getpid();
         let process = {
             let out = std::io::stdout();
             let err = std::io::stderr();
             let _out = out.lock();
             let _err = err.lock();
-            fork_one(registry, parent)?
+            // Not tied to this thread by PR_SET_PDEATHSIG (a library server may be served
+            // from a thread that ends): the fork server ends when its socket closes, which
+            // `server_close` (or the process's end) does.
+            fork_one(registry, None)?
         };
         let server = ForkServer::with(vec![process], notifier)?;
         log::debug!("fork server started, pid {:?}", server.pids());

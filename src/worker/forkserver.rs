@@ -82,7 +82,7 @@ pub(super) struct State {
 }
 
 /// The fork server's whole life; never returns.
-pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Pid) -> ! {
+pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Option<Pid>) -> ! {
     let code = match setup(&sock, parent).and_then(|sigfd| {
         serve(
             State {
@@ -110,12 +110,16 @@ pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Pid) -> ! {
 /// Dispositions the daemon set up (signal-hook's handlers) are reset; the daemon's own
 /// signals (INT, QUIT, HUP, USR1) are ignored, since a terminal's ^C reaches the whole process
 /// group and the daemon decides when children stop; SIGCHLD is blocked for the signalfd.
-fn setup(sock: &OwnedFd, parent: Pid) -> std::io::Result<SignalFd> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-    if nix::unistd::getppid() != parent {
-        return Err(std::io::Error::other(
-            "the daemon exited while the fork server started",
-        ));
+fn setup(sock: &OwnedFd, parent: Option<Pid>) -> std::io::Result<SignalFd> {
+    // The daemon's fork servers die with it (`parent`); a library server's end when their
+    // socket closes.
+    if let Some(parent) = parent {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+        if nix::unistd::getppid() != parent {
+            return Err(std::io::Error::other(
+                "the daemon exited while the fork server started",
+            ));
+        }
     }
     reset_signals();
     // Programs orphaned when a worker dies (killed at stop) come here to be reaped, not to init.
@@ -124,7 +128,7 @@ fn setup(sock: &OwnedFd, parent: Pid) -> std::io::Result<SignalFd> {
         // SAFETY: installing SIG_IGN runs no code in signal context.
         unsafe { signal::signal(sig, SigHandler::SigIgn) }?;
     }
-    close_all_but(&[sock.as_raw_fd()]);
+    close_all_but(&[sock.as_raw_fd(), crate::access_log::forward_fd()]);
     open_standard_fds()?;
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -393,7 +397,7 @@ impl State {
             match pid {
                 0 => {
                     drop(ours);
-                    run(theirs, self.registry.clone(), daemon)
+                    run(theirs, self.registry.clone(), Some(daemon))
                 }
                 p if p < 0 => Err(std::io::Error::last_os_error()),
                 p => Ok((p as i32, ours)),
@@ -426,7 +430,7 @@ impl State {
             ToServer::Listener { slot, config } => {
                 let entry = match toml::from_str::<ListenerConfig>(&config) {
                     Ok(cfg) => Entry {
-                        factory: self.registry.build_for(&cfg),
+                        factory: self.registry.build_for(&cfg).map_err(|e| e.to_string()),
                         exec: prepare_exec(&cfg),
                         cfg: Arc::new(cfg),
                         socket: fds.pop(),

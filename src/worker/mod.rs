@@ -54,7 +54,7 @@ pub fn serve_stream<G>(
     let outcome = run(factory, ctx, &mut req);
     // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
-        Request::Stream(s) if log::log_enabled!(log::Level::Info) => crate::access::bytes(s.conn()),
+        Request::Stream(s) => crate::access::bytes(s.conn()),
         _ => crate::access::Bytes::default(),
     };
     drop(before_close);

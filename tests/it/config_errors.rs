@@ -399,3 +399,30 @@ fn shipped_config_passes_check() {
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_eq!(out.stdout.trim(), "ok", "{}", out.describe());
 }
+
+/// A handler's table is read key by key like the core keys: an `exec` table with three
+/// mistakes gives three diagnostics, each at its own line and column, and "3 errors found".
+#[test]
+fn exec_table_with_three_mistakes_gives_three_errors_at_their_keys() {
+    let toml = "[[listener]]\nname = \"x\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:7\"\n\
+                handler = \"exec\"\n[listener.exec]\nargv = [\"relative\"]\n\
+                stderr = \"loud\"\n  bogus = 1\n";
+    let (out, path, _dir) = check(toml);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let diags = out.diagnostics(&path);
+    let at = |line_col: &str, parts: &[&str]| {
+        let wanted = format!("{}:{line_col}:", path.display());
+        let Some(d) = diags.iter().find(|d| d.starts_with(&wanted)) else {
+            panic!("no diagnostic at {wanted}\n{}", out.describe());
+        };
+        assert_contains(d, parts);
+    };
+    assert_eq!(diags.len(), 3, "{}", out.describe());
+    at("7:1", &["key `exec.argv`", "must be an absolute path"]);
+    at(
+        "8:1",
+        &["key `exec.stderr`", "valid values: log, null, inherit"],
+    );
+    at("9:3", &["key `exec.bogus`", "valid keys: argv, env"]);
+    assert!(out.stderr.contains("3 errors found"), "{}", out.describe());
+}

@@ -272,7 +272,7 @@ impl Sink {
 
 fn syslog_run(sink: &mut Sink, syslog_table: &str, pri_info: u32, rfc5424: bool) {
     let config = format!(
-        "[daemon]\nlog = \"syslog\"\nshutdown_timeout = \"1s\"\n[daemon.syslog]\n{syslog_table}\n[[listener]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n"
+        "[daemon]\nlog = \"syslog\"\naccess_log = \"syslog\"\nshutdown_timeout = \"1s\"\n[daemon.syslog]\n{syslog_table}\n[[listener]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\nhandler = \"echo\"\n"
     );
     let mut d = Daemon::spawn(&config);
     let pid = d.pid();

@@ -352,7 +352,11 @@ fn event_max_workers_bounds_open_connections() {
 /// Event-mode connections get the same access line as the other worker models.
 #[test]
 fn event_connections_get_an_access_line() {
-    let d = Daemon::start(&event_listener("echo", "tcp", "127.0.0.1:0", "echo"));
+    let toml = format!(
+        "[daemon]\naccess_log = \"stderr\"\n{}",
+        event_listener("echo", "tcp", "127.0.0.1:0", "echo")
+    );
+    let d = Daemon::start(&toml);
     d.wait_ready();
     let mut s = d.connect("echo");
     s.write_all(b"hello\n").expect("send");

@@ -38,7 +38,8 @@ fn pid_and_parent(line: &str) -> (i32, i32) {
 #[test]
 fn the_program_is_the_fork_servers_child_in_its_own_group() {
     let sh = "argv = [\"/bin/sh\", \"-c\", \"echo $$ $PPID; exec cat\"]";
-    let mut toml = exec_listener(
+    let mut toml = String::from("[daemon]\naccess_log = \"stderr\"\n");
+    toml += &exec_listener(
         "spawned",
         "tcp",
         "127.0.0.1:0",

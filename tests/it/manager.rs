@@ -125,7 +125,8 @@ fn an_upgrade_names_the_new_main_pid_and_the_new_process_feeds_the_watchdog() {
     assert_eq!(reloading.pid, old);
     let handed = m.expect("MAINPID=", READY_TIMEOUT);
     assert_eq!(handed.pid, old, "MAINPID= comes from the main process");
-    assert_contains(&handed.text, &["READY=1"]);
+    // WATCHDOG=1 with it: the manager's watchdog clock restarts at the hand-over.
+    assert_contains(&handed.text, &["READY=1", "WATCHDOG=1"]);
     let new: i32 = field(&handed.text, "MAINPID=")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {:?}", handed.text));
@@ -253,4 +254,127 @@ fn the_fd_store_keeps_every_socket_across_a_restart() {
     drop((waiting_tcp, waiting_unix));
     d2.signal(libc::SIGTERM);
     assert_exit_code(d2.wait_exit(STOP_BUDGET), 0, &d2);
+}
+
+#[test]
+fn a_full_manager_queue_delays_the_fd_store_but_loses_no_socket() {
+    // More listeners than a unix datagram socket queues by default (net.unix.max_dgram_qlen
+    // is 10): with the manager not reading yet, some FDSTORE=1 messages find no room.
+    const N: usize = 14;
+    let mut config = String::from("[daemon]\nfd_store = true\n");
+    for i in 0..N {
+        config.push_str(&listener(&format!("l{i}"), "tcp", "127.0.0.1:0", "echo"));
+    }
+    let mut manager = None;
+    let mut d = Daemon::spawn_with(&config, |dir, cfg| {
+        let path = dir.join("notify.sock");
+        manager = Some(Manager::bind(&path));
+        let mut cmd = socketd_cmd();
+        cmd.arg("--config").arg(cfg).env("NOTIFY_SOCKET", &path);
+        cmd
+    });
+    let mut m = manager.expect("notify socket");
+    d.wait_ready();
+    assert!(
+        !d.log().contains("fd store:"),
+        "all stored although the manager read nothing\n{}",
+        d.log_dump()
+    );
+    assert!(!d.log().contains("cannot put"), "{}", d.log_dump());
+    let mut names = Vec::new();
+    while names.len() < N {
+        let msg = m.expect("FDSTORE=1", READY_TIMEOUT);
+        assert_eq!(msg.fds.len(), 1, "{:?}", msg.text);
+        names.push(field(&msg.text, "FDNAME=").expect("FDNAME=").to_string());
+    }
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), N, "{names:?}");
+    d.wait_log(
+        &format!("fd store: {N} listening sockets kept"),
+        READY_TIMEOUT,
+    );
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+#[test]
+fn sockets_from_socket_activation_are_handed_over_and_their_files_kept() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.is_file()) else {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // The manager binds the TCP socket on a port and a unix socket with a name socketd would
+    // never pick; the listeners' own addresses differ (port 0, another path): adopted by name.
+    let config = format!(
+        "[daemon]\npidfile = \"{{dir}}/socketd.pid\"\n{}{}",
+        listener("tcp", "tcp", "127.0.0.1:0", "echo"),
+        listener("unix", "unix", "{dir}/unused.sock", "echo"),
+    );
+    let mut d = Daemon::spawn_with(&config, |dir, cfg| {
+        let mut cmd = command(activate);
+        cmd.arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--listen={}", dir.join("manager.sock").display()))
+            .arg("--fdname=tcp:unix")
+            .arg(SOCKETD)
+            .arg("--config")
+            .arg(cfg);
+        cmd
+    });
+    // systemd-socket-activate starts socketd on the first connection.
+    d.wait_log("as 4.", READY_TIMEOUT);
+    let mut first = Stream::tcp(([127, 0, 0, 1], port).into());
+    first.write_all(b"first\n").expect("send");
+    d.wait_ready();
+    assert_eq!(first.read_line(), "first\n");
+    drop(first);
+    let old = d.pid();
+    d.signal(libc::SIGUSR2);
+    d.wait_log("stops accepting and drains", READY_TIMEOUT);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+    let log = d.log();
+    for name in ["tcp", "unix"] {
+        assert_contains(
+            &log,
+            &[&format!(
+                "listener `{name}`: using the socket `{name}` handed over by pid {old}"
+            )],
+        );
+    }
+    let new: i32 = std::fs::read_to_string(d.dir().join("socketd.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let manager_sock = d.dir().join("manager.sock");
+    let mut s = Stream::tcp(([127, 0, 0, 1], port).into());
+    s.write_all(b"tcp\n").expect("send");
+    assert_eq!(s.read_line(), "tcp\n");
+    let mut u = Stream::unix(&manager_sock);
+    u.write_all(b"unix\n").expect("send");
+    assert_eq!(u.read_line(), "unix\n");
+    drop((s, u));
+    assert!(
+        !d.dir().join("unused.sock").exists(),
+        "bound its own socket"
+    );
+    // SAFETY: kill(2) has no memory effects; `new` is the daemon the upgrade started.
+    unsafe { libc::kill(new, libc::SIGTERM) };
+    wait_until("the new process to stop", STOP_BUDGET, || {
+        std::fs::read_to_string(format!("/proc/{new}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    assert!(
+        manager_sock.exists(),
+        "the manager's socket file was removed by socketd"
+    );
 }

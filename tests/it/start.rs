@@ -9,7 +9,7 @@ use crate::services::{check_listener, listener};
 
 /// `config/socketd.toml` with every address moved somewhere private: IP listeners to port 0
 /// on the same IP, unix sockets into `{dir}` (only listeners' addresses: `[daemon.syslog]` has
-/// one too). Everything else (comments, defaults) as shipped.
+/// one too), and the control socket too. Everything else (comments, defaults) as shipped.
 fn shipped_config_made_private() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/socketd.toml");
     let text = std::fs::read_to_string(&path)
@@ -25,6 +25,10 @@ fn shipped_config_made_private() -> String {
             .filter(|_| in_listener)
             .and_then(|rest| rest.trim_start().strip_prefix('='))
             .map(|v| v.trim().trim_matches('"'));
+        if line.starts_with("control = ") {
+            out.push_str("control = \"{dir}/control\"\n");
+            continue;
+        }
         match value {
             Some(addr) => {
                 let private = match addr.parse::<std::net::SocketAddr>() {

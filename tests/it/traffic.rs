@@ -194,7 +194,7 @@ fn forked_listener_lines_carry_the_daemon_pid() {
     let log_path = dir.path().join("log.sock");
     let sink = UnixDatagram::bind(&log_path).expect("bind the syslog sink");
     let mut config = format!(
-        "[daemon]\nlog = \"syslog\"\n[daemon.syslog]\naddress = \"unix:{}\"\n\
+        "[daemon]\nlog = \"syslog\"\naccess_log = \"syslog\"\n[daemon.syslog]\naddress = \"unix:{}\"\n\
          [[listener]]\nname = \"fecho\"\nprotocol = \"unix\"\naddress = \"{}/fecho.sock\"\n\
          handler = \"echo\"\nworkers = \"forked\"\n",
         log_path.display(),
@@ -285,12 +285,18 @@ fn exit_status_after_the_client_left_is_not_a_warning() {
 fn a_chatty_programs_stderr_is_capped_and_the_drops_counted() {
     const LINES: usize = 5000;
     for workers in ["threaded", "forked"] {
-        let d = Daemon::start(&exec_listener(
-            "chatty",
-            "tcp",
-            "127.0.0.1:0",
-            workers,
-            &format!("{{ argv = [\"/bin/sh\", \"-c\", \"seq 1 {LINES} >&2\"], stderr = \"log\" }}"),
+        // The access line (to stderr, beside the daemon's log) marks the connection's end.
+        let d = Daemon::start(&format!(
+            "[daemon]\naccess_log = \"stderr\"\n{}",
+            exec_listener(
+                "chatty",
+                "tcp",
+                "127.0.0.1:0",
+                workers,
+                &format!(
+                    "{{ argv = [\"/bin/sh\", \"-c\", \"seq 1 {LINES} >&2\"], stderr = \"log\" }}"
+                ),
+            )
         ));
         let mut c = d.connect("chatty");
         assert!(c.closed_within(IO_TIMEOUT), "{workers}: program ended");

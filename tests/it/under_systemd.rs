@@ -361,11 +361,24 @@ fn debian_package_installs_and_serves_under_systemd() {
     c.sh("systemctl enable --now socketd");
     assert_shipped_services_answer(&c);
 
-    // Removal stops the service and keeps the edited config (a conffile); purge removes it.
+    // Installing the package again (an upgrade) keeps an edited config (a conffile) and
+    // restarts the running service on it.
     c.write(
         CONFIG,
         &SYSTEMD_CONFIG.replace("log_level = \"info\"", "log_level = \"debug\""),
     );
+    let pid = show(&c, "MainPID");
+    c.sh(&format!("dpkg -i {staged}"));
+    assert_contains(&c.read(CONFIG), &["log_level = \"debug\""]);
+    assert_eq!(show(&c, "ActiveState"), "active");
+    assert_ne!(
+        show(&c, "MainPID"),
+        pid,
+        "postinst restarts a running service"
+    );
+    c.in_net(|| assert_eq!(tcp_echo(17007, b"upgraded").unwrap(), b"upgraded"));
+
+    // Removal stops the service and keeps the edited config; purge removes it.
     c.sh("dpkg -r socketd");
     c.sh("test ! -e /usr/bin/socketd");
     assert_ne!(

@@ -30,7 +30,9 @@ fn config(upgrade_timeout: &str) -> String {
         listener("tcp", "tcp", "127.0.0.1:0", "echo"),
         listener("udp", "udp", "127.0.0.1:0", "echo"),
         listener("unix", "unix", "{dir}/stream.sock", "echo"),
-        listener("dgram", "unix-dgram", "{dir}/dgram.sock", "echo"),
+        // A mode: bound in a private directory and renamed into place, so the socket's own
+        // address is not its path (the hand-over must carry the path).
+        listener("dgram", "unix-dgram", "{dir}/dgram.sock", "echo") + "mode = \"0666\"\n",
         listener("long", "tcp", "127.0.0.1:0", "echo"),
     )
 }
@@ -406,14 +408,15 @@ fn listener_inodes(d: &Daemon) -> Vec<String> {
             }
         }
     }
+    // Unix sockets by the address they were bound to: in the daemon's dir (a socket with a
+    // mode was bound in a private directory there, then renamed into place). No client
+    // socket of the test is bound in the dir at this point.
     let unix = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
-    for name in ["unix", "dgram"] {
-        let path = d.path(name).display().to_string();
-        for line in unix.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() >= 8 && f[7] == path {
-                out.push(format!("socket:[{}]", f[6]));
-            }
+    let dir = d.dir().display().to_string();
+    for line in unix.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 8 && f[7].starts_with(&dir) {
+            out.push(format!("socket:[{}]", f[6]));
         }
     }
     out.sort();
@@ -562,7 +565,7 @@ fn a_new_binary_that_exits_at_start_is_rolled_back() {
     assert_contains(
         &line,
         &[
-            "exited with status 1 before it was ready",
+            "the new process exited with status 1 before it was ready",
             "new build: cannot start, missing libfoo",
             &format!("still serving as pid {}", d.pid()),
         ],
@@ -671,6 +674,224 @@ fn a_new_process_that_cannot_bind_is_rolled_back_and_the_pidfile_lock_stays() {
         &second.stderr,
         &[&format!("another socketd (pid {}) is running", d.pid())],
     );
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+#[test]
+fn forked_workers_and_exec_programs_finish_on_the_old_process() {
+    // One program per connection that answers a line with its pid, under both worker models.
+    let program = r#"{ argv = ["/bin/sh", "-c", "read line; echo \"$$ $line\""] }"#;
+    let config = format!(
+        "[daemon]\npidfile = \"{{dir}}/socketd.pid\"\nshutdown_timeout = \"20s\"\n{}{}{}",
+        crate::exec::exec_listener("forked", "tcp", "127.0.0.1:0", "forked", program),
+        crate::exec::exec_listener("threaded", "tcp", "127.0.0.1:0", "threaded", program),
+        listener("echo", "tcp", "127.0.0.1:0", "echo") + "workers = \"forked\"\n",
+    );
+    let mut d = start(&config);
+    let old = d.pid();
+    // Connections the old process accepted, with their programs and forked worker running.
+    let mut open: Vec<(&str, Stream)> = ["forked", "threaded", "echo"]
+        .into_iter()
+        .map(|name| (name, d.connect(name)))
+        .collect();
+    let (_, echo) = &mut open[2];
+    echo.write_all(b"first\n").expect("send");
+    assert_eq!(echo.read_line(), "first\n");
+    install_copy(&d);
+    let new = upgrade_ok(&d, old);
+    // The new process serves new connections meanwhile.
+    let mut fresh = d.connect("threaded");
+    fresh.write_all(b"fresh\n").expect("send");
+    assert!(fresh.read_line().ends_with(" fresh\n"));
+    assert!(
+        d.is_running(),
+        "the old process did not wait for its connections"
+    );
+    for (name, mut s) in open {
+        s.write_all(b"after\n").expect("send");
+        let line = s.read_line();
+        assert!(
+            line.ends_with("after\n"),
+            "{name}: {line:?}\n{}",
+            d.log_dump()
+        );
+    }
+    assert_exit_code(d.wait_exit(HANDOVER_BUDGET), 0, &d);
+    assert!(
+        !d.log().contains("shutdown_timeout reached"),
+        "the old process cut its work short\n{}",
+        d.log_dump()
+    );
+    new.signal(libc::SIGTERM);
+    new.wait_gone(STOP_BUDGET);
+}
+
+#[test]
+fn a_detached_daemon_is_upgraded_through_its_pidfile() {
+    let dir = TestDir::new();
+    let cfg = dir.write("socketd.toml", &config("20s"));
+    let bin = dir.path().join(BIN);
+    copy_binary(Path::new(SOCKETD), &bin);
+    let mut cmd = command(&bin);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("--daemon")
+        .current_dir(dir.path());
+    let out = run_with_timeout(cmd, READY_TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let pidfile = dir.path().join("socketd.pid");
+    let read_pid = || -> i32 {
+        let text = std::fs::read_to_string(&pidfile).expect("pidfile");
+        text.trim().parse().expect("a pid")
+    };
+    let old = Successor { pid: read_pid() };
+    let sock = dir.path().join("stream.sock");
+    let echo = |msg: &str| {
+        let mut s = Stream::unix(&sock);
+        s.write_all(msg.as_bytes()).expect("send");
+        s.read_line()
+    };
+    assert_eq!(echo("before\n"), "before\n");
+
+    let temp = dir.path().join(".new");
+    copy_binary(Path::new(SOCKETD), &temp);
+    std::fs::rename(&temp, &bin).expect("install the new binary");
+    let mut up = socketd_cmd();
+    up.arg("--config").arg(&cfg).arg("upgrade");
+    let out = run_with_timeout(up, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let new = Successor { pid: read_pid() };
+    assert_ne!(new.pid, old.pid);
+    assert_contains(
+        &out.stdout,
+        &[&format!("upgraded: pid {} -> pid {}", old.pid, new.pid)],
+    );
+    old.wait_gone(HANDOVER_BUDGET);
+    assert_eq!(echo("after\n"), "after\n");
+    assert_eq!(
+        read_pid(),
+        new.pid,
+        "the old process took the pidfile with it"
+    );
+    new.signal(libc::SIGTERM);
+    new.wait_gone(STOP_BUDGET);
+    assert!(!pidfile.exists(), "pidfile left after the stop");
+    assert!(!sock.exists(), "socket file left after the stop");
+}
+
+#[test]
+fn a_binary_that_cannot_be_executed_is_rolled_back_at_once() {
+    let mut d = start(&config("10s"));
+    // Not executable: execve fails in the child, which says so on the readiness pipe.
+    install(&d, |p| {
+        std::fs::write(p.with_extension("txt"), b"not a program").expect("write");
+        copy_binary(&p.with_extension("txt"), p);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    });
+    d.signal(libc::SIGUSR2);
+    let line = d.wait_log("upgrade failed:", READY_TIMEOUT);
+    assert_contains(
+        &line,
+        &["cannot start the new binary (execve: Permission denied"],
+    );
+    still_serving(&d);
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
+/// `config` with a control socket: `socketd upgrade` then goes through it and gets the outcome.
+fn config_with_control(upgrade_timeout: &str) -> String {
+    config(upgrade_timeout).replacen("[daemon]\n", "[daemon]\ncontrol = \"{dir}/control\"\n", 1)
+}
+
+fn upgrade_with(d: &Daemon, args: &[&str]) -> CmdOutput {
+    let mut cmd = socketd_cmd();
+    cmd.arg("--config")
+        .arg(d.config_path())
+        .arg("upgrade")
+        .args(args);
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+fn script(d: &Daemon, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let text = d.dir().join(format!("{name}.txt"));
+    std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+    std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = d.dir().join(name);
+    copy_binary(&text, &path);
+    path
+}
+
+#[test]
+fn upgrade_through_the_control_socket_to_another_binary() {
+    let mut d = start(&config_with_control("20s"));
+    let old = d.pid();
+    let other = d.dir().join("socketd-other");
+    copy_binary(Path::new(SOCKETD), &other);
+    let out = upgrade_with(&d, &["--binary", &other.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}\n{}", out.describe(), d.log_dump());
+    let new = Successor {
+        pid: pid_in_pidfile(&d),
+    };
+    assert_contains(
+        &out.stdout,
+        &[&format!("upgraded: pid {old} -> pid {}", new.pid)],
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", new.pid)).expect("exe");
+    assert_eq!(exe, other, "the new process runs --binary");
+    assert_exit_code(d.wait_exit(HANDOVER_BUDGET), 0, &d);
+    let mut s = d.connect("tcp");
+    s.write_all(b"new\n").expect("send");
+    assert_eq!(s.read_line(), "new\n");
+    drop(s);
+    new.signal(libc::SIGTERM);
+    new.wait_gone(STOP_BUDGET);
+}
+
+#[test]
+fn a_failed_upgrade_through_the_control_socket_says_why() {
+    let mut d = start(&config_with_control("2s"));
+    let bad = script(
+        &d,
+        "bad",
+        "echo 'new build: missing libfoo.so.2' >&2\nexit 1",
+    );
+    let out = upgrade_with(&d, &["--binary", &bad.display().to_string()]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert_contains(
+        &out.stderr,
+        &[
+            "upgrade failed: the new process exited with status 1 before it was ready",
+            "new build: missing libfoo.so.2",
+        ],
+    );
+    still_serving(&d);
+
+    // One that never gets ready, and a second upgrade asked for meanwhile.
+    let slow = script(&d, "slow", "echo 'waiting forever' >&2\nexec sleep 60");
+    let mut first = socketd_cmd();
+    first
+        .arg("--config")
+        .arg(d.config_path())
+        .args(["upgrade", "--binary", &slow.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let first = first.spawn().expect("start socketd upgrade");
+    // (The bad binary's upgrade above logged the first such line.)
+    d.wait_log_count("upgrade: started", 2, READY_TIMEOUT);
+    let second = upgrade_with(&d, &[]);
+    assert_eq!(second.code(), Some(1), "{}", second.describe());
+    assert_contains(&second.stderr, &["an upgrade is already in progress"]);
+    let first = first.wait_with_output().expect("wait for socketd upgrade");
+    assert_eq!(first.status.code(), Some(1), "{first:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&first.stderr),
+        &["was not ready within 2s", "waiting forever"],
+    );
+    still_serving(&d);
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
