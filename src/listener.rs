@@ -441,6 +441,41 @@ fn unix_peer(s: &UnixStream, path: Option<&Path>) -> PeerAddr {
     }
 }
 
+/// Connections accepted (or datagrams read) per readiness event before other listeners get a
+/// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
+pub const FAIR_BATCH: usize = 64;
+
+/// How long to wait before accepting again after the process ran out of file descriptors.
+pub const FD_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+/// Errors about one connection or one datagram that say nothing about the listener: a client
+/// that gave up before accept, an ICMP error reported on a UDP socket.
+pub fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED)
+            | Some(libc::EPROTO)
+            | Some(libc::ECONNREFUSED)
+            | Some(libc::ECONNRESET)
+            | Some(libc::EPERM)
+            | Some(libc::ENETDOWN)
+            | Some(libc::ENETUNREACH)
+            | Some(libc::EHOSTUNREACH)
+            | Some(libc::EHOSTDOWN)
+            | Some(libc::ENONET)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ETIMEDOUT)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,7 +207,7 @@ impl LoopAccept {
         if !g.registered {
             return outcome; // paused or closed since the event
         }
-        for _ in 0..crate::slot::FAIR_BATCH {
+        for _ in 0..crate::listener::FAIR_BATCH {
             let g = &mut *g;
             let Some(acceptor) = &g.acceptor else { break };
             // Full, unless every newcomer would be refused anyway (see `Slot::drain`).
@@ -271,12 +271,12 @@ impl LoopAccept {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if crate::slot::out_of_descriptors(&e) => {
+                Err(e) if crate::listener::out_of_descriptors(&e) => {
                     g.starve(&e, Instant::now());
                     outcome.retry_at = g.starved_until;
                     break;
                 }
-                Err(e) if crate::slot::transient(&e) => continue,
+                Err(e) if crate::listener::transient(&e) => continue,
                 Err(e) => {
                     g.starve(&e, Instant::now());
                     outcome.retry_at = g.starved_until;
@@ -294,7 +294,7 @@ impl LoopAccept {
         g.starved_until?;
         // As `Slot::drain`: accept again only with room to serve.
         if g.starved && !crate::protect::fd_headroom() {
-            let t = Instant::now() + crate::slot::FD_RETRY;
+            let t = Instant::now() + crate::listener::FD_RETRY;
             g.starved_until = Some(t);
             return Some(t);
         }
@@ -374,10 +374,10 @@ impl Gate {
             log::error!(
                 "listener `{}`: accept failed: {why}; pausing, retrying every {}ms",
                 self.cfg.name,
-                crate::slot::FD_RETRY.as_millis()
+                crate::listener::FD_RETRY.as_millis()
             );
         }
-        self.starved_until = Some(now + crate::slot::FD_RETRY);
+        self.starved_until = Some(now + crate::listener::FD_RETRY);
         self.sync();
     }
 

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::{Registry as PollRegistry, Token};
 
@@ -21,12 +21,8 @@ use crate::worker::{serve_datagram, serve_stream, Done, Tracker};
 mod link;
 mod wait;
 
-/// Connections accepted (or datagrams read) per readiness event before other listeners get a
-/// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
-pub const FAIR_BATCH: usize = 64;
-
-/// How long to wait before accepting again after the process ran out of file descriptors.
-pub const FD_RETRY: Duration = Duration::from_millis(200);
+use crate::listener::{out_of_descriptors, transient};
+pub use crate::listener::{FAIR_BATCH, FD_RETRY};
 
 pub use crate::conn::MAX_DATAGRAM;
 
@@ -577,32 +573,4 @@ impl Drop for TrackGuard {
     fn drop(&mut self) {
         self.tracker.remove(self.conn_id);
     }
-}
-
-/// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
-pub(crate) fn out_of_descriptors(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
-}
-
-/// Errors about one connection or one datagram that say nothing about the listener: a client
-/// that gave up before accept, an ICMP error reported on a UDP socket.
-pub(crate) fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED)
-            | Some(libc::EPROTO)
-            | Some(libc::ECONNREFUSED)
-            | Some(libc::ECONNRESET)
-            | Some(libc::EPERM)
-            | Some(libc::ENETDOWN)
-            | Some(libc::ENETUNREACH)
-            | Some(libc::EHOSTUNREACH)
-            | Some(libc::EHOSTDOWN)
-            | Some(libc::ENONET)
-            | Some(libc::EOPNOTSUPP)
-            | Some(libc::ETIMEDOUT)
-    )
 }

@@ -76,7 +76,6 @@ fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
             "after {served} connections one loop accepted none: {counts:?}"
         );
     }
-    d.wait_log("access: listener `e` peer 127.0.0.1:", IO_TIMEOUT); // as before
     d.signal(libc::SIGTERM);
     let mut d = d;
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
