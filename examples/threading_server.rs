@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // server.shutdown(); server.server_close() (done on the serving thread above)
     stop.shutdown();
     serving.join().map_err(|_| "the server thread panicked")??;
+    drop(std::net::TcpListener::bind(addr)?); // the port can be bound again at once
     println!("stopped; {addr} is free again");
     Ok(())
 }

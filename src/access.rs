@@ -118,6 +118,7 @@ pub fn log_stream(
     took: Duration,
     bytes: Bytes,
     outcome: &Outcome,
+    tls: Option<&crate::tls::TlsInfo>,
 ) {
     // A worker process always sends the line: the daemon's access log may have been turned on
     // by a reload since this process was forked, and the daemon decides.
@@ -131,11 +132,12 @@ pub fn log_stream(
     };
     let line = (forwards || wanted).then(|| {
         format!(
-            "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}",
+            "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}{}",
             took,
             count(bytes.received),
             count(bytes.sent),
-            outcome_word(outcome)
+            outcome_word(outcome),
+            tls.map(|t| t.log_fields()).unwrap_or_default()
         )
     });
     if forwards {

@@ -44,7 +44,7 @@ impl Notifier {
         let _ = self.tx.send(done);
     }
 
-    /// Wake the loop (e.g. to recompute its timers).
+    /// Wake the loop without a report (a TLS handshake came back; timers to recompute).
     pub fn wake(&self) {
         let _ = self.waker.wake();
     }

@@ -75,6 +75,7 @@ pub mod handler;
 #[doc(hidden)]
 pub mod server;
 mod slot;
+pub mod tls;
 #[doc(hidden)]
 pub mod worker;
 // The two faces.
@@ -96,3 +97,4 @@ pub use server::{ServeError, Server, ShutdownHandle};
 pub use socketserver::{
     Error, Failure, TcpServer, UdpServer, UnixDatagramServer, UnixStreamServer,
 };
+pub use tls::TlsInfo;

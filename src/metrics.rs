@@ -361,6 +361,16 @@ pub fn render(status: &Value) -> String {
         num(&p["rss_bytes"]),
     );
     o.family(
+        "socketd_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed (bad or no client certificate, not TLS, timeout, ...).",
+    );
+    o.sample(
+        "socketd_tls_handshake_failures_total",
+        "",
+        num(&p["tls_handshake_failures"]),
+    );
+    o.family(
         "socketd_process_start_time_seconds",
         "gauge",
         "When the daemon started, in seconds since the Unix epoch.",
@@ -384,7 +394,8 @@ mod tests {
                            "open": 1, "busy": 1, "max_workers": 4, "paused": true}],
             "reloads": {"ok": 1, "refused": 2},
             "access_log": {"written": 5, "dropped": 6},
-            "process": {"fds": 9, "rss_bytes": 1000, "started_unix": 7},
+            "process": {"fds": 9, "rss_bytes": 1000, "started_unix": 7,
+                        "tls_handshake_failures": 4},
         });
         let text = render(&status);
         assert!(text.contains("socketd_connections_accepted_total{listener=\"a\\\"b\"} 3\n"));
@@ -395,6 +406,7 @@ mod tests {
         assert!(text.contains("socketd_reloads_total{result=\"refused\"} 2\n"));
         assert!(text.contains("socketd_access_log_lines_total{result=\"dropped\"} 6\n"));
         assert!(text.contains("socketd_process_open_fds 9\n"));
+        assert!(text.contains("socketd_tls_handshake_failures_total 4\n"));
         assert!(text.contains("le=\"+Inf\""));
     }
 }

@@ -202,8 +202,10 @@ impl Server {
             crate::daemon::activation::Inherited::default()
         };
         for cfg in &config.listeners {
+            let mut paused = false;
             let listener = match inherited.take_for(cfg) {
                 Some(taken) => {
+                    paused = taken.paused;
                     match taken.upgrade_from {
                         Some(pid) => log::info!(
                             "listener `{}`: using the socket `{}` handed over by pid {pid}",
@@ -222,7 +224,11 @@ impl Server {
                 }
                 None => Listener::bind(cfg)?,
             };
-            server.add_slot(cfg.clone(), listener)?;
+            let id = server.add_slot(cfg.clone(), listener)?;
+            if let (true, Some(slot)) = (paused, server.slots.get_mut(&id)) {
+                slot.paused = true; // as the old process of an upgrade had it
+                log::info!("listener `{}`: paused, as before the upgrade", cfg.name);
+            }
         }
         inherited.report_unmatched();
         server.config = config;
@@ -389,7 +395,9 @@ impl Server {
                 Token(id) => self.drain(id),
             }
         }
+        self.answer_handle();
         self.collect_done();
+        self.tls_turn();
         self.answer_asks();
         self.revisit();
         self.tick_guards();
@@ -420,6 +428,10 @@ impl Server {
             }
             service_actions();
         };
+        if self.control.requested() {
+            // A stop wins over a binary upgrade in progress.
+            self.abort_upgrade("a stop came first");
+        }
         if self.state == State::Running {
             self.pause_all();
         }
@@ -615,40 +627,89 @@ impl Server {
         }
     }
 
+    /// TLS listeners: dispatch finished handshakes to free workers, and accept again when a
+    /// handshake place freed (see `crate::tls`).
+    fn tls_turn(&mut self) {
+        for (id, slot) in self.slots.iter_mut() {
+            let room = slot.tls_turn(&mut self.shared);
+            if room
+                && slot.listener.is_some()
+                && !slot.watching
+                && !slot.fd_starved
+                && self.state == State::Running
+            {
+                slot.watch(self.poll.registry());
+                self.again.push(*id);
+            }
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.slots.values().map(|s| s.in_flight()).sum()
     }
 
+    /// The daemon's signals, turned into the calls a `ShutdownHandle` offers: TERM and INT are
+    /// `shutdown` (a second one, or QUIT, is `shutdown_now`), HUP `reload`, USR1 a status
+    /// report, USR2 a binary upgrade. `answer_handle` then acts on them on the same path as a
+    /// handle's calls from another thread.
     fn on_signals(&mut self) {
         let Some(signals) = self.signals.as_mut() else {
             return;
         };
         let pending: Vec<i32> = signals.pending().collect();
+        let handle = self.shutdown_handle();
         for sig in pending {
             match sig {
                 SIGTERM | SIGINT => {
-                    self.abort_upgrade("a stop signal came first");
-                    match self.state {
-                        State::Running => self.begin_stop(),
-                        _ => self.stop_now("second stop signal"),
+                    if self.state == State::Running && !handle.shutdown_requested() {
+                        // On the serving thread this only asks; `serve_forever` returns at the
+                        // end of the turn and `server_close` (in `serve`) drains.
+                        handle.shutdown();
+                    } else {
+                        handle.ask_stop_now("second stop signal");
                     }
                 }
-                SIGQUIT => {
-                    self.abort_upgrade("SIGQUIT came first");
-                    self.stop_now("SIGQUIT");
-                }
-                SIGHUP if self.upgrading.is_some() => {
-                    log::warn!("SIGHUP ignored: a binary upgrade is in progress; reload after it")
-                }
-                SIGHUP if self.state == State::Running => drop(self.reload()),
-                SIGUSR2 => self.upgrade(None, None),
-                SIGHUP => log::warn!("SIGHUP ignored: stopping"),
-                SIGUSR1 => {
-                    self.collect_done(); // loops report closes lazily (see `event::accept`)
-                    self.log_status()
-                }
+                SIGQUIT => handle.ask_stop_now("SIGQUIT"),
+                SIGHUP => handle.reload(),
+                SIGUSR1 => handle.log_status(),
+                SIGUSR2 => handle.upgrade(),
                 _ => {}
             }
+        }
+    }
+
+    /// Act on what handles (and so the daemon's signals) asked since the last turn; a graceful
+    /// `shutdown` is seen by `serve_forever` itself.
+    fn answer_handle(&mut self) {
+        let asks = self.control.take_asks();
+        // A stop wins over a binary upgrade in progress.
+        if let Some(why) = asks.stop_now {
+            self.abort_upgrade(&format!("{why} came first"));
+            if self.state != State::Stopped {
+                self.stop_now(why);
+            }
+        }
+        if asks.reload {
+            if self.upgrading.is_some() {
+                log::warn!("reload ignored: a binary upgrade is in progress; reload after it");
+            } else if self.state != State::Running || self.control.requested() {
+                log::warn!("reload ignored: stopping");
+            } else if self.config.origin.as_os_str().is_empty() {
+                log::warn!("reload ignored: this server was not made from a config file");
+            } else {
+                drop(self.reload());
+            }
+        }
+        if asks.upgrade {
+            if self.control.requested() {
+                log::warn!("upgrade refused: this process is stopping");
+            } else {
+                self.upgrade(None, None);
+            }
+        }
+        if asks.status {
+            self.collect_done(); // loops report closes lazily (see `event::accept`)
+            self.log_status();
         }
     }
 

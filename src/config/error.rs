@@ -102,6 +102,11 @@ impl<'a> Diagnostics<'a> {
         (line_index + 1, column + 1)
     }
 
+    /// The file the diagnostics are about.
+    pub(super) fn file(&self) -> &'a Path {
+        self.file
+    }
+
     /// The 1-based line of a byte offset, for "defined at line N" messages.
     pub(super) fn line_of(&self, span: &Range<usize>) -> usize {
         self.position(span.start).0

@@ -15,6 +15,7 @@ mod protection;
 mod raw;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod types;
 mod validate;
 mod values;

@@ -87,6 +87,8 @@ pub(super) struct RawListener {
     pub mode: Option<Spanned<String>>,
     pub owner: Option<Spanned<String>>,
     pub group: Option<Spanned<String>>,
+    /// `tls = { cert, key, ... }` (issue 11), validated in `config::tls`.
+    pub tls: Option<Spanned<super::tls::RawTls>>,
 }
 
 /// The keys a raw struct accepts, read from its `Deserialize` impl so they are never listed by

@@ -332,6 +332,8 @@ pub struct ListenerConfig {
     pub protect: Protection,
     /// The table named after the handler (`exec = {...}`), if the listener has one.
     pub handler_settings: Option<toml::Table>,
+    /// `tls = { ... }`: terminate TLS before the handler (stream listeners only).
+    pub tls: Option<super::tls::TlsSettings>,
 }
 
 impl ListenerConfig {
@@ -349,6 +351,7 @@ impl ListenerConfig {
             threads: defaults::threads(),
             protect: Protection::default(),
             handler_settings: None,
+            tls: None,
         }
     }
 }

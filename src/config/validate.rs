@@ -300,6 +300,7 @@ pub(super) fn validate_listener(
         }
     }
     let protect = super::protection::validate(raw, protocol, c);
+    let tls = super::tls::validate(raw.tls.as_ref(), protocol, c);
 
     if let (Some(protocol), Some(handler), Some(span)) = (protocol, &handler, &raw.handler) {
         let label = name.clone().unwrap_or_else(|| c.section.to_string());
@@ -323,6 +324,7 @@ pub(super) fn validate_listener(
         threads,
         protect,
         handler_settings: settings.map(|s| s.table),
+        tls,
     })
 }
 

@@ -279,5 +279,9 @@ pub fn add_process(body: &mut serde_json::Value) {
     {
         p.insert("fds".into(), json!(crate::stats::open_fds()));
         p.insert("rss_bytes".into(), json!(crate::stats::rss_bytes()));
+        p.insert(
+            "tls_handshake_failures".into(),
+            json!(crate::tls::front::handshake_failures()),
+        );
     }
 }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{ListenAddr, ListenerConfig, Protocol};
 use crate::daemon::upgrade::{
     decode_paths, ENV_MANAGER as UP_MANAGER, ENV_OWNED as UP_OWNED, ENV_PATHS as UP_PATHS,
+    ENV_PAUSED as UP_PAUSED,
 };
 
 /// One socket passed by the service manager, with what it turned out to be.
@@ -33,6 +34,8 @@ struct Passed {
     owned_file: bool,
     /// Handed over: the old process had it from the service manager.
     from_manager: bool,
+    /// Handed over: its listener was paused in the old process.
+    paused: bool,
 }
 
 /// A passed socket a listener claimed.
@@ -49,6 +52,8 @@ pub struct Taken {
     pub from_manager: bool,
     /// Handed over: the unix socket's path as the old process's listener had it.
     pub path: Option<PathBuf>,
+    /// Handed over: paused (`socketd pause`) in the old process; stays paused.
+    pub paused: bool,
 }
 
 /// The sockets socketd was started with, until listeners claim them.
@@ -69,7 +74,7 @@ impl Inherited {
                 .map(String::from)
                 .collect()
         };
-        let (owned, manager) = (list(UP_OWNED), list(UP_MANAGER));
+        let (owned, manager, paused) = (list(UP_OWNED), list(UP_MANAGER), list(UP_PAUSED));
         let paths = decode_paths(&std::env::var(UP_PATHS).unwrap_or_default());
         let handed = crate::daemon::handover::from_pid().is_some();
         for var in [
@@ -79,6 +84,7 @@ impl Inherited {
             UP_OWNED,
             UP_MANAGER,
             UP_PATHS,
+            UP_PAUSED,
         ] {
             std::env::remove_var(var);
         }
@@ -105,6 +111,7 @@ impl Inherited {
                     fd,
                     handed,
                     owned_file: handed && owned.contains(&name),
+                    paused: handed && paused.contains(&name),
                     from_manager: !handed || manager.contains(&name),
                     name,
                     kind,
@@ -139,6 +146,7 @@ impl Inherited {
             },
             owned_file: p.owned_file,
             from_manager: p.from_manager,
+            paused: p.paused,
             path: match (p.handed, p.kind) {
                 (true, Some((_, ListenAddr::Path(path)))) => Some(path),
                 _ => None,

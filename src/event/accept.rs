@@ -252,6 +252,7 @@ impl LoopAccept {
                                 peer,
                                 conn_id,
                                 ticket,
+                                tls: None, // TLS listeners keep the main loop's path
                             },
                             service: Arc::clone(&g.service),
                             idle: g.cfg.protect.idle_timeout,

@@ -79,6 +79,12 @@ pub struct Accepted {
     pub conn_id: u64,
     /// The admission place (max_connections, max_per_source), held until the close.
     pub ticket: crate::protect::Ticket,
+    /// A TLS listener's connection (the plaintext end of the TLS front's socketpair): the
+    /// listening address (for PROXY headers) and the session, for the access line.
+    pub tls: Option<(
+        Option<std::net::SocketAddr>,
+        std::sync::Arc<crate::tls::TlsInfo>,
+    )>,
 }
 
 /// A connection handed to a loop.

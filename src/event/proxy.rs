@@ -77,9 +77,27 @@ impl Relay {
             Upstream::Unix(p) => EvStream::Unix(mio::net::UnixStream::connect(p)?),
         };
         let mut c2u = Dir::default();
-        if let Some(v) = settings.proxy_protocol {
-            c2u.pending.set(&header(v, peer, local));
-        }
+        let preamble = settings.proxy_protocol.map(|v| header(v, peer, local));
+        let up = match (&settings.tls, up) {
+            // TLS upstream: the front finishes the connect, sends the header in the clear,
+            // runs the handshake and relays; this loop talks plaintext to its socketpair end.
+            (Some(tls), up) => {
+                let wire = match up {
+                    EvStream::Tcp(s) => crate::tls::front::Wire::Tcp(s),
+                    EvStream::Unix(s) => crate::tls::front::Wire::Unix(s),
+                };
+                let label = format!("proxy upstream {peer}");
+                let end = tls.wrap(wire, preamble.unwrap_or_default(), label)?;
+                end.set_nonblocking(true)?;
+                EvStream::Unix(mio::net::UnixStream::from_std(end))
+            }
+            (None, up) => {
+                if let Some(h) = preamble {
+                    c2u.pending.set(&h);
+                }
+                up
+            }
+        };
         let target = match &settings.upstream {
             Upstream::Inet(a) => a.to_string(),
             Upstream::Unix(p) => format!("unix:{}", p.display()),

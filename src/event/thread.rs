@@ -51,6 +51,7 @@ struct Conn {
     idle: Option<Duration>,
     last: Instant,
     _ticket: crate::protect::Ticket,
+    tls: Option<std::sync::Arc<crate::tls::TlsInfo>>,
 }
 
 enum Entry {
@@ -237,11 +238,13 @@ impl Loop {
             peer,
             conn_id,
             ticket,
+            tls,
         } = accepted;
+        let (tls_local, tls) = tls.map_or((None, None), |(l, t)| (l, Some(t)));
         // getsockname only when a PROXY header will need the local address.
         let local = match &*service {
             Service::Proxy(p) if p.proxy_protocol.is_some() => {
-                crate::handler::proxy::local_of(&conn)
+                crate::handler::proxy::local_of(&conn).or(tls_local)
             }
             _ => None,
         };
@@ -296,6 +299,7 @@ impl Loop {
             idle,
             last: started,
             _ticket: ticket,
+            tls,
         });
         let idx = self.insert(Entry::Conn(c));
         let both = Interest::READABLE | Interest::WRITABLE;
@@ -427,6 +431,7 @@ impl Loop {
                 c.started.elapsed(),
                 bytes,
                 &outcome,
+                c.tls.as_deref(),
             );
         }
         let peer = c.peer.clone();

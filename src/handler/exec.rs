@@ -62,9 +62,12 @@ fn run_stream(program: &Program, ctx: &Context, req: &StreamRequest) -> io::Resu
     let conn = req.conn();
     let local = match conn {
         Conn::Tcp(t) => t.local_addr().ok(),
-        Conn::Unix(_) => None,
+        Conn::Unix(_) => req.local_addr(),
     };
-    let vars = connection_env(true, req.peer(), local);
+    let mut vars = connection_env(true, req.peer(), local);
+    if let Some(tls) = req.tls() {
+        vars.extend(tls.env());
+    }
     let mut cmd = program.command(listener, &vars)?;
     cmd.stdin(Stdio::from(conn.as_fd().try_clone_to_owned()?));
     cmd.stdout(Stdio::from(conn.as_fd().try_clone_to_owned()?));

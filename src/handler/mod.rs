@@ -359,6 +359,7 @@ pub struct StreamRequest {
     pub wfile: BufWriter<SharedConn>,
     peer: PeerAddr,
     local: Option<SocketAddr>,
+    tls: Option<Arc<crate::tls::TlsInfo>>,
 }
 
 impl StreamRequest {
@@ -372,7 +373,19 @@ impl StreamRequest {
             wfile: BufWriter::new(conn),
             peer,
             local,
+            tls: None,
         }
+    }
+
+    /// The TLS session's parameters (version, cipher, SNI, ALPN, client certificate) when
+    /// the listener terminates TLS; the handler reads and writes plaintext either way.
+    pub fn tls(&self) -> Option<&crate::tls::TlsInfo> {
+        self.tls.as_deref()
+    }
+
+    /// Attach a TLS session's parameters (socketd does this for TLS listeners).
+    pub fn set_tls(&mut self, tls: Option<Arc<crate::tls::TlsInfo>>) {
+        self.tls = tls;
     }
 
     /// The client's address.

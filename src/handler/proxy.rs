@@ -52,9 +52,11 @@ pub struct ProxySettings {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// UDP: how long an idle upstream association lives.
     pub udp_idle: Duration,
+    /// `tls = {...}`: speak TLS to the upstream (`crate::tls::client`).
+    pub tls: Option<crate::tls::client::ClientSettings>,
 }
 
-const KEYS: &str = "upstream, connect_timeout, proxy_protocol, udp_idle";
+const KEYS: &str = "upstream, connect_timeout, proxy_protocol, udp_idle, tls";
 const USAGE: &str =
     "proxy = { upstream = \"127.0.0.1:8080\" } (or \"[::1]:8080\", \"unix:/run/app.sock\")";
 
@@ -84,6 +86,7 @@ struct ProxyTable {
     connect_timeout: Option<String>,
     proxy_protocol: Option<String>,
     udp_idle: Option<String>,
+    tls: Option<toml::Table>,
 }
 
 impl ProxySettings {
@@ -146,6 +149,30 @@ impl ProxySettings {
                 );
             }
         }
+        let tls = match table.get("tls") {
+            None => None,
+            Some(_) if ctx.protocol.is_datagram() => {
+                errors.push("proxy: `tls` applies to stream listeners only; remove it".into());
+                None
+            }
+            Some(toml::Value::Table(t)) => {
+                let host = match &upstream {
+                    Some(Upstream::Inet(a)) => Some(a.ip()),
+                    _ => None,
+                };
+                crate::tls::client::ClientSettings::from_table(t, host)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            }
+            Some(_) => {
+                errors.push(
+                    "proxy: `tls` must be a table, e.g. tls = { server_name = \"app.example\", \
+                     ca = \"/etc/socketd/upstream-ca.pem\" }"
+                        .into(),
+                );
+                None
+            }
+        };
         let connect_timeout = duration(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)
             .map_err(|e| errors.push(e))
             .ok();
@@ -159,6 +186,7 @@ impl ProxySettings {
                     connect_timeout,
                     proxy_protocol,
                     udp_idle,
+                    tls,
                 })
             }
             _ => Err(errors),
@@ -305,10 +333,34 @@ impl Handler for ProxyHandler {
                         return Ok(());
                     }
                 };
-                if let Some(v) = self.0.proxy_protocol {
-                    let mut w = up.try_clone()?;
-                    w.write_all(&header(v, &peer, local_of(&client)))?;
-                }
+                let preamble = self
+                    .0
+                    .proxy_protocol
+                    .map(|v| header(v, &peer, local_of(&client).or(s.local_addr())));
+                let up = match &self.0.tls {
+                    // The header goes first in the clear, then the TLS session (as haproxy's
+                    // `send-proxy` with `ssl` does); the front relays it.
+                    Some(tls) => {
+                        let label = format!("listener `{}` upstream", ctx.listener_name());
+                        let wire = match up {
+                            Conn::Tcp(t) => {
+                                t.set_nonblocking(true)?;
+                                crate::tls::front::Wire::Tcp(mio::net::TcpStream::from_std(t))
+                            }
+                            Conn::Unix(u) => {
+                                u.set_nonblocking(true)?;
+                                crate::tls::front::Wire::Unix(mio::net::UnixStream::from_std(u))
+                            }
+                        };
+                        Conn::Unix(tls.wrap(wire, preamble.unwrap_or_default(), label)?)
+                    }
+                    None => {
+                        if let Some(h) = preamble {
+                            up.try_clone()?.write_all(&h)?;
+                        }
+                        up
+                    }
+                };
                 // Bytes the handler API already buffered from the client go first.
                 let early = s.rfile.buffer().to_vec();
                 if !early.is_empty() {

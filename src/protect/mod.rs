@@ -282,6 +282,7 @@ mod tests {
             threads: 1,
             protect,
             handler_settings: None,
+            tls: None,
         }
     }
 

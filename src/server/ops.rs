@@ -139,10 +139,13 @@ impl Server {
                 // As for SIGTERM: a stop wins over an upgrade in progress.
                 self.abort_upgrade("socketd stop came first");
                 let in_flight = self.in_flight();
+                // The same calls a `ShutdownHandle` makes (on this, the serving thread, they
+                // only ask; the loop acts on them next).
+                let handle = self.shutdown_handle();
                 match (self.state, now) {
-                    (State::Running, false) => self.begin_stop(),
+                    (State::Running, false) => handle.shutdown(),
                     (State::Stopped, _) | (State::Draining { .. }, false) => {}
-                    (_, true) => self.stop_now("socketd stop --now"),
+                    (_, true) => handle.ask_stop_now("socketd stop --now"),
                 }
                 let mut r = Reply::ok(json!({"stop": {
                     "now": now,

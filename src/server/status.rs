@@ -43,6 +43,13 @@ impl Server {
                 if s.watching { "accepting" } else { "paused" }
             );
         }
+        if self.slots.values().any(|s| s.cfg.tls.is_some()) {
+            let held: usize = self.slots.values().map(|s| s.tls_held()).sum();
+            log::info!(
+                "status: tls: {held} handshakes in progress or waiting for a worker, {} failed since start",
+                crate::tls::front::handshake_failures()
+            );
+        }
     }
 
     /// The daemon in one line, for SIGUSR1 and the service manager's `STATUS=`.

@@ -81,6 +81,7 @@ impl Server {
                     fd: std::os::fd::AsFd::as_fd(l),
                     owned_file: l.own_socket_file().is_some(),
                     from_manager: l.from_manager(),
+                    paused: s.paused,
                     path: match l.local_addr() {
                         crate::config::ListenAddr::Path(p) => Some(p.as_path()),
                         crate::config::ListenAddr::Inet(_) => None,

@@ -113,13 +113,15 @@ impl crate::slot::Slot {
         peer: PeerAddr,
         local: Option<SocketAddr>,
         hold: Box<dyn Send>,
+        tls: Option<std::sync::Arc<crate::tls::TlsInfo>>,
     ) {
         let job = ForkJob {
             kind: JobKind::Stream,
             conn: Some(conn.as_fd()),
             peer,
             local,
-            data: Vec::new(),
+            // A stream job carries no data of its own: a TLS session's parameters ride here.
+            data: tls.map(|t| t.encode()).unwrap_or_default(),
         };
         if let Some(id) = self.dispatch_forked(shared, job) {
             if let Some(server) = &shared.forks {

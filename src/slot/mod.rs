@@ -19,6 +19,7 @@ use crate::worker::threaded::Pool;
 use crate::worker::{serve_datagram, serve_stream, Done, Tracker};
 
 mod link;
+mod tls;
 mod wait;
 
 use crate::listener::{out_of_descriptors, transient};
@@ -112,6 +113,8 @@ pub struct Slot {
     pub loops_may_accept: bool,
     /// Set while (or since) the event loops accept for themselves.
     accepting: Option<Arc<crate::event::accept::LoopAccept>>,
+    /// `tls = {...}`: handshakes at the TLS front and finished ones waiting for a worker.
+    tls: tls::Handshakes,
 }
 
 impl std::fmt::Debug for Slot {
@@ -154,6 +157,7 @@ impl Slot {
             stats,
             verify: None,
             route,
+            tls: tls::Handshakes::default(),
             paused: false,
             loops_may_accept: false,
             accepting: None,
@@ -167,6 +171,7 @@ impl Slot {
         let qualifies = self.loops_may_accept
             && matches!(self.route, Route::Event)
             && !self.cfg.protocol.is_datagram()
+            && self.cfg.tls.is_none() // the TLS front is the main loop's (see `crate::tls`)
             && self.verify.is_none();
         if !qualifies || self.listener.is_none() {
             self.stop_loop_accept();
@@ -312,6 +317,41 @@ impl Slot {
         self.accepting.is_some() || self.busy < self.cfg.max_workers
     }
 
+    /// Whether to accept another connection: a worker place, or for a TLS listener a
+    /// handshake place (handshakes never hold a worker; see `crate::tls`).
+    fn has_room(&self) -> bool {
+        match self.cfg.tls {
+            Some(_) => self.tls.held() < tls::handshake_room(self.cfg.max_workers),
+            None => self.has_capacity(),
+        }
+    }
+
+    /// TLS handshakes in progress or finished and waiting for a worker.
+    pub fn tls_held(&self) -> usize {
+        self.tls.held()
+    }
+
+    /// Dispatch TLS connections whose handshake finished, while workers are free. Returns
+    /// whether the listener has room to accept again.
+    pub fn tls_turn(&mut self, shared: &mut Shared) -> bool {
+        if self.cfg.tls.is_none() {
+            return false;
+        }
+        self.tls.collect();
+        while self.has_capacity() {
+            let Some(r) = self.tls.next_ready() else {
+                break;
+            };
+            let session = tls::Session {
+                info: r.info,
+                local: r.local,
+                accepted: r.accepted,
+            };
+            self.dispatch_stream(shared, r.conn, r.peer, r.local, r.ticket, Some(session));
+        }
+        self.has_room()
+    }
+
     /// Accept or receive until drained, full, out of descriptors, or the fair batch is used.
     pub fn drain(&mut self, poll: &PollRegistry, shared: &mut Shared, buf: &mut [u8]) -> Drained {
         if self.paused {
@@ -338,7 +378,7 @@ impl Slot {
             }
             // Full, unless every newcomer would be refused anyway (`max_connections` reached):
             // then refusing at once beats leaving them in the backlog.
-            if !self.has_capacity() && !self.guard.at_max_connections(&self.cfg) {
+            if !self.has_room() && !self.guard.at_max_connections(&self.cfg) {
                 self.unwatch(poll);
                 return Drained::Full;
             }
@@ -369,7 +409,15 @@ impl Slot {
                         continue;
                     }
                     self.stats.accepted.fetch_add(1, Relaxed);
-                    self.dispatch_stream(shared, conn, peer, local, ticket);
+                    if self.cfg.tls.is_some() {
+                        // Admitted first (no crypto for refused peers); the handshake runs at
+                        // the TLS front, and `tls_turn` dispatches the plaintext end.
+                        let notifier = shared.notifier.clone();
+                        let wake = Box::new(move || notifier.wake());
+                        self.tls.start(&self.cfg, conn, peer, local, ticket, wake);
+                        continue;
+                    }
+                    self.dispatch_stream(shared, conn, peer, local, ticket, None);
                 }
                 Ok(Incoming::Datagram(n, peer)) => {
                     if !self.guard.admit_datagram(&self.cfg, &peer, Instant::now())
@@ -432,9 +480,10 @@ impl Slot {
         peer: crate::conn::PeerAddr,
         local: Option<std::net::SocketAddr>,
         ticket: crate::protect::Ticket,
+        tls: Option<tls::Session>,
     ) {
         let forked = match self.route {
-            Route::Event => return self.dispatch_event(shared, conn, peer, ticket),
+            Route::Event => return self.dispatch_event(shared, conn, peer, ticket, tls),
             Route::Forked => true,
             Route::Threaded => false,
             // `wait` is for datagram listeners only (validation refuses it elsewhere).
@@ -443,8 +492,11 @@ impl Slot {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        // A TLS connection's max_duration counts from its accept (the handshake included).
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| t.info);
         let (factory, ctx) = (Arc::clone(&self.factory), self.ctx.clone());
         let (notifier, tracker, id) = (
             shared.notifier.clone(),
@@ -460,7 +512,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard));
+            self.dispatch_forked_stream(shared, conn, peer, local, Box::new(guard), tls);
             return;
         }
         let job = move || {
@@ -470,7 +522,7 @@ impl Slot {
                 conn_id,
                 _ticket: ticket,
             };
-            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard);
+            let outcome = serve_stream(&factory, &ctx, conn, peer, local, guard, tls);
             notifier.done(Done {
                 listener: id,
                 outcome,
@@ -487,18 +539,22 @@ impl Slot {
         conn: crate::conn::Conn,
         peer: crate::conn::PeerAddr,
         ticket: crate::protect::Ticket,
+        tls: Option<tls::Session>,
     ) {
         let conn_id = shared.next_conn;
         shared.next_conn += 1;
         shared.tracker.insert(conn_id, conn.as_raw_fd());
+        let since = tls.as_ref().map_or_else(Instant::now, |t| t.accepted);
         self.guard
-            .arm(&self.cfg, &conn, conn_id, &shared.tracker, Instant::now());
+            .arm(&self.cfg, &conn, conn_id, &shared.tracker, since);
+        let tls = tls.map(|t| (t.local, t.info));
         let (id, cfg) = (self.id, &self.cfg);
         let accepted = crate::event::Accepted {
             conn,
             peer,
             conn_id,
             ticket,
+            tls,
         };
         match self.events.dispatch_stream(id, cfg, shared, accepted) {
             Ok(()) => self.busy += 1,

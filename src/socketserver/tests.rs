@@ -518,3 +518,104 @@ fn serve_forever_runs_again_on_another_thread_after_shutdown() {
     let two = serve_while(&mut server, move || tcp_exchange(addr, &["two"]));
     assert_eq!(two, "Your msg=two\n");
 }
+
+/// `shutdown_now` from another thread: `serve_forever` returns, the idle client is cut off at
+/// once and `server_close` has nothing left to wait for, though `shutdown_timeout` is an hour.
+#[test]
+fn shutdown_now_cuts_idle_clients_off_without_waiting() {
+    for mix in [Mix::Threading, Mix::Forking] {
+        let mut server = TcpServer::bind("127.0.0.1:0", MyHandler::default)
+            .expect("bind")
+            .mix(mix)
+            .shutdown_timeout(Duration::from_secs(3600));
+        let addr = server.server_address();
+        let stop = server.shutdown_handle();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+            c.write_all(b"first\n").expect("write");
+            let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
+            let mut line = String::new();
+            r.read_line(&mut line).expect("answer");
+            assert_eq!(line, "Your msg=first\n");
+            stop.shutdown_now();
+            // Cut off: EOF or a reset, well before the read timeout.
+            let mut rest = Vec::new();
+            match r.read_to_end(&mut rest) {
+                Ok(_) => assert!(rest.is_empty(), "{mix:?}: got {rest:?} after the cut"),
+                Err(e) => assert!(
+                    !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                    "{mix:?}: the connection stayed open: {e}"
+                ),
+            }
+        });
+        server.serve_forever().expect("serve_forever");
+        let (tx, rx) = mpsc::channel();
+        let closer = std::thread::spawn(move || {
+            server.server_close();
+            tx.send(()).expect("report");
+        });
+        rx.recv_timeout(DEADLINE)
+            .expect("server_close waited for the hour-long shutdown_timeout");
+        closer.join().expect("closer");
+        client.join().expect("client");
+    }
+}
+
+/// `reload()` on a handle re-reads the config file of a server made from one (what SIGHUP does
+/// to the daemon), from another thread.
+#[test]
+fn reload_from_a_handle_applies_the_changed_file() {
+    use crate::config::Config;
+    use crate::handler::Registry;
+    use crate::server::Server;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("socketd.toml");
+    let listener = |name: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nprotocol = \"unix\"\naddress = \"{}\"\nhandler = \"echo\"\n",
+            dir.path().join(format!("{name}.sock")).display()
+        )
+    };
+    std::fs::write(&path, listener("a")).expect("write config");
+    let registry = Registry::with_builtins();
+    let config = Config::load(&path, &registry).expect("config");
+    let mut server = Server::bind(config, registry).expect("bind");
+    let handle = server.shutdown_handle();
+    let serving = std::thread::spawn(move || {
+        server.serve_forever(&mut || {}).expect("serve_forever");
+        server.server_close();
+    });
+    let echo = |name: &str| -> Option<String> {
+        let mut c = UnixStream::connect(dir.path().join(format!("{name}.sock"))).ok()?;
+        c.set_read_timeout(Some(DEADLINE)).ok()?;
+        c.write_all(b"hi").ok()?;
+        c.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    };
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("listener a answers", &|| echo("a").as_deref() == Some("hi"));
+    assert_eq!(echo("b"), None, "b is not configured yet");
+
+    std::fs::write(&path, format!("{}{}", listener("a"), listener("b"))).expect("write");
+    handle.reload();
+    wait_for("listener b answers after reload()", &|| {
+        echo("b").as_deref() == Some("hi")
+    });
+    assert_eq!(echo("a").as_deref(), Some("hi"), "a kept serving");
+
+    handle.shutdown();
+    serving.join().expect("server thread");
+}

@@ -62,7 +62,8 @@ impl Child<'_> {
         let name = &self.entry.cfg.name;
         match (self.kind, &self.conn, &self.entry.socket) {
             (JobKind::Stream, Some(c), _) => {
-                let vars = crate::exec::connection_env(true, &self.peer, self.local);
+                let mut vars = crate::exec::connection_env(true, &self.peer, self.local);
+                vars.extend(crate::tls::TlsInfo::env_from_job(&self.data));
                 program.exec(name, &vars, c.as_fd(), c.as_fd(), stderr)
             }
             (JobKind::Wait, _, Some(s)) => {
@@ -98,10 +99,15 @@ impl Child<'_> {
         Ok(match self.kind {
             JobKind::Stream => {
                 let conn = match cfg.protocol {
-                    Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
+                    // A TLS listener's connection is the plaintext end of a socketpair.
+                    Protocol::Tcp if cfg.tls.is_none() => Conn::Tcp(std::net::TcpStream::from(fd)),
                     _ => Conn::Unix(UnixStream::from(fd)),
                 };
-                super::serve_stream(factory, &ctx, conn, self.peer, self.local, ())
+                let tls = (!self.data.is_empty())
+                    .then(|| crate::tls::TlsInfo::decode(&self.data).ok())
+                    .flatten()
+                    .map(Arc::new);
+                super::serve_stream(factory, &ctx, conn, self.peer, self.local, (), tls)
             }
             _ => {
                 let socket = match cfg.protocol {

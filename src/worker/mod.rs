@@ -48,9 +48,12 @@ pub fn serve_stream<G>(
     peer: PeerAddr,
     local: Option<SocketAddr>,
     before_close: G,
+    tls: Option<std::sync::Arc<crate::tls::TlsInfo>>,
 ) -> Outcome {
     let started = std::time::Instant::now();
-    let mut req = Request::Stream(StreamRequest::new(conn, peer.clone(), local));
+    let mut stream = StreamRequest::new(conn, peer.clone(), local);
+    stream.set_tls(tls.clone());
+    let mut req = Request::Stream(stream);
     let outcome = run(factory, ctx, &mut req);
     // The counters cost a getsockopt; skip it when the access line is not logged.
     let bytes = match &req {
@@ -66,6 +69,7 @@ pub fn serve_stream<G>(
         started.elapsed(),
         bytes,
         &outcome,
+        tls.as_deref(),
     );
     outcome
 }

@@ -241,6 +241,7 @@ impl Programs {
                 now.duration_since(p.at),
                 bytes,
                 &super::Outcome::Ok,
+                None,
             );
         }
         true

@@ -196,7 +196,8 @@ fn spawn(
     let cannot = |e: std::io::Error| format!("cannot run {}: {e}", program.name);
     match (j.kind, &j.conn, &entry.socket) {
         (JobKind::Stream, Some(c), _) => {
-            let vars = crate::exec::connection_env(true, &j.peer, j.local);
+            let mut vars = crate::exec::connection_env(true, &j.peer, j.local);
+            vars.extend(crate::tls::TlsInfo::env_from_job(&j.data));
             program
                 .spawn(&vars, c.as_fd(), c.as_fd(), stderr, &to_default)
                 .map_err(cannot)

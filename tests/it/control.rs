@@ -159,6 +159,21 @@ fn reload_reports_the_outcome_and_a_refused_file_exits_non_zero() {
         READY_TIMEOUT,
     );
     assert_eq!(status(&d)["reloads"]["refused"], 2);
+
+    // A valid file whose new socket cannot bind is rolled back: that too exits non-zero (this
+    // is what makes `systemctl reload` fail), and the running config keeps serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let port = taken.local_addr().expect("its address").port();
+    d.write_config(&format!(
+        "{CONTROL}{}[[listener]]\nname = \"blocked\"\nprotocol = \"tcp\"\n\
+         address = \"127.0.0.1:{port}\"\nhandler = \"echo\"\n",
+        echo("echo")
+    ));
+    let rolled = ctl(&d, &["reload"]);
+    assert_eq!(rolled.code(), Some(1), "{}", rolled.describe());
+    assert_contains(&rolled.stderr, &["blocked"]);
+    round_trip(&d, "added", "still serving after the rollback\n");
+    drop(taken);
     stop(d);
 }
 

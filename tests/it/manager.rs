@@ -378,3 +378,39 @@ fn sockets_from_socket_activation_are_handed_over_and_their_files_kept() {
         "the manager's socket file was removed by socketd"
     );
 }
+
+#[test]
+fn a_rolled_back_upgrade_says_ready_again_from_the_old_process() {
+    let mut manager = None;
+    let config = format!(
+        "[daemon]\ncontrol = \"{{dir}}/control\"\n{}",
+        listener("echo", "tcp", "127.0.0.1:0", "echo")
+    );
+    let mut d = Daemon::spawn_with(&config, |dir, cfg| {
+        let path = dir.join("notify.sock");
+        manager = Some(Manager::bind(&path));
+        let mut cmd = socketd_cmd();
+        cmd.arg("--config").arg(cfg).env("NOTIFY_SOCKET", &path);
+        cmd
+    });
+    let mut m = manager.expect("notify socket");
+    let old = d.pid();
+    m.expect("READY=1", READY_TIMEOUT);
+    let mut up = socketd_cmd();
+    up.arg("--config")
+        .arg(d.config_path())
+        .args(["upgrade", "--binary", "/bin/false"]);
+    let out = run_with_timeout(up, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert_contains(&out.stderr, &["exited with status 1 before it was ready"]);
+    assert_eq!(m.expect("RELOADING=1", READY_TIMEOUT).pid, old);
+    let again = m.expect("READY=1", READY_TIMEOUT);
+    assert_eq!(again.pid, old);
+    assert!(
+        !m.seen.iter().any(|s| s.contains("MAINPID=")),
+        "{}",
+        m.seen.join("\n")
+    );
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}

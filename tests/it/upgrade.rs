@@ -895,3 +895,46 @@ fn a_failed_upgrade_through_the_control_socket_says_why() {
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
+
+#[test]
+fn a_paused_listener_stays_paused_across_an_upgrade() {
+    let mut d = start(&config_with_control("20s"));
+    let cfg = d.config_path().to_path_buf();
+    let ctl = |args: &[&str]| {
+        let mut cmd = socketd_cmd();
+        cmd.arg("--config").arg(&cfg).args(args);
+        run_with_timeout(cmd, Duration::from_secs(30))
+    };
+    let out = ctl(&["pause", "tcp"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let old = d.pid();
+    let new = upgrade_ok(&d, old);
+    d.wait_log(
+        "listener `tcp`: paused, as before the upgrade",
+        READY_TIMEOUT,
+    );
+    assert_exit_code(d.wait_exit(HANDOVER_BUDGET), 0, &d);
+    let out = ctl(&["status", "--json"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+    assert_eq!(status["status"]["process"]["pid"], new.pid, "{status}");
+    let tcp = status["status"]["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "tcp"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tcp["paused"], true, "{status}");
+    // Queued meanwhile (not refused), served once resumed.
+    let mut s = d.connect("tcp");
+    s.write_all(b"queued\n").expect("send");
+    assert!(
+        s.silent_for(Duration::from_millis(300)),
+        "served while paused"
+    );
+    let out = ctl(&["resume", "tcp"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(s.read_line(), "queued\n");
+    drop(s);
+    new.signal(libc::SIGTERM);
+    new.wait_gone(STOP_BUDGET);
+}

@@ -83,6 +83,8 @@ pub struct Handed<'a> {
     pub from_manager: bool,
     /// A unix socket's path, as the listener has it.
     pub path: Option<&'a Path>,
+    /// Paused by `socketd pause`: the new process keeps it paused.
+    pub paused: bool,
 }
 
 /// Start `binary` with this process's arguments and environment plus `extra_env`, handing it
@@ -144,6 +146,12 @@ pub fn spawn(
     add(ENV_FROM, std::process::id().to_string());
     add(ENV_OWNED, owned.join(":"));
     add(ENV_MANAGER, manager.join(":"));
+    let paused: Vec<&str> = sockets
+        .iter()
+        .filter(|s| s.paused)
+        .map(|s| s.name)
+        .collect();
+    add(ENV_PAUSED, paused.join(":"));
     add(
         ENV_PATHS,
         encode_paths(sockets.iter().filter_map(|s| Some((s.name, s.path?)))),

@@ -24,6 +24,9 @@ pub const ENV_MANAGER: &str = "SOCKETD_UPGRADE_MANAGER";
 /// (getsockname) is not its path.
 pub const ENV_PATHS: &str = "SOCKETD_UPGRADE_PATHS";
 
+/// Names of listeners paused (`socketd pause`) in the old process: they stay paused.
+pub const ENV_PAUSED: &str = "SOCKETD_UPGRADE_PAUSED";
+
 /// `ENV_PATHS`'s value for `paths`.
 pub fn encode_paths<'a>(paths: impl Iterator<Item = (&'a str, &'a Path)>) -> String {
     let hex: Vec<String> = paths
