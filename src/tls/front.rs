@@ -249,6 +249,13 @@ pub fn reason(e: &rustls::Error) -> String {
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "unknown CA (certificate not signed by a trusted CA)".into()
         }
+        Error::InvalidCertificate(CertificateError::Revoked) => {
+            "certificate revoked (listed in the `crl` file)".into()
+        }
+        Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
+            "certificate revocation status unknown (no CRL from its issuer in the `crl` file)"
+                .into()
+        }
         Error::InvalidCertificate(c) => format!("bad certificate ({c:?})"),
         Error::NoCertificatesPresented => "no client certificate presented".into(),
         Error::PeerIncompatible(p) => format!("incompatible peer ({p:?}), e.g. protocol version"),

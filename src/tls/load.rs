@@ -118,6 +118,17 @@ pub fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, F
             "holds no CRL (expected -----BEGIN X509 CRL----- blocks)",
         ));
     }
+    for (i, crl) in crls.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_crl(crl.as_ref()) {
+            return Err(file_error(
+                path,
+                format!(
+                    "CRL number {} in the file is not a valid X.509 CRL: {e}",
+                    i + 1
+                ),
+            ));
+        }
+    }
     Ok(crls)
 }
 

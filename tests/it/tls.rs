@@ -942,3 +942,221 @@ fn tls_check_refuses_bad_proxy_upstream_tls_settings() {
         "{lines}"
     );
 }
+
+/// A client CA with two client certificates (serials 0x1a "good", 0x2b "revoked") and a CRL
+/// from that CA revoking 0x2b, written as `crl-ca.pem`, `good.pem/.key`, `revoked.pem/.key`
+/// and `crl.pem` next to `pki`'s files, and `crl-empty.pem`, the same CA's CRL revoking nothing.
+fn write_crl_pki(pki: &Pki) {
+    let (params, key, ca_pem) = ca("crl test CA");
+    let issuer = Issuer::new(params, key);
+    let write = |name: &str, text: &str| {
+        std::fs::write(pki.path(name), text).expect("write a PEM file");
+    };
+    write("crl-ca.pem", &ca_pem);
+    for (name, serial) in [("good", 0x1a_u8), ("revoked", 0x2b)] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} client"));
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![serial]));
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        write(&format!("{name}.pem"), &cert.pem());
+        write(&format!("{name}.key"), &key.serialize_pem());
+    }
+    let crl = |revoked: &[u8]| {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(4000, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(vec![*serial]),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign the CRL")
+        .pem()
+        .expect("CRL PEM")
+    };
+    write("crl.pem", &crl(&[0x2b]));
+    write("crl-empty.pem", &crl(&[]));
+}
+
+#[test]
+fn tls_crl_refuses_a_revoked_client_certificate_and_serves_a_good_one() {
+    let pki = Pki::new();
+    write_crl_pki(&pki);
+    let tls = format!(
+        "tls = {{ {}, client_ca = \"{}\", client_auth = \"required\", crl = \"{}\" }}",
+        pki.server("server"),
+        pki.p("crl-ca.pem"),
+        pki.p("crl.pem")
+    );
+    let mut config = DAEMON.to_string();
+    for m in MODELS {
+        config.push_str(&listener(&format!("crl-{m}"), m, "echo", &tls));
+    }
+    let d = Daemon::start(&config);
+    let client = |addr: SocketAddr, name: &str, version: &str| {
+        let (cert, key) = (pki.p(&format!("{name}.pem")), pki.p(&format!("{name}.key")));
+        let args = [
+            version,
+            "-servername",
+            "localhost",
+            "-CAfile",
+            &pki.p("ca.pem"),
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-quiet",
+            "-ign_eof",
+        ];
+        s_client(addr, &args, "crl-ping\n", "crl-ping")
+    };
+    for m in MODELS {
+        let addr = d.addr(&format!("crl-{m}"));
+        for version in ["-tls1_3", "-tls1_2"] {
+            let good = client(addr, "good", version);
+            assert!(
+                good.contains("crl-ping"),
+                "{m} {version}: the good certificate was not served:\n{good}\n{}",
+                d.log_dump()
+            );
+            let revoked = client(addr, "revoked", version);
+            assert!(
+                !revoked.contains("crl-ping"),
+                "{m} {version}: the revoked certificate was served:\n{revoked}\n{}",
+                d.log_dump()
+            );
+            assert!(
+                revoked.contains("certificate revoked"),
+                "{m} {version}: s_client shows no `certificate revoked` alert:\n{revoked}"
+            );
+        }
+    }
+    d.wait_log(
+        "TLS handshake failed: certificate revoked (listed in the `crl` file)",
+        IO_TIMEOUT,
+    );
+}
+
+#[test]
+fn tls_check_names_the_crl_file_key_and_position() {
+    let pki = Pki::new();
+    let garbage = pki.path("garbage-crl.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN X509 CRL-----\naGVsbG8gd29ybGQ=\n-----END X509 CRL-----\n",
+    )
+    .expect("write");
+    let mut text = String::new();
+    for (name, crl) in [
+        ("a", "/nonexistent/revoked.pem".to_string()),
+        ("b", pki.p("ca.pem")),
+        ("c", garbage.display().to_string()),
+    ] {
+        text.push_str(&format!(
+            "[[listener]]\nname = \"{name}\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\n\
+             handler = \"echo\"\n\
+             tls = {{ {}, client_ca = \"{}\", crl = \"{crl}\" }}\n",
+            pki.server("server"),
+            pki.p("ca.pem"),
+        ));
+    }
+    let (out, file, _dir) = check(&text);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let lines = out.diagnostics(&file);
+    for (line, needles) in [
+        (
+            ":6:",
+            [
+                "listener `a`: key `tls.crl`:",
+                "/nonexistent/revoked.pem: cannot read",
+            ],
+        ),
+        (
+            ":12:",
+            [
+                "listener `b`: key `tls.crl`:",
+                "ca.pem: holds no CRL (expected -----BEGIN X509 CRL----- blocks)",
+            ],
+        ),
+        (
+            ":18:",
+            [
+                "listener `c`: key `tls.crl`:",
+                "garbage-crl.pem: CRL number 1 in the file is not a valid X.509 CRL",
+            ],
+        ),
+    ] {
+        let prefix = format!("{}{line}", file.display());
+        let found = lines
+            .iter()
+            .find(|l| l.starts_with(&prefix) && needles.iter().all(|n| l.contains(n)));
+        assert!(
+            found.is_some(),
+            "no line {prefix}… with {needles:?} in:\n{}",
+            lines.join("\n")
+        );
+    }
+}
+
+#[test]
+fn tls_crl_updated_by_sighup_revokes_without_a_restart() {
+    let pki = Pki::new();
+    write_crl_pki(&pki);
+    let live = TestDir::new();
+    let crl = live.path().join("crl.pem");
+    std::fs::copy(pki.path("crl-empty.pem"), &crl).expect("copy");
+    let tls = format!(
+        "tls = {{ {}, client_ca = \"{}\", crl = \"{}\" }}",
+        pki.server("server"),
+        pki.p("crl-ca.pem"),
+        crl.display()
+    );
+    let d = Daemon::start(&format!("{DAEMON}{}", listener("c", "event", "echo", &tls)));
+    let addr = d.addr("c");
+    let served = |name: &str| {
+        let (cert, key) = (pki.p(&format!("{name}.pem")), pki.p(&format!("{name}.key")));
+        let args = [
+            "-servername",
+            "localhost",
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-quiet",
+            "-ign_eof",
+        ];
+        s_client(addr, &args, "crl-ping\n", "crl-ping").contains("crl-ping")
+    };
+    assert!(served("revoked"), "not yet revoked\n{}", d.log_dump());
+
+    // A broken CRL is refused by the reload; the old one keeps serving.
+    std::fs::write(&crl, "not a CRL\n").expect("write");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload refused", IO_TIMEOUT);
+    assert_contains(&d.log(), &["key `tls.crl`", "holds no CRL"]);
+    assert!(
+        served("revoked"),
+        "old CRL after a refused reload\n{}",
+        d.log_dump()
+    );
+
+    // The CA's new CRL revokes the certificate on SIGHUP; the good one is still served.
+    std::fs::copy(pki.path("crl.pem"), &crl).expect("copy");
+    d.signal(libc::SIGHUP);
+    d.wait_log("reload: done", IO_TIMEOUT);
+    assert!(!served("revoked"), "revoked after reload\n{}", d.log_dump());
+    assert!(served("good"), "good after reload\n{}", d.log_dump());
+    assert_eq!(d.addr("c"), addr);
+}
