@@ -309,6 +309,23 @@ backend be_http
 """
 
 
+# The same event echo listener in a second daemon that keeps the old accept path (the main
+# loop accepts and hands each connection to an event loop): the A/B of "accept where the work
+# is" in one run.
+HANDOFF_CONF = f"""
+[daemon]
+shutdown_timeout = "2s"
+log_level = "warn"
+[[listener]]
+name = "ev-echo-handoff"
+protocol = "tcp"
+address = "{LO}:9121"
+handler = "echo"
+workers = "event"
+"""
+HANDOFF = ("socketd event, hand-off accept", "tcp:127.0.0.1:9121")
+
+
 def write(name, text):
     path = os.path.join(WORK, name)
     with open(path, "w") as f:
@@ -320,6 +337,8 @@ def start_everything():
     start("epoll_echo", [EPOLL, "--tcp", f"{LO}:9000", "--udp", f"{LO}:9000"])
     start("socketd", [SOCKETD, "--config", write("socketd.toml", SOCKETD_CONF)])
     start("socketd-idle", [SOCKETD, "--config", write("idle.toml", IDLE_CONF)])
+    start("socketd-handoff", [SOCKETD, "--config", write("handoff.toml", HANDOFF_CONF)],
+          env=dict(os.environ, SOCKETD_EVENT_ACCEPT="handoff"))
     xconf = write("xinetd.conf", XINETD_CONF.format(work=WORK))
     start("xinetd", ["xinetd", "-dontfork", "-f", xconf, "-pidfile", os.path.join(WORK, "xinetd.pid")])
     start("socat", ["socat", f"TCP-LISTEN:9301,bind={LO},fork,reuseaddr,backlog=1024", "PIPE"])
@@ -332,7 +351,7 @@ def start_everything():
     start("py-threading", [sys.executable, py, "threading-tcp", LO, "9501"])
     start("py-forking", [sys.executable, py, "forking-tcp", LO, "9502"])
     start("py-udp", [sys.executable, py, "udp", LO, "9503"])
-    for port in (9000, 9101, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
+    for port in (9000, 9101, 9121, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
                  9401, 9402, 9501, 9502, 9700, 9711, 9712, 9713):
         wait_tcp(port)
     for port in (9000, 9101, 9102, 9201, 9211, 9503):
@@ -345,6 +364,7 @@ LOADS = [
      ["--mode", "rr", "--conns", "64", "--size", "64"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
+      HANDOFF,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("socat fork PIPE", "tcp:127.0.0.1:9301"),
@@ -354,6 +374,7 @@ LOADS = [
      ["--mode", "rr", "--conns", "64", "--size", "64", "--mux", "2"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
+      HANDOFF,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("socat fork PIPE", "tcp:127.0.0.1:9301"),
@@ -362,6 +383,7 @@ LOADS = [
      ["--mode", "cps", "--conns", "16", "--size", "64"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
+      HANDOFF,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
@@ -378,6 +400,7 @@ LOADS = [
      ["--mode", "rr", "--conns", "64", "--size", "64", "--mux", "1"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
+      HANDOFF,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201")]),
     ("cps16mux1", "connect, send 64 B, receive, close; 16 clients on ONE epoll client thread "
@@ -385,6 +408,7 @@ LOADS = [
      ["--mode", "cps", "--conns", "16", "--size", "64", "--mux", "1"], "ops_per_s",
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
+      HANDOFF,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
@@ -412,7 +436,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Which process (by the name `start` gave it) serves each port: its whole tree is the server.
 SERVER_OF_PORT = {9000: "epoll_echo", 9201: "xinetd", 9202: "xinetd", 9211: "xinetd",
                   9212: "xinetd", 9301: "socat", 9401: "haproxy", 9402: "haproxy",
-                  9501: "py-threading", 9502: "py-forking", 9503: "py-udp", 9700: "nginx"}
+                  9501: "py-threading", 9502: "py-forking", 9503: "py-udp", 9700: "nginx",
+                  9121: "socketd-handoff"}
 for _port in (9101, 9102, 9103, 9104, 9105, 9106, 9711, 9712, 9713):
     SERVER_OF_PORT[_port] = "socketd"
 

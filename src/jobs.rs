@@ -38,7 +38,13 @@ impl Notifier {
         Notifier { tx, waker }
     }
 
-    /// Wake the loop without a report (a TLS handshake came back).
+    /// Report a finished job without waking the loop: it is collected on the loop's next
+    /// turn. For callers that wake the loop themselves when it must look sooner.
+    pub fn done_quiet(&self, done: Done) {
+        let _ = self.tx.send(done);
+    }
+
+    /// Wake the loop without a report (a TLS handshake came back; timers to recompute).
     pub fn wake(&self) {
         let _ = self.waker.wake();
     }

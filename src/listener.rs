@@ -294,6 +294,16 @@ impl Listener {
         }
     }
 
+    /// A second handle (a `dup`) on a stream listener's socket, for event loops that accept
+    /// for themselves; `None` for datagram sockets. Dropping it never removes a socket file.
+    pub fn acceptor(&self) -> io::Result<Option<Acceptor>> {
+        Ok(match &self.socket {
+            Socket4::Tcp(l) => Some(Acceptor::Tcp(l.try_clone()?)),
+            Socket4::Unix(l) => Some(Acceptor::Unix(l.try_clone()?)),
+            Socket4::Udp(_) | Socket4::UnixDgram(_) => None,
+        })
+    }
+
     /// Watch for connections or datagrams.
     pub fn register(&self, poll: &PollRegistry, token: Token) -> io::Result<()> {
         poll.register(&mut SourceFd(&self.as_raw_fd()), token, Interest::READABLE)
@@ -302,6 +312,39 @@ impl Listener {
     /// Stop watching (back-pressure, or before closing).
     pub fn deregister(&self, poll: &PollRegistry) -> io::Result<()> {
         poll.deregister(&mut SourceFd(&self.as_raw_fd()))
+    }
+}
+
+/// A stream listener's socket as an event loop holds it (see `Listener::acceptor`).
+#[derive(Debug)]
+pub enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Acceptor {
+    /// Accept one connection (the socket is non-blocking: `WouldBlock` when none waits).
+    pub fn accept(&self) -> io::Result<(Conn, PeerAddr)> {
+        match self {
+            Acceptor::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                Ok((Conn::Tcp(s), PeerAddr::Inet(a)))
+            }
+            Acceptor::Unix(l) => {
+                let (s, a) = l.accept()?;
+                let peer = unix_peer(&s, a.as_pathname());
+                Ok((Conn::Unix(s), peer))
+            }
+        }
+    }
+}
+
+impl AsRawFd for Acceptor {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Acceptor::Tcp(l) => l.as_raw_fd(),
+            Acceptor::Unix(l) => l.as_raw_fd(),
+        }
     }
 }
 
@@ -396,6 +439,41 @@ fn unix_peer(s: &UnixStream, path: Option<&Path>) -> PeerAddr {
         path: path.map(Path::to_path_buf),
         cred,
     }
+}
+
+/// Connections accepted (or datagrams read) per readiness event before other listeners get a
+/// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
+pub const FAIR_BATCH: usize = 64;
+
+/// How long to wait before accepting again after the process ran out of file descriptors.
+pub const FD_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+/// Errors about one connection or one datagram that say nothing about the listener: a client
+/// that gave up before accept, an ICMP error reported on a UDP socket.
+pub fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED)
+            | Some(libc::EPROTO)
+            | Some(libc::ECONNREFUSED)
+            | Some(libc::ECONNRESET)
+            | Some(libc::EPERM)
+            | Some(libc::ENETDOWN)
+            | Some(libc::ENETUNREACH)
+            | Some(libc::EHOSTUNREACH)
+            | Some(libc::EHOSTDOWN)
+            | Some(libc::ENONET)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ETIMEDOUT)
+    )
 }
 
 #[cfg(test)]

@@ -269,6 +269,12 @@ impl Server {
             Arc::clone(&self.shared.stopping),
         )
         .map_err(io_err("cannot set up a datagram reply socket"))?;
+        let mut slot = slot;
+        slot.loops_may_accept = self.daemon && crate::event::accept::loops_accept();
+        if self.started {
+            // Loop threads start only after the fork servers (see `start`).
+            slot.setup_accept(self.poll.registry(), &self.shared);
+        }
         self.slots.insert(id, slot);
         Ok(id)
     }
@@ -330,6 +336,7 @@ impl Server {
             self.shared.forks = Some(Arc::new(forks));
         }
         for slot in self.slots.values_mut() {
+            slot.setup_accept(self.poll.registry(), &self.shared);
             slot.watch(self.poll.registry());
             if let Some(l) = &slot.listener {
                 log::info!(
@@ -595,6 +602,7 @@ impl Server {
             let Some(slot) = self.slots.get_mut(&done.listener) else {
                 continue;
             };
+            slot.absorb(); // before the decrement: this `Done`'s start may be in there
             slot.busy = slot.busy.saturating_sub(1);
             slot.served += 1;
             if done.outcome != crate::worker::Outcome::Ok {
@@ -637,7 +645,7 @@ impl Server {
     }
 
     fn in_flight(&self) -> usize {
-        self.slots.values().map(|s| s.busy).sum()
+        self.slots.values().map(|s| s.in_flight()).sum()
     }
 
     /// The daemon's signals, turned into the calls a `ShutdownHandle` offers: TERM and INT are
@@ -700,6 +708,7 @@ impl Server {
             }
         }
         if asks.status {
+            self.collect_done(); // loops report closes lazily (see `event::accept`)
             self.log_status();
         }
     }

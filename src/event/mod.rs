@@ -10,6 +10,7 @@
 //! per-client associations live on the loops. Registered (blocking) handlers cannot run here:
 //! `check` refuses them (`Registry::has_event`).
 
+pub mod accept;
 pub mod proxy;
 mod splice;
 pub mod stream;
@@ -110,13 +111,22 @@ enum Msg {
     Retire,
 }
 
-/// One loop thread as seen from the main loop.
+/// One loop thread as seen from the main loop (and, when loops accept, from its siblings).
+#[derive(Clone)]
 struct LoopHandle {
     tx: Sender<Msg>,
     waker: Arc<Waker>,
     live: Arc<AtomicUsize>,
     /// Set by the loop just before it drains its channel and blocks in `poll`.
     sleeping: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for LoopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopHandle")
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl LoopHandle {
@@ -138,6 +148,8 @@ pub struct SlotEvents {
     loops: Vec<LoopHandle>,
     service: Option<(Arc<ListenerConfig>, Arc<Service>)>,
     next: usize,
+    /// Set when the loops accept for themselves (see `accept`).
+    accept: Option<Arc<accept::LoopAccept>>,
 }
 
 impl std::fmt::Debug for SlotEvents {
@@ -181,11 +193,13 @@ impl SlotEvents {
             return Ok(());
         }
         let mut fresh = Vec::with_capacity(want);
+        let mut epolls = Vec::with_capacity(want);
         for i in 0..want {
             let (tx, rx) = channel();
             let live = Arc::new(AtomicUsize::new(0));
             let sleeping = Arc::new(AtomicBool::new(false));
             let ctx = thread::LoopContext {
+                accept: self.accept.as_ref().map(|a| (Arc::clone(a), i)),
                 listener,
                 name: cfg.name.clone(),
                 notifier: shared.notifier.clone(),
@@ -193,7 +207,8 @@ impl SlotEvents {
                 live: Arc::clone(&live),
                 sleeping: Arc::clone(&sleeping),
             };
-            let waker = thread::spawn(format!("socketd:{}:ev{i}", cfg.name), rx, ctx)?;
+            let (waker, epoll) = thread::spawn(format!("socketd:{}:ev{i}", cfg.name), rx, ctx)?;
+            epolls.push(epoll);
             fresh.push(LoopHandle {
                 tx,
                 waker,
@@ -201,11 +216,58 @@ impl SlotEvents {
                 sleeping,
             });
         }
+        if let Some(a) = &self.accept {
+            a.set_loops(epolls, fresh.clone());
+        }
         for old in std::mem::replace(&mut self.loops, fresh) {
             old.send(Msg::Retire);
         }
         self.next = 0;
         Ok(())
+    }
+
+    /// Let the loops accept on `listener` themselves (see `accept`), or update their settings
+    /// after a reload. Returns the shared accepting state the slot drives.
+    pub fn start_accepting(
+        &mut self,
+        id: usize,
+        cfg: &Arc<ListenerConfig>,
+        shared: &Shared,
+        listener: &crate::listener::Listener,
+        guard: &crate::protect::Guard,
+        stats: &Arc<crate::stats::ListenerStats>,
+    ) -> Result<Arc<accept::LoopAccept>, String> {
+        let service = self.service(cfg)?;
+        if let Some(a) = &self.accept {
+            a.reconfigure(Arc::clone(cfg), service);
+        } else {
+            let acceptor = listener
+                .acceptor()
+                .map_err(|e| format!("cannot share the socket with the event loops: {e}"))?
+                .ok_or("not a stream socket")?;
+            self.accept = Some(Arc::new(accept::LoopAccept::new(
+                acceptor,
+                Arc::clone(cfg),
+                service,
+                guard.clone(),
+                Arc::clone(stats),
+            )));
+            // Loops started for hand-off know nothing of the socket: start a fresh set.
+            for old in self.loops.drain(..) {
+                old.send(Msg::Retire);
+            }
+        }
+        self.ensure_loops(id, cfg, shared)
+            .map_err(|e| format!("cannot start an event loop thread: {e}"))?;
+        Ok(Arc::clone(self.accept.as_ref().expect("set above")))
+    }
+
+    /// Stop the loops accepting (closed listener, or no longer `workers = "event"`); their
+    /// open connections go on.
+    pub fn stop_accepting(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.close();
+        }
     }
 
     /// Hand an accepted connection to the least-loaded loop. `Err` says why no loop could

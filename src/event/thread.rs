@@ -30,6 +30,8 @@ const SWEEP: Duration = Duration::from_secs(1);
 
 /// What a loop knows about the listener it serves.
 pub(super) struct LoopContext {
+    /// Set when this loop accepts for itself: the listener's shared state and our index.
+    pub accept: Option<(Arc<super::accept::LoopAccept>, usize)>,
     pub listener: usize,
     pub name: String,
     pub notifier: Notifier,
@@ -57,9 +59,18 @@ enum Entry {
     Assoc(Box<Assoc>),
 }
 
-/// Start a loop thread; returns the waker the main loop uses after sending it a message.
-pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Result<Arc<Waker>> {
+/// Start a loop thread; returns the waker the main loop uses after sending it a message, and
+/// a duplicate of the loop's epoll descriptor (for `accept::Gate` to add the listener to).
+pub(super) fn spawn(
+    name: String,
+    rx: Receiver<Msg>,
+    ctx: LoopContext,
+) -> io::Result<(Arc<Waker>, std::os::fd::OwnedFd)> {
     let poll = Poll::new()?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: the poll's descriptor is open while `poll` lives (this whole function).
+    let epoll =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(poll.as_raw_fd()) }.try_clone_to_owned()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     // The loop keeps its own handle on the waker: if the last one went with the main loop's
     // `LoopHandle` (a retire drops it right after sending), the eventfd would close and take
@@ -79,6 +90,8 @@ pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Re
             pattern: crate::handler::chargen::pattern(),
             retiring: false,
             idle_sweep: None,
+            accepted: Vec::new(),
+            accept_retry: None,
         };
         // A bug in a state machine must not leak the listener's places: report every
         // connection this loop held as ended, so busy counts and limits come back.
@@ -86,7 +99,7 @@ pub(super) fn spawn(name: String, rx: Receiver<Msg>, ctx: LoopContext) -> io::Re
             l.abandon_all();
         }
     })?;
-    Ok(waker)
+    Ok((waker, epoll))
 }
 
 struct Loop {
@@ -102,6 +115,10 @@ struct Loop {
     retiring: bool,
     /// When to look for connections past their `idle_timeout`, while any have one.
     idle_sweep: Option<Instant>,
+    /// Connections this loop just accepted (reused buffer).
+    accepted: Vec<super::Handoff>,
+    /// Out of descriptors: when to try accepting again.
+    accept_retry: Option<Instant>,
 }
 
 impl Loop {
@@ -128,6 +145,10 @@ impl Loop {
                 if ev.token() == WAKE {
                     continue; // the channel is drained at the top of every turn
                 }
+                if ev.token() == super::accept::LISTEN {
+                    self.accept();
+                    continue;
+                }
                 let (idx, side) = (ev.token().0 / 2, ev.token().0 % 2);
                 // Both directions closed (e.g. the stop deadline shut the socket down).
                 let hung_up = side == 0 && ev.is_read_closed() && ev.is_write_closed();
@@ -141,7 +162,7 @@ impl Loop {
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let mut next = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        if let Some(t) = self.idle_sweep {
+        for t in [self.idle_sweep, self.accept_retry].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         if !self.assocs.is_empty() {
@@ -161,6 +182,32 @@ impl Loop {
                 self.slab.push(Some(e));
                 self.slab.len() - 1
             }
+        }
+    }
+
+    /// The listening socket is ready: accept, admit and open what the batch brings.
+    fn accept(&mut self) {
+        let Some((acc, me)) = self.ctx.accept.clone() else {
+            return;
+        };
+        let mut batch = std::mem::take(&mut self.accepted);
+        let outcome = acc.accept_batch(me, &self.ctx.live, &self.ctx.tracker, &mut batch);
+        if outcome.timers {
+            self.ctx.notifier.wake();
+        }
+        if let Some(t) = outcome.retry_at {
+            self.accept_retry = Some(t);
+        }
+        for h in batch.drain(..) {
+            self.open(h);
+        }
+        self.accepted = batch;
+    }
+
+    /// The retry time after descriptor exhaustion.
+    fn retry_accept(&mut self, now: Instant) {
+        if self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_retry = self.ctx.accept.as_ref().and_then(|(a, _)| a.retry());
         }
     }
 
@@ -293,10 +340,16 @@ impl Loop {
             log::warn!("listener `{}` peer {peer}: {e}", self.ctx.name);
         }
         self.ctx.live.fetch_sub(1, Ordering::Relaxed);
-        self.ctx.notifier.done(Done {
+        let done = Done {
             listener: self.ctx.listener,
             outcome,
-        });
+        };
+        match &self.ctx.accept {
+            // Loop-accepted: the main loop needs the `Done` only for its counts, so it is
+            // woken for it only when it waits on it (stop, closed listener) or now and then.
+            Some((acc, _)) if !acc.closed() => self.ctx.notifier.done_quiet(done),
+            _ => self.ctx.notifier.done(done),
+        }
     }
 
     fn drive(&mut self, idx: usize, hung_up: bool, peer_shut: bool, wake: Wake) {

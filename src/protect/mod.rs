@@ -15,6 +15,7 @@ pub mod refusals;
 pub mod socket_file;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::config::{ListenerConfig, Protocol};
@@ -30,18 +31,32 @@ use rate::Bucket;
 use refusals::RefusalLog;
 
 /// One listener's admission state: open counts, rate bucket, deadlines and refusal log.
-#[derive(Debug, Default)]
+///
+/// Clones share the state, so event loops that accept for themselves judge connections with
+/// the very counts, bucket and log the main loop uses; each lock is held for a few field
+/// updates only.
+#[derive(Debug, Default, Clone)]
 pub struct Guard {
     counts: Counts,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
     bucket: Bucket,
     deadlines: Deadlines,
     log: RefusalLog,
 }
 
 impl Guard {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Only counters and timestamps change under this lock; a poisoned one is still valid.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Judge a new stream connection; `Some` admits it and holds its place until dropped.
     pub fn admit_stream(
-        &mut self,
+        &self,
         cfg: &ListenerConfig,
         peer: &PeerAddr,
         now: Instant,
@@ -56,7 +71,7 @@ impl Guard {
                 // Checked last, so connections refused for other reasons use no token; the
                 // ticket is dropped (its place freed) if the rate refuses.
                 Ok(ticket) => match p.rate {
-                    Some(rate) if !self.bucket.take(rate, now) => Err(Reason::Rate),
+                    Some(rate) if !self.state().bucket.take(rate, now) => Err(Reason::Rate),
                     _ => Ok(ticket),
                 },
             },
@@ -64,7 +79,7 @@ impl Guard {
         match verdict {
             Ok(ticket) => Some(ticket),
             Err(reason) => {
-                self.log.refused(
+                self.state().log.refused(
                     &cfg.name,
                     &format_args!("refused connection from {peer}"),
                     reason,
@@ -76,7 +91,7 @@ impl Guard {
     }
 
     /// Judge a datagram: anti-reflection checks, the ACL, then the rate.
-    pub fn admit_datagram(&mut self, cfg: &ListenerConfig, peer: &PeerAddr, now: Instant) -> bool {
+    pub fn admit_datagram(&self, cfg: &ListenerConfig, peer: &PeerAddr, now: Instant) -> bool {
         let p = &cfg.protect;
         let verdict = match peer {
             PeerAddr::Inet(addr) if cfg.protocol == Protocol::Udp => {
@@ -91,13 +106,13 @@ impl Guard {
             _ => Ok(()),
         }
         .and_then(|()| match p.rate {
-            Some(rate) if !self.bucket.take(rate, now) => Err(Reason::Rate),
+            Some(rate) if !self.state().bucket.take(rate, now) => Err(Reason::Rate),
             _ => Ok(()),
         });
         match verdict {
             Ok(()) => true,
             Err(reason) => {
-                self.log.refused(
+                self.state().log.refused(
                     &cfg.name,
                     &format_args!("dropped datagram from {peer}"),
                     reason,
@@ -112,7 +127,7 @@ impl Guard {
     /// waits that long fails, so a silent or non-reading peer is dropped whichever way the
     /// handler talks) and a watchdog deadline for `max_duration`.
     pub fn arm(
-        &mut self,
+        &self,
         cfg: &ListenerConfig,
         conn: &Conn,
         conn_id: u64,
@@ -131,26 +146,28 @@ impl Guard {
             }
         }
         if let Some(max) = cfg.protect.max_duration {
-            self.deadlines.add(now + max, conn_id, tracker);
+            self.state().deadlines.add(now + max, conn_id, tracker);
         }
     }
 
     /// When the loop must next call `tick` (a deadline or a due refusal summary).
     pub fn next_wakeup(&self) -> Option<Instant> {
-        match (self.deadlines.next(), self.log.next_flush()) {
+        let st = self.state();
+        match (st.deadlines.next(), st.log.next_flush()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
     /// Cut connections past `max_duration` and write a due refusal summary.
-    pub fn tick(&mut self, cfg: &ListenerConfig, tracker: &Tracker, now: Instant) {
-        let cut = self.deadlines.expire(now, tracker);
+    pub fn tick(&self, cfg: &ListenerConfig, tracker: &Tracker, now: Instant) {
+        let mut st = self.state();
+        let cut = st.deadlines.expire(now, tracker);
         for _ in 0..cut {
-            self.log
+            st.log
                 .refused(&cfg.name, &"a connection", Reason::MaxDuration, now);
         }
-        self.log.flush(&cfg.name, now);
+        st.log.flush(&cfg.name, now);
     }
 
     /// Whether `max_connections` is reached, so every new stream connection will be refused:
@@ -169,7 +186,7 @@ impl Guard {
 
     /// Refusals since start for one reason (for status lines).
     pub fn refused(&self, reason: Reason) -> u64 {
-        self.log.total(reason)
+        self.state().log.total(reason)
     }
 }
 
@@ -276,7 +293,7 @@ mod tests {
     #[test]
     fn udp_reflection_sources_are_dropped() {
         let c = cfg(Protocol::Udp, Protection::default());
-        let mut g = Guard::default();
+        let g = Guard::default();
         let now = Instant::now();
         assert!(g.admit_datagram(&c, &peer("127.0.0.1:40000"), now));
         assert!(
@@ -319,7 +336,7 @@ mod tests {
             ..Protection::default()
         };
         let c = cfg(Protocol::Tcp, p);
-        let mut g = Guard::default();
+        let g = Guard::default();
         let now = Instant::now();
         assert!(g
             .admit_stream(&c, &peer("[::ffff:127.0.0.2]:5000"), now)

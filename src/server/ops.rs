@@ -115,7 +115,10 @@ impl Server {
         _later: &std::sync::mpsc::SyncSender<Reply>,
     ) -> Option<Reply> {
         Some(match command {
-            Command::Status => Reply::ok(json!({ "status": self.status_json() })),
+            Command::Status => {
+                self.collect_done(); // loops report closes lazily (see `event::accept`)
+                Reply::ok(json!({ "status": self.status_json() }))
+            }
             // `answer_asks` starts it and answers when it ends.
             Command::Upgrade { .. } => Reply::error("upgrade: not answered here", json!({})),
             Command::Reload if self.upgrading.is_some() => Reply::error(
@@ -184,11 +187,12 @@ impl Server {
                         "listener `{}`: closed by socketd drain; draining {} connections (a \
                          reload binds it again)",
                         s.cfg.name,
-                        s.busy
+                        s.in_flight()
                     );
-                    json!({"listener": s.cfg.name, "draining": s.busy})
+                    json!({"listener": s.cfg.name, "draining": s.in_flight()})
                 });
-                self.slots.retain(|_, s| s.listener.is_some() || s.busy > 0);
+                self.slots
+                    .retain(|_, s| s.listener.is_some() || s.in_flight() > 0);
                 reply
             }
             Command::ReopenLogs => {
@@ -300,8 +304,8 @@ impl Server {
                     "max_workers": s.cfg.max_workers,
                     "state": state,
                     "paused": s.paused,
-                    "open": s.busy,
-                    "busy": s.busy,
+                    "open": s.in_flight(),
+                    "busy": s.in_flight(),
                     "served": s.served,
                     "accepted": stats.accepted.load(Relaxed),
                     "refused": refused,

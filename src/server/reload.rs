@@ -147,6 +147,7 @@ impl Server {
                         let cfg = Arc::new(cfg);
                         let ctx = Context::new(Arc::clone(&cfg), Arc::clone(&stopping));
                         slot.reconfigure(cfg, factory, ctx);
+                        slot.setup_accept(self.poll.registry(), &self.shared);
                         if slot.has_capacity() && !slot.fd_starved {
                             slot.watch(self.poll.registry());
                         }
@@ -181,7 +182,8 @@ impl Server {
                 removed += 1;
             }
         }
-        self.slots.retain(|_, s| s.listener.is_some() || s.busy > 0);
+        self.slots
+            .retain(|_, s| s.listener.is_some() || s.in_flight() > 0);
         self.config = new;
         let summary = format!("{kept} kept, {added} added, {removed} removed");
         log::info!("reload: done ({summary})");

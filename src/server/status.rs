@@ -20,12 +20,24 @@ impl Server {
             } else {
                 "connections open"
             };
+            let loops = s
+                .accepted_per_loop()
+                .map(|(accepted, open)| {
+                    let a: Vec<String> = accepted.iter().map(u64::to_string).collect();
+                    let o: Vec<String> = open.iter().map(usize::to_string).collect();
+                    format!(
+                        ", accepted by event loops {} (open on each {})",
+                        a.join("/"),
+                        o.join("/")
+                    )
+                })
+                .unwrap_or_default();
             log::info!(
-                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}",
+                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}{loops}",
                 s.cfg.name,
-                s.busy,
+                s.in_flight(),
                 s.served,
-                s.busy,
+                s.in_flight(),
                 s.cfg.max_workers,
                 s.pool.threads(),
                 if s.watching { "accepting" } else { "paused" }

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::{Registry as PollRegistry, Token};
 
@@ -22,12 +22,8 @@ mod link;
 mod tls;
 mod wait;
 
-/// Connections accepted (or datagrams read) per readiness event before other listeners get a
-/// turn; the rest are picked up on the next loop pass, so one flood cannot starve the others.
-pub const FAIR_BATCH: usize = 64;
-
-/// How long to wait before accepting again after the process ran out of file descriptors.
-pub const FD_RETRY: Duration = Duration::from_millis(200);
+use crate::listener::{out_of_descriptors, transient};
+pub use crate::listener::{FAIR_BATCH, FD_RETRY};
 
 pub use crate::conn::MAX_DATAGRAM;
 
@@ -112,6 +108,11 @@ pub struct Slot {
     pub verify: Option<Verify>,
     /// How requests meet the worker model, chosen once per config.
     route: Route,
+    /// Whether this listener's event loops may accept for themselves (a daemon's listeners,
+    /// unless `SOCKETD_EVENT_ACCEPT=handoff`; see `event::accept`).
+    pub loops_may_accept: bool,
+    /// Set while (or since) the event loops accept for themselves.
+    accepting: Option<Arc<crate::event::accept::LoopAccept>>,
     /// `tls = {...}`: handshakes at the TLS front and finished ones waiting for a worker.
     tls: tls::Handshakes,
 }
@@ -158,7 +159,83 @@ impl Slot {
             route,
             tls: tls::Handshakes::default(),
             paused: false,
+            loops_may_accept: false,
+            accepting: None,
         })
+    }
+
+    /// Let the event loops accept for themselves when this listener qualifies (a stream
+    /// `workers = "event"` listener of the daemon), or go back to accepting here when it no
+    /// longer does (a reload changed its model). Call after `new` and `reconfigure`.
+    pub fn setup_accept(&mut self, poll: &PollRegistry, shared: &Shared) {
+        let qualifies = self.loops_may_accept
+            && matches!(self.route, Route::Event)
+            && !self.cfg.protocol.is_datagram()
+            && self.cfg.tls.is_none() // the TLS front is the main loop's (see `crate::tls`)
+            && self.verify.is_none();
+        if !qualifies || self.listener.is_none() {
+            self.stop_loop_accept();
+            return;
+        }
+        let was_watching = self.watching;
+        if self.accepting.is_none() {
+            self.unwatch(poll); // the main loop's own watch, handed over below
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let started = self.events.start_accepting(
+            self.id,
+            &self.cfg,
+            shared,
+            listener,
+            &self.guard,
+            &self.stats,
+        );
+        match started {
+            Ok(a) => {
+                self.accepting = Some(a);
+                if was_watching {
+                    self.watch(poll);
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "listener `{}`: {e}; the main loop accepts instead",
+                    self.cfg.name
+                );
+                self.stop_loop_accept();
+            }
+        }
+    }
+
+    /// The loops stop accepting; their count joins `busy`. The listener is left unwatched:
+    /// the caller watches it again (on the main loop's poll) if it should be.
+    fn stop_loop_accept(&mut self) {
+        if let Some(a) = self.accepting.take() {
+            self.events.stop_accepting();
+            a.close();
+            self.busy += a.take_started();
+            self.watching = false;
+        }
+    }
+
+    /// Add the connections the loops accepted since the last call to `busy`.
+    pub fn absorb(&mut self) {
+        if let Some(a) = &self.accepting {
+            self.busy += a.take_started();
+        }
+    }
+
+    /// Connections open now (jobs in flight), counting what the loops just accepted.
+    pub fn in_flight(&self) -> usize {
+        self.busy + self.accepting.as_ref().map_or(0, |a| a.started())
+    }
+
+    /// Connections accepted by each event loop and open on each, when the loops accept for
+    /// themselves.
+    pub fn accepted_per_loop(&self) -> Option<(Vec<u64>, Vec<usize>)> {
+        self.accepting.as_ref().map(|a| a.per_loop())
     }
 
     /// Apply a reload's settings to this listener: new connections get them.
@@ -196,6 +273,13 @@ impl Slot {
         if self.paused {
             return;
         }
+        if let Some(a) = &self.accepting {
+            if self.listener.is_some() {
+                a.set_wanted(true);
+                self.watching = true;
+            }
+            return;
+        }
         if let (Some(l), false) = (&self.listener, self.watching) {
             match l.register(poll, self.token()) {
                 Ok(()) => self.watching = true,
@@ -206,6 +290,11 @@ impl Slot {
 
     /// Stop watching: the kernel queues new connections in the backlog meanwhile.
     pub fn unwatch(&mut self, poll: &PollRegistry) {
+        if let Some(a) = &self.accepting {
+            a.set_wanted(false);
+            self.watching = false;
+            return;
+        }
         if let (Some(l), true) = (&self.listener, self.watching) {
             let _ = l.deregister(poll);
         }
@@ -215,12 +304,17 @@ impl Slot {
     /// Stop accepting for good: the socket is closed and its unix file removed.
     pub fn close(&mut self, poll: &PollRegistry) -> Option<Listener> {
         self.unwatch(poll);
+        if let Some(a) = &self.accepting {
+            a.close(); // no loop accepts once this returns
+            self.events.stop_accepting();
+        }
         self.listener.take()
     }
 
     /// Whether another job may start.
     pub fn has_capacity(&self) -> bool {
-        self.busy < self.cfg.max_workers
+        // Loops that accept for themselves hold back at `max_workers` on their own.
+        self.accepting.is_some() || self.busy < self.cfg.max_workers
     }
 
     /// Whether to accept another connection: a worker place, or for a TLS listener a
@@ -263,6 +357,9 @@ impl Slot {
         if self.paused {
             self.unwatch(poll);
             return Drained::Empty;
+        }
+        if self.accepting.is_some() {
+            return Drained::Empty; // the event loops accept (see `event::accept`)
         }
         if let Route::Wait(program) = &self.route {
             let program = program.clone();
@@ -532,32 +629,4 @@ impl Drop for TrackGuard {
     fn drop(&mut self) {
         self.tracker.remove(self.conn_id);
     }
-}
-
-/// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
-fn out_of_descriptors(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
-}
-
-/// Errors about one connection or one datagram that say nothing about the listener: a client
-/// that gave up before accept, an ICMP error reported on a UDP socket.
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED)
-            | Some(libc::EPROTO)
-            | Some(libc::ECONNREFUSED)
-            | Some(libc::ECONNRESET)
-            | Some(libc::EPERM)
-            | Some(libc::ENETDOWN)
-            | Some(libc::ENETUNREACH)
-            | Some(libc::EHOSTUNREACH)
-            | Some(libc::EHOSTDOWN)
-            | Some(libc::ENONET)
-            | Some(libc::EOPNOTSUPP)
-            | Some(libc::ETIMEDOUT)
-    )
 }

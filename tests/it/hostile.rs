@@ -62,7 +62,19 @@ const ECHO: &str = "[[listener]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress =
 
 #[test]
 fn fd_exhaustion_pauses_without_spinning_and_recovers() {
-    let d = Daemon::start(&format!("{ECHO}max_workers = 200\n"));
+    fd_exhaustion("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept, pause and retry themselves.
+#[test]
+fn fd_exhaustion_pauses_without_spinning_and_recovers_event() {
+    fd_exhaustion("event");
+}
+
+fn fd_exhaustion(workers: &str) {
+    let d = Daemon::start(&format!(
+        "{ECHO}max_workers = 200\nworkers = \"{workers}\"\n"
+    ));
     let addr = d.addr("echo");
     // Soft and hard both, as if started under `prlimit --nofile=64:64`.
     let limit = run_with_timeout(

@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod accept;
 mod concurrency;
 mod config_errors;
 mod control;

@@ -45,6 +45,11 @@ pub fn echoes(s: &mut Stream) -> bool {
     }
 }
 
+/// `echo_tcp` in a given worker model.
+fn echo_tcp_in(workers: &str, name: &str, address: &str, extra: &str) -> String {
+    echo_tcp(name, address, &format!("workers = \"{workers}\"\n{extra}"))
+}
+
 fn echo_tcp(name: &str, address: &str, extra: &str) -> String {
     format!(
         "[[listener]]\nname = \"{name}\"\nprotocol = \"tcp\"\naddress = \"{address}\"\nhandler = \"echo\"\n{extra}\n"
@@ -53,9 +58,20 @@ fn echo_tcp(name: &str, address: &str, extra: &str) -> String {
 
 #[test]
 fn deny_and_allow_by_source_address() {
+    deny_and_allow_by_source_address_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn deny_and_allow_by_source_address_event() {
+    deny_and_allow_by_source_address_in("event");
+}
+
+fn deny_and_allow_by_source_address_in(workers: &str) {
     let d = Daemon::start(
-        &(echo_tcp("deny", "127.0.0.1:0", "deny = [\"127.0.0.2\"]")
-            + &echo_tcp(
+        &(echo_tcp_in(workers, "deny", "127.0.0.1:0", "deny = [\"127.0.0.2\"]")
+            + &echo_tcp_in(
+                workers,
                 "allow",
                 "127.0.0.1:0",
                 "allow = [\"127.0.0.2/32\", \"10.0.0.0/8\"]",
@@ -207,7 +223,18 @@ fn ipv4_mapped_peers_on_a_dual_stack_listener_are_matched_as_ipv4() {
 
 #[test]
 fn connection_caps_refuse_at_once_and_free_on_close() {
-    let d = Daemon::start(&echo_tcp(
+    connection_caps_refuse_at_once_and_free_on_close_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn connection_caps_refuse_at_once_and_free_on_close_event() {
+    connection_caps_refuse_at_once_and_free_on_close_in("event");
+}
+
+fn connection_caps_refuse_at_once_and_free_on_close_in(workers: &str) {
+    let d = Daemon::start(&echo_tcp_in(
+        workers,
         "capped",
         "127.0.0.1:0",
         "max_workers = 16\nmax_connections = 3\nmax_per_source = 2",
@@ -240,7 +267,22 @@ fn connection_caps_refuse_at_once_and_free_on_close() {
 
 #[test]
 fn rate_refuses_a_burst_and_recovers_by_itself() {
-    let d = Daemon::start(&echo_tcp("rated", "127.0.0.1:0", "rate = \"10/s\""));
+    rate_refuses_a_burst_and_recovers_by_itself_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn rate_refuses_a_burst_and_recovers_by_itself_event() {
+    rate_refuses_a_burst_and_recovers_by_itself_in("event");
+}
+
+fn rate_refuses_a_burst_and_recovers_by_itself_in(workers: &str) {
+    let d = Daemon::start(&echo_tcp_in(
+        workers,
+        "rated",
+        "127.0.0.1:0",
+        "rate = \"10/s\"",
+    ));
     let addr = d.addr("rated");
     let start = Instant::now();
     let served = (0..40)
@@ -287,7 +329,18 @@ fn udp_rate_drops_datagrams_over_it() {
 
 #[test]
 fn idle_timeout_frees_workers_held_by_silent_clients() {
-    let d = Daemon::start(&echo_tcp(
+    idle_timeout_frees_workers_held_by_silent_clients_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn idle_timeout_frees_workers_held_by_silent_clients_event() {
+    idle_timeout_frees_workers_held_by_silent_clients_in("event");
+}
+
+fn idle_timeout_frees_workers_held_by_silent_clients_in(workers: &str) {
+    let d = Daemon::start(&echo_tcp_in(
+        workers,
         "idle",
         "127.0.0.1:0",
         "max_workers = 2\nidle_timeout = \"1s\"",
@@ -358,7 +411,22 @@ fn idle_timeout_counts_both_directions() {
 
 #[test]
 fn max_duration_cuts_even_a_busy_connection() {
-    let d = Daemon::start(&echo_tcp("short", "127.0.0.1:0", "max_duration = \"1s\""));
+    max_duration_cuts_even_a_busy_connection_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn max_duration_cuts_even_a_busy_connection_event() {
+    max_duration_cuts_even_a_busy_connection_in("event");
+}
+
+fn max_duration_cuts_even_a_busy_connection_in(workers: &str) {
+    let d = Daemon::start(&echo_tcp_in(
+        workers,
+        "short",
+        "127.0.0.1:0",
+        "max_duration = \"1s\"",
+    ));
     let mut s = connect_from("127.0.0.1", d.addr("short"));
     let start = Instant::now();
     while echoes(&mut s) {

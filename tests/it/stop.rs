@@ -12,8 +12,13 @@ use crate::services::listener;
 
 /// A TCP and a Unix echo listener, with the given `shutdown_timeout`.
 fn echo_daemon(shutdown_timeout: &str) -> Daemon {
+    echo_daemon_in("threaded", shutdown_timeout)
+}
+
+/// `echo_daemon` in a given worker model.
+fn echo_daemon_in(workers: &str, shutdown_timeout: &str) -> Daemon {
     Daemon::start(&format!(
-        "[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n{}{}",
+        "[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n{}workers = \"{workers}\"\n{}workers = \"{workers}\"\n",
         listener("tcp", "tcp", "127.0.0.1:0", "echo"),
         listener("unix", "unix", "{dir}/echo.sock", "echo"),
     ))
@@ -48,7 +53,17 @@ fn assert_refused(d: &Daemon, addr: std::net::SocketAddr, path: &std::path::Path
 
 #[test]
 fn sigterm_serves_open_connections_until_they_close_then_exits_0() {
-    let mut d = echo_daemon("10s");
+    sigterm_serves_open_connections_until_they_close_then_exits_0_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn sigterm_serves_open_connections_until_they_close_then_exits_0_event() {
+    sigterm_serves_open_connections_until_they_close_then_exits_0_in("event");
+}
+
+fn sigterm_serves_open_connections_until_they_close_then_exits_0_in(workers: &str) {
+    let mut d = echo_daemon_in(workers, "10s");
     let (addr, path) = (d.addr("tcp"), d.path("unix"));
     let mut tcp = d.connect("tcp");
     let mut unix = d.connect("unix");
@@ -112,7 +127,17 @@ fn sigint_stops_like_sigterm() {
 
 #[test]
 fn sigterm_with_nothing_in_flight_exits_at_once() {
-    let mut d = echo_daemon("10s");
+    sigterm_with_nothing_in_flight_exits_at_once_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn sigterm_with_nothing_in_flight_exits_at_once_event() {
+    sigterm_with_nothing_in_flight_exits_at_once_in("event");
+}
+
+fn sigterm_with_nothing_in_flight_exits_at_once_in(workers: &str) {
+    let mut d = echo_daemon_in(workers, "10s");
     let started = Instant::now();
     d.signal(libc::SIGTERM);
     exits_at_once(&mut d, started);
@@ -124,7 +149,17 @@ fn sigterm_with_nothing_in_flight_exits_at_once() {
 
 #[test]
 fn shutdown_timeout_closes_connections_that_never_end() {
-    let mut d = echo_daemon("500ms");
+    shutdown_timeout_closes_connections_that_never_end_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn shutdown_timeout_closes_connections_that_never_end_event() {
+    shutdown_timeout_closes_connections_that_never_end_in("event");
+}
+
+fn shutdown_timeout_closes_connections_that_never_end_in(workers: &str) {
+    let mut d = echo_daemon_in(workers, "500ms");
     let mut tcp = d.connect("tcp");
     round_trip(&mut tcp, b"x");
     let started = Instant::now();
@@ -146,7 +181,17 @@ fn shutdown_timeout_closes_connections_that_never_end() {
 
 #[test]
 fn a_second_sigterm_stops_at_once() {
-    let mut d = echo_daemon("60s");
+    a_second_sigterm_stops_at_once_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn a_second_sigterm_stops_at_once_event() {
+    a_second_sigterm_stops_at_once_in("event");
+}
+
+fn a_second_sigterm_stops_at_once_in(workers: &str) {
+    let mut d = echo_daemon_in(workers, "60s");
     let mut tcp = d.connect("tcp");
     round_trip(&mut tcp, b"x");
     d.signal(libc::SIGTERM);
@@ -164,7 +209,17 @@ fn a_second_sigterm_stops_at_once() {
 
 #[test]
 fn sigquit_stops_at_once() {
-    let mut d = echo_daemon("60s");
+    sigquit_stops_at_once_in("threaded");
+}
+
+/// The same with `workers = "event"`: the event loops accept for themselves.
+#[test]
+fn sigquit_stops_at_once_event() {
+    sigquit_stops_at_once_in("event");
+}
+
+fn sigquit_stops_at_once_in(workers: &str) {
+    let mut d = echo_daemon_in(workers, "60s");
     let (path, mut tcp) = (d.path("unix"), d.connect("tcp"));
     round_trip(&mut tcp, b"x");
     let started = Instant::now();

@@ -37,6 +37,7 @@ impl Loop {
 
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
+        self.retry_accept(now);
         if self.idle_sweep.is_some_and(|t| t <= now) {
             self.sweep_idle(now);
         }
