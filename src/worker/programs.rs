@@ -57,6 +57,8 @@ pub(super) struct Started {
     pub idle: Option<(Duration, Instant)>,
     /// Which limit `kill_at` enforces, for the log.
     pub reason: &'static str,
+    /// The TLS session in front of the connection, for its access line.
+    pub tls: Option<crate::tls::TlsInfo>,
 }
 
 impl Started {
@@ -241,7 +243,7 @@ impl Programs {
                 now.duration_since(p.at),
                 bytes,
                 &super::Outcome::Ok,
-                None,
+                p.tls.as_ref(),
             );
         }
         true

@@ -116,6 +116,13 @@ impl State {
             },
             _ => None,
         };
+        // A stream job's data carries its TLS session, if any (for the access line).
+        let tls = match j.kind {
+            JobKind::Stream if program.is_some() && !j.data.is_empty() => {
+                crate::tls::TlsInfo::decode(&j.data).ok()
+            }
+            _ => None,
+        };
         let spawned = match &program {
             Some(p) if p.can_spawn() => {
                 let stderr = stderr_fd(p, &pipe, &self.programs);
@@ -177,6 +184,7 @@ impl State {
                 kill_at,
                 idle,
                 reason: "max_duration",
+                tls,
             };
             // The write end closes here: the program holds the only one.
             self.programs.started(pid, started, pipe.map(|(r, _)| r));

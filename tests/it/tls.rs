@@ -398,6 +398,27 @@ fn tls_exec_sees_plaintext_and_ssl_env_with_a_client_certificate() {
             &["got=bye", "SSL_CLIENT_VERIFY=NONE", "SSL_PROTOCOL=TLSv1.2"],
         );
         assert!(!out.contains("SSL_CLIENT_S_DN"), "{out}");
+        // The program's access line carries the session too (a forked program's is written
+        // when the fork server reaps it).
+        let start = format!("access: listener `env-{m}` peer ");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let found = loop {
+            let hit = d.log().lines().any(|l| {
+                l.contains(&start)
+                    && l.contains("tls=TLSv1.3 cipher=TLS_")
+                    && l.contains("alpn=x-test")
+                    && l.contains("CN=test client")
+            });
+            if hit || Instant::now() > deadline {
+                break hit;
+            }
+            std::thread::sleep(POLL);
+        };
+        assert!(
+            found,
+            "{m}: no access line with the TLS session\n{}",
+            d.log_dump()
+        );
     }
 }
 
