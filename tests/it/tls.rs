@@ -320,25 +320,33 @@ fn tls_s_client_versions_sni_alpn_in_every_model() {
     }
     // Every model's access line carries the session.
     for m in MODELS {
-        let start = format!("access: listener `echo-{m}` peer ");
-        let deadline = Instant::now() + IO_TIMEOUT;
-        let found = loop {
-            let log = d.log();
-            let hit = log.lines().any(|l| {
-                l.contains(&start)
-                    && l.contains("tls=TLSv1.3 cipher=TLS_")
-                    && l.contains("sni=other.test alpn=x-test")
-            });
-            if hit || Instant::now() > deadline {
-                break hit;
-            }
-            std::thread::sleep(POLL);
-        };
+        wait_access_line(
+            &d,
+            &format!("echo-{m}"),
+            &["tls=TLSv1.3 cipher=TLS_", "sni=other.test alpn=x-test"],
+        );
+    }
+}
+
+/// Waits (up to `IO_TIMEOUT`) for an access line of `listener` that contains every one of
+/// `parts`; fails with the daemon's log otherwise.
+fn wait_access_line(d: &Daemon, listener: &str, parts: &[&str]) {
+    let start = format!("access: listener `{listener}` peer ");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let log = d.log();
+        if log
+            .lines()
+            .any(|l| l.contains(&start) && parts.iter().all(|p| l.contains(p)))
+        {
+            return;
+        }
         assert!(
-            found,
-            "{m}: no access line with the TLS session\n{}",
+            Instant::now() < deadline,
+            "{listener}: no access line with {parts:?}\n{}",
             d.log_dump()
         );
+        std::thread::sleep(POLL);
     }
 }
 
@@ -400,24 +408,10 @@ fn tls_exec_sees_plaintext_and_ssl_env_with_a_client_certificate() {
         assert!(!out.contains("SSL_CLIENT_S_DN"), "{out}");
         // The program's access line carries the session too (a forked program's is written
         // when the fork server reaps it).
-        let start = format!("access: listener `env-{m}` peer ");
-        let deadline = Instant::now() + IO_TIMEOUT;
-        let found = loop {
-            let hit = d.log().lines().any(|l| {
-                l.contains(&start)
-                    && l.contains("tls=TLSv1.3 cipher=TLS_")
-                    && l.contains("alpn=x-test")
-                    && l.contains("CN=test client")
-            });
-            if hit || Instant::now() > deadline {
-                break hit;
-            }
-            std::thread::sleep(POLL);
-        };
-        assert!(
-            found,
-            "{m}: no access line with the TLS session\n{}",
-            d.log_dump()
+        wait_access_line(
+            &d,
+            &format!("env-{m}"),
+            &["tls=TLSv1.3 cipher=TLS_", "alpn=x-test", "CN=test client"],
         );
     }
 }
