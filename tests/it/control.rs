@@ -313,8 +313,9 @@ fn raw(path: &Path, bytes: &[u8], close_write: bool) -> String {
     let mut s = UnixStream::connect(path).expect("connect to the control socket");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    s.write_all(bytes).expect("send");
-    if close_write {
+    // A daemon that refuses at once ("busy") may have answered and closed before the request
+    // is written: the send then fails with EPIPE, and the answer is still there to read.
+    if s.write_all(bytes).is_ok() && close_write {
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     }
     let mut answer = String::new();
