@@ -181,6 +181,19 @@ pub fn install_by_readme(c: &Container) {
     );
 }
 
+/// Prints what an `echo_load` saw while `what` happened, and fails (with the first failures
+/// and the unit's journal) if any exchange failed.
+pub fn assert_load_clean(c: &Container, what: &str, done: usize, failures: &[String]) {
+    eprintln!("{what}: {done} echo exchanges, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {done} failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        c.journal("socketd")
+    );
+}
+
 /// Echo clients on `port` in a loop from `threads` threads (inside the container's network
 /// namespace) while `during` runs; returns (exchanges done, failures). Each thread paces itself
 /// to one exchange per `LOAD_PACE` at most (every connection is an access line in the journal,

@@ -107,16 +107,7 @@ workers = \"event\"
         out
     });
     assert!(reload.status.success(), "{}", reload.describe());
-    eprintln!(
-        "reload under load: {done} echo exchanges, {} failed",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {done} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert_load_clean(&c, "reload under load", done, &failures);
     assert_contains(
         &c.journal("socketd"),
         &["reload: done (10 kept, 4 added, 1 removed)"],
@@ -425,15 +416,11 @@ fn socket_unit_activates_and_restart_refuses_nothing_under_systemd() {
     });
     assert!(out.status.success(), "{}", out.describe());
     assert_ne!(show(&c, "MainPID"), pid, "restarted");
-    eprintln!(
-        "restart under load with socketd.socket: {done} exchanges, {} failed",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {done} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
+    assert_load_clean(
+        &c,
+        "restart under load with socketd.socket",
+        done,
+        &failures,
     );
 
     c.sh("systemctl stop socketd.socket socketd");

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::deploy::{
-    assert_shipped_services_answer, echo_load, install_by_readme, show, tcp_echo, udp_request,
-    unix_echo, wait_journal, CONFIG, SYSTEMCTL, UNIX_ECHO,
+    assert_load_clean, assert_shipped_services_answer, echo_load, install_by_readme, show,
+    tcp_echo, udp_request, unix_echo, wait_journal, CONFIG, SYSTEMCTL, UNIX_ECHO,
 };
 use crate::harness::*;
 use crate::sysd::Container;
@@ -51,17 +51,7 @@ fn upgrade_under_systemd_moves_the_main_pid_and_stops_cleanly() {
     let new = show(&c, "MainPID");
     assert_ne!(new, old);
     assert_contains(&out.stdout, &[&format!("upgraded: pid {old} -> pid {new}")]);
-    eprintln!(
-        "upgrade under systemd: {done} exchanges during it, {} failed",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {done} failed: {:?}\n{}",
-        failures.len(),
-        &failures[..failures.len().min(5)],
-        c.journal("socketd")
-    );
+    assert_load_clean(&c, "upgrade under systemd", done, &failures);
     let status = c.exec(&["systemctl", "status", "socketd"]).stdout;
     assert_contains(&status, &[&format!("Main PID: {new}"), "active (running)"]);
     wait_until("the old process to exit", Duration::from_secs(20), || {
@@ -162,16 +152,11 @@ fn restart_with_the_fd_store_refuses_nothing_under_systemd() {
     });
     assert!(out.status.success(), "{}", out.describe());
     assert_ne!(show(&c, "MainPID"), pid, "restarted");
-    eprintln!(
-        "restart with the fd store under systemd: {done} exchanges, {} failed",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {done} failed: {:?}\n{}",
-        failures.len(),
-        &failures[..failures.len().min(5)],
-        c.journal("socketd")
+    assert_load_clean(
+        &c,
+        "restart with the fd store under systemd",
+        done,
+        &failures,
     );
     let journal = c.journal("socketd");
     assert_eq!(
