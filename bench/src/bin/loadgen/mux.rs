@@ -129,16 +129,10 @@ pub fn request_response(load: &Load, first: usize, n: usize) -> Outcome {
     let mut hist = Hist::new();
     let mut last_progress = Instant::now();
     while Instant::now() < load.deadline {
-        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            out.error("poll", &e);
-            break;
-        }
-        if events.is_empty() && last_progress.elapsed() > load.io_timeout {
-            out.error("request", &"no reply within --io-timeout");
-            break;
+        match wait(&mut poll, &mut events, load, last_progress, &mut out) {
+            Wait::Ready => {}
+            Wait::Again => continue,
+            Wait::Stop => break,
         }
         for ev in events.iter() {
             let Some(c) = clients.get_mut(ev.token().0) else {
@@ -255,6 +249,38 @@ impl Cps {
 }
 
 /// ENOTCONN on Linux (no libc dependency here).
+/// What one poll turn of a client loop says.
+enum Wait {
+    /// Events (or none, but still within `--io-timeout`) to handle.
+    Ready,
+    /// Interrupted: poll again.
+    Again,
+    /// A poll error, or no reply within `--io-timeout` (both recorded in `out`).
+    Stop,
+}
+
+/// Poll once (50 ms at most) for the client loops of both modes.
+fn wait(
+    poll: &mut Poll,
+    events: &mut Events,
+    load: &Load,
+    last_progress: Instant,
+    out: &mut Outcome,
+) -> Wait {
+    if let Err(e) = poll.poll(events, Some(Duration::from_millis(50))) {
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Wait::Again;
+        }
+        out.error("poll", &e);
+        return Wait::Stop;
+    }
+    if events.is_empty() && last_progress.elapsed() > load.io_timeout {
+        out.error("request", &"no reply within --io-timeout");
+        return Wait::Stop;
+    }
+    Wait::Ready
+}
+
 fn libc_enotconn() -> i32 {
     107
 }
@@ -296,16 +322,10 @@ pub fn connect_per_request(load: &Load, first: usize, n: usize) -> Outcome {
     let mut hist = Hist::new();
     let mut last_progress = Instant::now();
     while Instant::now() < load.deadline {
-        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            out.error("poll", &e);
-            break;
-        }
-        if events.is_empty() && last_progress.elapsed() > load.io_timeout {
-            out.error("request", &"no reply within --io-timeout");
-            break;
+        match wait(&mut poll, &mut events, load, last_progress, &mut out) {
+            Wait::Ready => {}
+            Wait::Again => continue,
+            Wait::Stop => break,
         }
         for ev in events.iter() {
             let i = ev.token().0;
