@@ -104,16 +104,6 @@ pub fn signal_all(sig: Signal) -> usize {
     map.len()
 }
 
-/// Programs running now (for status and metrics; unused by the loop itself).
-#[allow(dead_code)]
-pub fn running() -> usize {
-    RUNNING
-        .lock()
-        .ok()
-        .and_then(|g| g.as_ref().map(HashMap::len))
-        .unwrap_or(0)
-}
-
 impl Program {
     /// The program's whole environment, sorted by name, later sources overriding earlier ones:
     /// `PATH`, then `pass_env`, `env`, the connection's variables and `SOCKETD_LISTENER`.
