@@ -25,6 +25,8 @@ use crate::worker::{Done, Notifier, Outcome, Tracker};
 const WAKE: Token = Token(usize::MAX);
 /// Shared read buffer: the most any machine reads per call.
 const SCRATCH: usize = 64 * 1024;
+/// The window over which a loop measures how busy it is (see `LoopAccept::load`).
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
 /// How often idle UDP associations are looked for while any exist.
 const SWEEP: Duration = Duration::from_secs(1);
 
@@ -124,6 +126,9 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
+        // Busy share over windows, for the accepting spread (see `LoopAccept::load`).
+        let mut window = Instant::now();
+        let mut waited = Duration::ZERO;
         loop {
             // Announce the sleep, then take what was queued before it (see `LoopHandle`).
             self.ctx.sleeping.store(true, Ordering::SeqCst);
@@ -132,8 +137,20 @@ impl Loop {
                 return;
             }
             let timeout = self.next_timeout();
+            let before = Instant::now();
             let polled = self.poll.poll(&mut events, timeout);
             self.ctx.sleeping.store(false, Ordering::SeqCst);
+            if let Some((acc, me)) = &self.ctx.accept {
+                let now = Instant::now();
+                waited += now - before;
+                let span = now - window;
+                if span >= LOAD_WINDOW {
+                    let busy = 1.0 - waited.as_secs_f64() / span.as_secs_f64();
+                    acc.load(*me, busy);
+                    window = now;
+                    waited = Duration::ZERO;
+                }
+            }
             if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;

@@ -1,7 +1,8 @@
 //! Accept where the work is (issue 12): a `workers = "event"` stream listener's event loops
-//! accept for themselves, every loop on the one socket. Shown through SIGUSR1's per-loop
-//! accept counts; the old hand-off path stays selectable (`SOCKETD_EVENT_ACCEPT=handoff`, for
-//! the bench's A/B). Limits, stop and reload under this path are also covered by the `_event`
+//! accept for themselves on the one socket (the first loop, more as it saturates; every loop
+//! with `SOCKETD_EVENT_ACCEPT=every`). Shown through SIGUSR1's per-loop accept counts; the
+//! old hand-off path stays selectable (`SOCKETD_EVENT_ACCEPT=handoff`, for the bench's A/B).
+//! When further loops join is a matter of load, unit-tested in `event::accept`. Limits, stop and reload under this path are also covered by the `_event`
 //! variants in `protection.rs` and `stop.rs`.
 
 use std::io::Write;
@@ -46,9 +47,22 @@ fn one_echo(addr: std::net::SocketAddr) {
     assert_eq!(s.read_line(), "ping\n");
 }
 
+/// A daemon whose event loops accept in `mode` (`SOCKETD_EVENT_ACCEPT`).
+fn start_mode(config: &str, mode: &str) -> Daemon {
+    let d = Daemon::spawn_with(config, |_, path| {
+        let mut cmd = command(std::path::Path::new(SOCKETD));
+        cmd.arg("--config")
+            .arg(path)
+            .env("SOCKETD_EVENT_ACCEPT", mode);
+        cmd
+    });
+    d.wait_ready();
+    d
+}
+
 #[test]
 fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
-    let d = Daemon::start(&echo_event("e", "threads = 2"));
+    let d = start_mode(&echo_event("e", "threads = 2"), "every");
     let addr = d.addr("e");
     let deadline = Instant::now() + OP_DEADLINE;
     let mut served = 0u64;
@@ -82,10 +96,11 @@ fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
 }
 
 /// Connections that come one at a time wake the same waiting loop; the busier loop passes
-/// them on, so long-lived connections still spread over the loops.
+/// them on, so long-lived connections still spread over the loops: over the accepting ones,
+/// and past 32 open on one loop over all of them.
 #[test]
 fn connections_arriving_one_by_one_spread_over_the_loops() {
-    let mut d = Daemon::start(&echo_event("s", "threads = 2"));
+    let mut d = start_mode(&echo_event("s", "threads = 2"), "every");
     let mut held = Vec::new();
     for i in 0..8 {
         let mut s = Stream::tcp(d.addr("s"));
@@ -100,18 +115,28 @@ fn connections_arriving_one_by_one_spread_over_the_loops() {
     drop(held);
     d.signal(libc::SIGTERM);
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+
+    // The default: a light load is the first loop's alone, until it holds 32.
+    let mut d = Daemon::start(&echo_event("s", "threads = 2"));
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut s = Stream::tcp(d.addr("s"));
+        s.write_all(format!("c{i}\n").as_bytes()).expect("send");
+        assert_eq!(s.read_line(), format!("c{i}\n"));
+        held.push(s);
+    }
+    let (accepted, open) = per_loop(&d, "s", 1);
+    assert_eq!(accepted.iter().sum::<u64>(), 40, "{accepted:?}");
+    assert_eq!(open.iter().sum::<u64>(), 40, "{open:?}");
+    assert!(open.iter().all(|&n| n >= 8), "unbalanced: {open:?}");
+    drop(held);
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
 
 #[test]
 fn the_hand_off_path_stays_selectable() {
-    let mut d = Daemon::spawn_with(&echo_event("h", "threads = 2"), |_, config| {
-        let mut cmd = command(std::path::Path::new(SOCKETD));
-        cmd.arg("--config")
-            .arg(config)
-            .env("SOCKETD_EVENT_ACCEPT", "handoff");
-        cmd
-    });
-    d.wait_ready();
+    let mut d = start_mode(&echo_event("h", "threads = 2"), "handoff");
     for _ in 0..4 {
         one_echo(d.addr("h"));
     }
