@@ -25,11 +25,12 @@
 //! are handled here, by the loops: the socket is taken out of every set until a connection
 //! closes (or the retry time comes), and the kernel's backlog holds newcomers meanwhile.
 //!
-//! Long-lived connections that arrive one at a time would all stay on the first loop: a loop
-//! clearly busier than the least busy accepting one (by open connections, more than one plus
-//! an eighth) passes a connection on to it, and past `PASS_ANY` open connections to the least
-//! busy of all its loops (`Gate::pass_on`), which costs what the old hand-off cost, for those
-//! connections only.
+//! Long-lived connections that arrive one at a time would all stay on the first accepting
+//! loop: a loop clearly busier than the least busy accepting one (by open connections, more
+//! than one plus an eighth) passes a connection on to it (`Gate::pass_on`), which costs what
+//! the old hand-off cost, for those connections only. Loops that do not accept get none: a
+//! load the first loop keeps up with stays on it, and connections opened before the load
+//! grew stay where they are.
 //!
 //! `SOCKETD_EVENT_ACCEPT` in the daemon's environment selects another path for the bench's
 //! A/B: `handoff` (the main loop accepts and hands off) or `every` (every loop accepts from
@@ -124,9 +125,6 @@ struct Gate {
 pub(super) const SPREAD_BUSY: f64 = 0.9;
 /// The last accepting loop busy less than this: it stops accepting.
 const NARROW_BUSY: f64 = 0.25;
-/// Open connections on a loop above which it passes connections on to any less loaded loop,
-/// accepting or not (long-lived connections spread over every loop).
-const PASS_ANY: usize = 32;
 
 /// Quiet `Done`s after which a loop wakes the main loop anyway, so its channel stays short.
 const QUIET_BATCH: usize = 64;
@@ -263,8 +261,8 @@ impl LoopAccept {
                 }
                 break;
             }
-            match acceptor.accept() {
-                Ok((conn, peer)) => {
+            match acceptor.accept_for_loop() {
+                Ok((conn, peer, nonblocking)) => {
                     let low = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut g.starved) {
                         log::info!("listener `{}`: accepting again", g.cfg.name);
@@ -293,6 +291,7 @@ impl LoopAccept {
                             },
                             service: Arc::clone(&g.service),
                             idle: g.cfg.protect.idle_timeout,
+                            nonblocking,
                         };
                         if let Some(h) = g.pass_on(me, live, h) {
                             live.fetch_add(1, Ordering::Relaxed);
@@ -404,21 +403,17 @@ pub(super) struct AcceptOutcome {
 }
 
 impl Gate {
-    /// Balance: the kernel wakes whichever loop is waiting, so connections that arrive one at
-    /// a time all land on the first loop. A loop clearly busier than the least busy one (by
-    /// open connections, more than one plus an eighth) passes the connection on through that
-    /// loop's channel, as the main loop's hand-off does. `None`: passed on; otherwise ours.
+    /// Balance: the kernel wakes whichever accepting loop is waiting, so connections that
+    /// arrive one at a time all land on the first. A loop clearly busier than the least busy
+    /// accepting one (by open connections, more than one plus an eighth) passes the connection
+    /// on through that loop's channel, as the main loop's hand-off does. `None`: passed on;
+    /// otherwise ours.
     fn pass_on(&self, me: usize, live: &AtomicUsize, h: Handoff) -> Option<Handoff> {
         let mine = live.load(Ordering::Relaxed);
-        let among = if mine >= PASS_ANY {
-            self.siblings.len()
-        } else {
-            self.registered
-        };
         let (i, least) = self
             .siblings
             .iter()
-            .take(among)
+            .take(self.registered)
             .enumerate()
             .map(|(i, l)| (i, l.live.load(Ordering::Relaxed)))
             .min_by_key(|&(_, n)| n)?;

@@ -80,6 +80,8 @@ pub(super) fn spawn(
     let own_waker = Arc::clone(&waker);
     std::thread::Builder::new().name(name).spawn(move || {
         let _waker = own_waker;
+        // A loop runs in the daemon and never forks: its access lines need no pid check.
+        crate::access_log::mark_daemon_thread();
         let mut l = Loop {
             poll,
             rx,
@@ -249,6 +251,7 @@ impl Loop {
             accepted,
             service,
             idle,
+            nonblocking,
         } = h;
         let crate::event::Accepted {
             conn,
@@ -266,7 +269,7 @@ impl Loop {
             _ => None,
         };
         let started = Instant::now();
-        let client = match EvStream::from_conn(conn) {
+        let client = match EvStream::from_conn(conn, nonblocking) {
             Ok(c) => c,
             Err(e) => return self.finish_early(conn_id, &peer, Outcome::Error(e.to_string())),
         };
