@@ -1,6 +1,8 @@
 //! The blocking `proxy`'s byte relay (threaded and forked workers): the worker's thread hands
-//! the client and upstream sockets to its process's relay thread, a mio loop that copies both
-//! ways for every proxied connection at once, and sleeps until its connection is done.
+//! the client and upstream sockets to one of its process's relay threads, mio loops that copy
+//! both ways for many proxied connections at once, and sleeps until its connection is done.
+//! The first relay thread takes every connection while it keeps up; another starts (up to one
+//! per core) only when all are saturated (`submit`).
 //!
 //! Why not copy on the worker's own thread (and a helper thread for the other direction):
 //! each message then costs a sleep and a wake-up of a thread per direction, and a keep-alive
@@ -20,6 +22,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,44 +70,88 @@ struct Job {
     done: SyncSender<io::Result<()>>,
 }
 
-/// The process's relay thread, as callers reach it.
+/// A relay thread, as callers reach it.
 struct Handle {
     tx: Sender<Job>,
     waker: Arc<Waker>,
+    load: Arc<Load>,
 }
 
-/// Hand a job to this process's relay thread, started on first use. It is recorded with the
-/// pid that started it: a forked child inherits the record but not the thread, and starts its
-/// own; so does a process whose relay thread ended (a panic).
-fn submit(job: Job) -> io::Result<()> {
-    static RELAY: Mutex<Option<(u32, Handle)>> = Mutex::new(None);
-    let mut g = RELAY.lock().unwrap_or_else(|p| p.into_inner());
-    let pid = std::process::id();
-    let mut job = job;
-    for _ in 0..2 {
-        let h = match &*g {
-            Some((p, h)) if *p == pid => h,
-            _ => &g.insert((pid, spawn()?)).1,
-        };
-        match h.tx.send(job) {
-            Ok(()) => return h.waker.wake(),
-            Err(std::sync::mpsc::SendError(j)) => {
-                job = j;
-                *g = None;
-            }
-        }
+/// How busy a relay thread was (share of its time not waiting in `poll`) over its last
+/// `LOAD_WINDOW`, and when that window ended.
+#[derive(Default)]
+struct Load {
+    /// Milliseconds since `epoch()` at the window's end, and the busy share in per mille.
+    at_ms: AtomicU64,
+    permille: AtomicU64,
+}
+
+/// The window over which a relay thread measures how busy it is.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+/// A relay thread busier than this takes no new connection while another can be used.
+const SATURATED_PERMILLE: u64 = 900;
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Load {
+    fn saturated(&self, now_ms: u64) -> bool {
+        // A thread asleep in `poll` reports nothing: an old measure means idle since.
+        let recent = now_ms.saturating_sub(self.at_ms.load(Ordering::Relaxed))
+            <= 3 * LOAD_WINDOW.as_millis() as u64;
+        recent && self.permille.load(Ordering::Relaxed) >= SATURATED_PERMILLE
     }
-    Err(io::Error::other("cannot start the proxy relay thread"))
+}
+
+/// Hand a job to one of this process's relay threads: the first that is not saturated, a new
+/// one (up to one per core) when all are, else the first. One thread serves every connection
+/// it keeps up with, so a light load wakes one thread, not one per core. The threads are
+/// recorded with the pid that started them: a forked child inherits the record but not the
+/// threads, and starts its own; a thread that ended (a panic) is replaced.
+fn submit(job: Job) -> io::Result<()> {
+    static RELAYS: Mutex<Option<(u32, Vec<Handle>)>> = Mutex::new(None);
+    let mut g = RELAYS.lock().unwrap_or_else(|p| p.into_inner());
+    let pid = std::process::id();
+    if g.as_ref().is_none_or(|(p, _)| *p != pid) {
+        *g = Some((pid, Vec::new()));
+    }
+    let Some((_, relays)) = g.as_mut() else {
+        return Err(io::Error::other("no proxy relay thread"));
+    };
+    let now_ms = epoch().elapsed().as_millis() as u64;
+    let max = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut pick = relays.iter().position(|h| !h.load.saturated(now_ms));
+    if pick.is_none() && relays.len() < max {
+        relays.push(spawn()?);
+        pick = Some(relays.len() - 1);
+    }
+    let i = pick.unwrap_or(0);
+    let job = match relays.get(i).map(|h| h.tx.send(job)) {
+        Some(Ok(())) => return relays[i].waker.wake(),
+        Some(Err(std::sync::mpsc::SendError(j))) => j,
+        None => return Err(io::Error::other("no proxy relay thread")),
+    };
+    // That thread is gone (a panic): a fresh one takes its place.
+    relays[i] = spawn()?;
+    relays[i]
+        .tx
+        .send(job)
+        .map_err(|_| io::Error::other("cannot start a proxy relay thread"))?;
+    relays[i].waker.wake()
 }
 
 fn spawn() -> io::Result<Handle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     let (tx, rx) = channel();
+    let load = Arc::new(Load::default());
+    let mine = Arc::clone(&load);
     std::thread::Builder::new()
         .name("socketd:relay".into())
-        .spawn(move || Reactor::new(poll, rx).run())?;
-    Ok(Handle { tx, waker })
+        .spawn(move || Reactor::new(poll, rx, mine).run())?;
+    Ok(Handle { tx, waker, load })
 }
 
 /// One direction: what was read and not yet written; readiness remembered (edge-triggered)
@@ -202,6 +249,7 @@ struct Relay {
 struct Reactor {
     poll: Poll,
     rx: Receiver<Job>,
+    load: Arc<Load>,
     slab: Vec<Option<Relay>>,
     free: Vec<usize>,
     /// When to look for relays past their idle time, while any has one.
@@ -209,10 +257,11 @@ struct Reactor {
 }
 
 impl Reactor {
-    fn new(poll: Poll, rx: Receiver<Job>) -> Reactor {
+    fn new(poll: Poll, rx: Receiver<Job>, load: Arc<Load>) -> Reactor {
         Reactor {
             poll,
             rx,
+            load,
             slab: Vec::new(),
             free: Vec::new(),
             sweep: None,
@@ -221,11 +270,26 @@ impl Reactor {
 
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
+        let mut window = Instant::now();
+        let mut waited = Duration::ZERO;
         loop {
-            let timeout = self
-                .sweep
-                .map(|t| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let before = Instant::now();
+            let timeout = self.sweep.map(|t| t.saturating_duration_since(before));
+            let polled = self.poll.poll(&mut events, timeout);
+            let now = Instant::now();
+            waited += now - before;
+            if now - window >= LOAD_WINDOW {
+                let busy = 1.0 - waited.as_secs_f64() / (now - window).as_secs_f64();
+                self.load
+                    .permille
+                    .store((busy.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
+                self.load.at_ms.store(
+                    now.saturating_duration_since(epoch()).as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+                (window, waited) = (now, Duration::ZERO);
+            }
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("proxy relay thread: poll failed: {e}");
                     self.fail_all(&e);
