@@ -24,6 +24,7 @@ ROOT = os.path.dirname(HERE)
 SOCKETD = os.path.join(ROOT, "target/release/socketd")
 LOADGEN = os.path.join(HERE, "target/release/loadgen")
 EPOLL = os.path.join(HERE, "target/release/epoll_echo")
+FORK_ECHO = os.path.join(HERE, "target/release/fork_echo")
 SECS = float(os.environ.get("BENCH_SECS", "5"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 BULK = os.environ.get("BULK_BYTES", "1G")
@@ -335,6 +336,8 @@ def write(name, text):
 
 def start_everything():
     start("epoll_echo", [EPOLL, "--tcp", f"{LO}:9000", "--udp", f"{LO}:9000"])
+    start("fork_echo", [FORK_ECHO, "--tcp", f"{LO}:9001"])
+    start("fork_echo-exec", [FORK_ECHO, "--tcp", f"{LO}:9002", "--exec", "/bin/cat"])
     start("socketd", [SOCKETD, "--config", write("socketd.toml", SOCKETD_CONF)])
     start("socketd-idle", [SOCKETD, "--config", write("idle.toml", IDLE_CONF)])
     start("socketd-handoff", [SOCKETD, "--config", write("handoff.toml", HANDOFF_CONF)],
@@ -351,7 +354,7 @@ def start_everything():
     start("py-threading", [sys.executable, py, "threading-tcp", LO, "9501"])
     start("py-forking", [sys.executable, py, "forking-tcp", LO, "9502"])
     start("py-udp", [sys.executable, py, "udp", LO, "9503"])
-    for port in (9000, 9101, 9121, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
+    for port in (9000, 9001, 9002, 9101, 9121, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
                  9401, 9402, 9501, 9502, 9700, 9711, 9712, 9713):
         wait_tcp(port)
     for port in (9000, 9101, 9102, 9201, 9211, 9503):
@@ -387,6 +390,8 @@ LOADS = [
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
+      ("fork_echo (process per connection)", "tcp:127.0.0.1:9001"),
+      ("fork_echo --exec /bin/cat", "tcp:127.0.0.1:9002"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("xinetd exec /bin/cat", "tcp:127.0.0.1:9202"),
       ("xinetd internal echo, cps limit lifted", "tcp:127.0.0.1:9211"),
@@ -412,6 +417,8 @@ LOADS = [
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
+      ("fork_echo (process per connection)", "tcp:127.0.0.1:9001"),
+      ("fork_echo --exec /bin/cat", "tcp:127.0.0.1:9002"),
       ("xinetd internal echo, cps limit lifted", "tcp:127.0.0.1:9211"),
       ("xinetd exec /bin/cat, cps limit lifted", "tcp:127.0.0.1:9212")]),
     ("udp16", "UDP echo request/response, 16 clients, 64-byte datagrams",
@@ -437,7 +444,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_OF_PORT = {9000: "epoll_echo", 9201: "xinetd", 9202: "xinetd", 9211: "xinetd",
                   9212: "xinetd", 9301: "socat", 9401: "haproxy", 9402: "haproxy",
                   9501: "py-threading", 9502: "py-forking", 9503: "py-udp", 9700: "nginx",
-                  9121: "socketd-handoff"}
+                  9121: "socketd-handoff", 9001: "fork_echo", 9002: "fork_echo-exec"}
 for _port in (9101, 9102, 9103, 9104, 9105, 9106, 9711, 9712, 9713):
     SERVER_OF_PORT[_port] = "socketd"
 
@@ -717,6 +724,16 @@ def report(results, mem):
         add = mean[row] - mean["direct to nginx"]
         print(f"| http1 | {row} | direct to nginx | added ms per request | < 0.2 | {add:.3f} | "
               f"{'met' if add < 0.2 else 'MISSED'} |")
+    # No target: what a process per connection costs on this machine at all, which bounds
+    # every forked row (and xinetd's) from above.
+    for load in ("cps16", "cps16mux1"):
+        if load not in ran:
+            continue
+        fl = "fork_echo (process per connection)"
+        for a, b in ((fl, "xinetd internal echo, cps limit lifted"),
+                     ("socketd forked echo", fl)):
+            print(f"| {load} | {a} | {b} | throughput ratio (context) | - | {ratio(load, a, b):.2f} | |")
+            print(f"| {load} | {a} | {b} | CPU/op ratio (context) | - | {ratio(load, a, b, cpu):.2f} | |")
     lost = sum(int(k.get("lost", 0)) for k in results.get(("udp16", "socketd event"), []))
     if "udp16" in ran:
         print(f"| udp16 | socketd event | (loss) | lost | 0 | {lost} | {'met' if lost == 0 else 'MISSED'} |")
