@@ -271,6 +271,7 @@ impl Server {
         .map_err(io_err("cannot set up a datagram reply socket"))?;
         let mut slot = slot;
         slot.loops_may_accept = self.daemon && crate::event::accept::loops_accept();
+        slot.forks_may_accept = self.daemon && crate::worker::doorway::fork_servers_accept();
         if self.started {
             // Loop threads start only after the fork servers (see `start`).
             slot.setup_accept(self.poll.registry(), &self.shared);
