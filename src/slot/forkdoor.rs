@@ -55,7 +55,7 @@ struct Gate {
     /// Jobs in flight (checked against `max_workers`).
     open: usize,
     /// Admitted, waiting for a worker place.
-    waiting: VecDeque<(Answer, Box<dyn Send>)>,
+    waiting: VecDeque<(Answer, Box<Hold>)>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -74,7 +74,7 @@ struct Hold {
     tracker: Arc<Tracker>,
     conn_id: u64,
     _ticket: crate::protect::Ticket,
-    _conn: Conn,
+    conn: Conn,
 }
 
 impl Drop for Hold {
@@ -160,10 +160,14 @@ impl ForkDoor {
 
     /// Take a worker place and send the admission; false if the fork server could not be
     /// told (the place is given back).
-    fn start(&self, g: &mut Gate, answer: Answer, hold: Box<dyn Send>) {
+    fn start(&self, g: &mut Gate, answer: Answer, hold: Box<Hold>) {
         g.open += 1;
         self.started.fetch_add(1, Ordering::SeqCst);
-        if !answer.admit(hold) {
+        let fd = hold.conn.as_raw_fd();
+        // SAFETY: `hold` owns the descriptor and is kept by the fork server handle (in the
+        // pending job) for at least as long as `admit` uses this borrow.
+        let conn = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if !answer.admit(hold, conn) {
             g.open -= 1;
             self.started.fetch_sub(1, Ordering::SeqCst);
         }
@@ -214,7 +218,7 @@ impl Door for ForkDoor {
                 tracker: Arc::clone(&self.tracker),
                 conn_id,
                 _ticket: ticket,
-                _conn: conn,
+                conn,
             });
             if g.open < g.cfg.max_workers && g.waiting.is_empty() {
                 self.start(&mut g, answer, hold);

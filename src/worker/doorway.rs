@@ -35,6 +35,11 @@ pub fn fork_servers_accept() -> bool {
     )
 }
 
+/// How an accepted connection is reported: (knock, slot, peer, local address, connection);
+/// false if it could not be.
+pub(super) type Knock<'a> =
+    dyn FnMut(u64, u64, &PeerAddr, Option<std::net::SocketAddr>, &OwnedFd) -> bool + 'a;
+
 /// Connections accepted and not yet answered, at most, per fork server.
 const MAX_PARKED: usize = 64;
 
@@ -214,11 +219,7 @@ impl Doorway {
 
     /// Accept up to a fair batch on slot `slot`'s socket; each connection is sent to the
     /// daemon with `send` (which returns false if it could not be) and parked.
-    pub fn accept(
-        &mut self,
-        slot: u64,
-        send: &mut dyn FnMut(u64, u64, &PeerAddr, &OwnedFd) -> bool,
-    ) {
+    pub fn accept(&mut self, slot: u64, send: &mut Knock<'_>) {
         for _ in 0..crate::listener::FAIR_BATCH {
             if self.parked.len() >= MAX_PARKED {
                 self.sync_all();
@@ -244,7 +245,7 @@ impl Doorway {
                     let knock = self.next_knock;
                     self.next_knock += 1;
                     // Not sent: the connection is closed here, unserved.
-                    if send(knock, slot, &peer, &conn) {
+                    if send(knock, slot, &peer, local, &conn) {
                         self.parked.insert(
                             knock,
                             Parked {

@@ -105,6 +105,8 @@ pub struct Answer {
     slot: usize,
     door: Arc<dyn Door>,
     answered: bool,
+    peer: PeerAddr,
+    local: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Answer {
@@ -120,35 +122,77 @@ impl Answer {
     /// Serve the connection in a new child; `hold` is kept until the child's exit is reported
     /// (then `Door::left` is called). False if the fork server could not be told (nothing
     /// is in flight then, and `left` is not called).
-    pub fn admit(mut self, hold: Box<dyn Send>) -> bool {
+    ///
+    /// The kernel wakes whichever fork server waits, so connections that come one at a time
+    /// would all be served by one of them: when the accepting fork server has clearly more
+    /// jobs than the least loaded one (more than one plus an eighth), the connection (the
+    /// daemon's copy, `conn`) is handed to that one as in the hand-off path, and the
+    /// accepting one closes its copy.
+    pub fn admit(mut self, hold: Box<dyn Send>, conn: BorrowedFd<'_>) -> bool {
         self.answered = true;
-        let inner = &self.inner;
+        let inner = Arc::clone(&self.inner);
+        let mine = self.process.load.load(Ordering::Relaxed);
+        let to = match inner.least_loaded() {
+            Ok((i, p))
+                if p.pid != self.process.pid
+                    && mine > p.load.load(Ordering::Relaxed) * 9 / 8 + 1 =>
+            {
+                Some((i, p))
+            }
+            _ => None,
+        };
+        let (index, process) = to
+            .clone()
+            .unwrap_or((self.index, Arc::clone(&self.process)));
         let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut p) = inner.pending.lock() {
             p.insert(
                 id,
                 Pending {
                     slot: self.slot,
-                    server: self.index,
-                    pid: self.process.pid,
+                    server: index,
+                    pid: process.pid,
                     hold: Some(hold),
                     door: Some(Arc::clone(&self.door)),
                 },
             );
         }
-        self.process.load.fetch_add(1, Ordering::Relaxed);
-        let msg = ToServer::Verdict {
-            knock: self.knock,
-            job: Some(id),
+        process.load.fetch_add(1, Ordering::Relaxed);
+        let sent = match to {
+            None => {
+                let msg = ToServer::Verdict {
+                    knock: self.knock,
+                    job: Some(id),
+                };
+                send_to(&process, &msg, None)
+            }
+            Some(_) => {
+                let msg = ToServer::Job {
+                    job: id,
+                    slot: self.slot as u64,
+                    kind: JobKind::Stream,
+                    peer: self.peer.clone(),
+                    local: self.local,
+                    data: Vec::new(),
+                };
+                let sent = send_to(&process, &msg, Some(conn));
+                // The accepting fork server closes its copy either way.
+                let close = ToServer::Verdict {
+                    knock: self.knock,
+                    job: None,
+                };
+                let _ = send_to(&self.process, &close, None);
+                sent
+            }
         };
-        if send_to(&self.process, &msg, None).is_ok() {
+        if sent.is_ok() {
             return true;
         }
         // Booked as failed already if the fork server's loss was seen meanwhile (with `left`).
         let removed = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
         match removed {
             Some(p) => {
-                self.process.load.fetch_sub(1, Ordering::Relaxed);
+                process.load.fetch_sub(1, Ordering::Relaxed);
                 drop(p);
                 false
             }
@@ -570,7 +614,15 @@ impl Inner {
                         Ok(Some((FromServer::Spawned { index, started }, fd))) => {
                             Inner::install(&inner, index as usize, started, fd);
                         }
-                        Ok(Some((FromServer::Knock { knock, slot, peer }, fd))) => {
+                        Ok(Some((
+                            FromServer::Knock {
+                                knock,
+                                slot,
+                                peer,
+                                local,
+                            },
+                            fd,
+                        ))) => {
                             let door = inner.doors.read().ok().and_then(|d| d.get(&slot).cloned());
                             match door {
                                 Some(door) => {
@@ -582,6 +634,8 @@ impl Inner {
                                         slot: slot as usize,
                                         door: Arc::clone(&door),
                                         answered: false,
+                                        peer: peer.clone(),
+                                        local,
                                     };
                                     door.knock(peer, fd, answer);
                                 }

@@ -368,20 +368,22 @@ impl State {
     /// A listener's socket is readable: accept, and ask the daemon about each connection.
     fn accept(&mut self, slot: u64) {
         let sock = self.sock.as_fd();
-        self.doorway.accept(slot, &mut |knock, slot, peer, conn| {
-            let msg = FromServer::Knock {
-                knock,
-                slot,
-                peer: peer.clone(),
-            };
-            match wire::send_to_main(sock, &msg, Some(conn.as_fd())) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::error!("fork server: cannot ask the daemon about a connection: {e}");
-                    false
+        self.doorway
+            .accept(slot, &mut |knock, slot, peer, local, conn| {
+                let msg = FromServer::Knock {
+                    knock,
+                    slot,
+                    peer: peer.clone(),
+                    local,
+                };
+                match wire::send_to_main(sock, &msg, Some(conn.as_fd())) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("fork server: cannot ask the daemon about a connection: {e}");
+                        false
+                    }
                 }
-            }
-        });
+            });
     }
 
     /// Fork a new fork server for the daemon, which cannot fork safely itself (it has

@@ -95,6 +95,7 @@ pub enum FromServer {
         knock: u64,
         slot: u64,
         peer: PeerAddr,
+        local: Option<SocketAddr>,
     },
 }
 
@@ -213,6 +214,13 @@ fn get_peer(r: &mut Reader<'_>) -> io::Result<PeerAddr> {
     }
 }
 
+fn get_local(r: &mut Reader<'_>) -> io::Result<Option<SocketAddr>> {
+    Ok(match r.string()?.as_str() {
+        "" => None,
+        s => Some(s.parse().map_err(|_| garbled("local address"))?),
+    })
+}
+
 impl ToServer {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -280,11 +288,7 @@ impl ToServer {
                     _ => return Err(garbled("job kind")),
                 };
                 let peer = get_peer(&mut r)?;
-                let local = r.string()?;
-                let local = match local.as_str() {
-                    "" => None,
-                    s => Some(s.parse().map_err(|_| garbled("local address"))?),
-                };
+                let local = get_local(&mut r)?;
                 let data = r.bytes()?.to_vec();
                 ToServer::Job {
                     job,
@@ -341,9 +345,16 @@ impl FromServer {
                     Err(why) => w.u8(1).bytes(why.as_bytes()),
                 };
             }
-            FromServer::Knock { knock, slot, peer } => {
+            FromServer::Knock {
+                knock,
+                slot,
+                peer,
+                local,
+            } => {
                 w.u8(b'K').u64(*knock).u64(*slot);
                 put_peer(&mut w, peer);
+                let local = local.map(|a| a.to_string()).unwrap_or_default();
+                w.bytes(local.as_bytes());
             }
         }
         w.0
@@ -364,7 +375,13 @@ impl FromServer {
             b'K' => {
                 let (knock, slot) = (r.u64()?, r.u64()?);
                 let peer = get_peer(&mut r)?;
-                return Ok(FromServer::Knock { knock, slot, peer });
+                let local = get_local(&mut r)?;
+                return Ok(FromServer::Knock {
+                    knock,
+                    slot,
+                    peer,
+                    local,
+                });
             }
             _ => return Err(garbled("message kind")),
         }
