@@ -56,7 +56,12 @@ struct Gate {
     open: usize,
     /// Admitted, waiting for a worker place.
     waiting: VecDeque<(Answer, Box<Hold>)>,
+    /// `Done`s reported without a wake-up since the last wake-up.
+    quiet: usize,
 }
+
+/// Quiet `Done`s after which the main loop is woken anyway, so its channel stays short.
+const QUIET_BATCH: usize = 64;
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,6 +107,7 @@ impl ForkDoor {
                 watching: false,
                 open: 0,
                 waiting: VecDeque::new(),
+                quiet: 0,
             }),
             started: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
@@ -235,7 +241,7 @@ impl Door for ForkDoor {
         }
     }
 
-    fn left(&self) {
+    fn left(&self) -> bool {
         let mut g = self.gate();
         g.open = g.open.saturating_sub(1);
         while g.open < g.cfg.max_workers {
@@ -245,5 +251,15 @@ impl Door for ForkDoor {
             self.start(&mut g, answer, hold);
         }
         self.sync(&mut g);
+        // The main loop needs each `Done` at once only when the listener is closed (drain,
+        // stop); otherwise it counts them on its next turn, woken at least every
+        // `QUIET_BATCH`, so a connection costs it no wake-up of its own.
+        g.closed || {
+            g.quiet += 1;
+            g.quiet >= QUIET_BATCH && {
+                g.quiet = 0;
+                true
+            }
+        }
     }
 }

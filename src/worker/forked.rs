@@ -91,8 +91,10 @@ pub trait Door: Send + Sync + std::fmt::Debug {
     /// A fork server accepted a connection (`conn`: the daemon's copy, `None` if it was lost
     /// on the way): admit it through `answer`, or drop `answer` to refuse it.
     fn knock(&self, peer: PeerAddr, conn: Option<OwnedFd>, answer: Answer);
-    /// A connection this door admitted ended (its job's exit was reported).
-    fn left(&self);
+    /// A connection this door admitted ended (its job's exit was reported). Returns whether
+    /// the main loop must see its `Done` at once (otherwise it is collected on the loop's
+    /// next turn, without a wake-up of its own).
+    fn left(&self) -> bool;
 }
 
 /// The answer owed to a fork server for one accepted connection: `admit` it as a new job, or
@@ -602,13 +604,16 @@ impl Inner {
                                 let door = known.door.take();
                                 drop(known);
                                 process.load.fetch_sub(1, Ordering::Relaxed);
-                                if let Some(door) = door {
-                                    door.left();
-                                }
-                                inner.notifier.done(Done {
+                                let urgent = door.is_none_or(|d| d.left());
+                                let done = Done {
                                     listener: slot as usize,
                                     outcome: outcome(pid, &ending),
-                                });
+                                };
+                                if urgent {
+                                    inner.notifier.done(done);
+                                } else {
+                                    inner.notifier.done_quiet(done);
+                                }
                             }
                         }
                         Ok(Some((FromServer::Spawned { index, started }, fd))) => {
@@ -688,7 +693,7 @@ impl Inner {
             let door = p.door.take();
             drop(p);
             if let Some(door) = door {
-                door.left();
+                door.left(); // this `Done` wakes the main loop anyway
             }
             self.notifier.done(Done {
                 listener: slot,
