@@ -58,6 +58,9 @@ struct Gate {
     waiting: VecDeque<(Answer, Box<Hold>)>,
     /// `Done`s reported without a wake-up since the last wake-up.
     quiet: usize,
+    /// The daemon is out of descriptors (a connection came without its own): the fork servers
+    /// stop accepting until then, when the main loop looks again (`retry`).
+    starved: Option<Instant>,
 }
 
 /// Quiet `Done`s after which the main loop is woken anyway, so its channel stays short.
@@ -108,6 +111,7 @@ impl ForkDoor {
                 open: 0,
                 waiting: VecDeque::new(),
                 quiet: 0,
+                starved: None,
             }),
             started: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
@@ -164,6 +168,27 @@ impl ForkDoor {
         self.accepted.load(Ordering::Relaxed)
     }
 
+    /// When to look again after running out of descriptors.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.gate().starved
+    }
+
+    /// The retry time came: accept again if descriptors are free, else wait another round.
+    pub fn retry(&self, now: Instant) {
+        let mut g = self.gate();
+        match g.starved {
+            Some(t) if t <= now => {}
+            _ => return,
+        }
+        if !crate::protect::fd_headroom() {
+            g.starved = Some(now + crate::listener::FD_RETRY);
+            return;
+        }
+        g.starved = None;
+        log::info!("listener `{}`: accepting again", g.cfg.name);
+        self.sync(&mut g);
+    }
+
     /// Take a worker place and send the admission; false if the fork server could not be
     /// told (the place is given back).
     fn start(&self, g: &mut Gate, answer: Answer, hold: Box<Hold>) {
@@ -184,7 +209,10 @@ impl ForkDoor {
     /// at once rather than left in the backlog).
     fn sync(&self, g: &mut Gate) {
         let full = g.open >= g.cfg.max_workers || !g.waiting.is_empty();
-        let on = !g.closed && g.wanted && (!full || g.guard.at_max_connections(&g.cfg));
+        let on = !g.closed
+            && g.wanted
+            && g.starved.is_none()
+            && (!full || g.guard.at_max_connections(&g.cfg));
         if on != g.watching {
             g.watching = on;
             self.forks.watch(self.slot, on);
@@ -199,12 +227,34 @@ impl Door for ForkDoor {
             return; // `answer` dropped: refused
         }
         let Some(fd) = conn else {
-            log::warn!(
-                "listener `{}`: a connection from {peer} came without its descriptor; closed",
-                g.cfg.name
-            );
+            // Out of descriptors here: the fork servers stop accepting (the backlog holds
+            // newcomers) until the retry time; one log line per episode, as `Slot::drain`.
+            if g.starved.is_none() {
+                log::error!(
+                    "listener `{}`: accept failed: the daemon is out of descriptors \
+                     (RLIMIT_NOFILE), a connection from {peer} was closed; pausing, retrying \
+                     every {}ms",
+                    g.cfg.name,
+                    crate::listener::FD_RETRY.as_millis()
+                );
+            }
+            g.starved = Some(Instant::now() + crate::listener::FD_RETRY);
+            self.sync(&mut g);
+            drop(g);
+            self.notifier.wake(); // the main loop's timer for `retry`
             return;
         };
+        if crate::protect::near_fd_limit(fd.as_raw_fd()) && g.starved.is_none() {
+            // Serve this one, accept no more until there is room (as `Slot::pause_low_fds`).
+            log::error!(
+                "listener `{}`: accept failed: descriptors nearly exhausted (RLIMIT_NOFILE); \
+                 pausing, retrying every {}ms",
+                g.cfg.name,
+                crate::listener::FD_RETRY.as_millis()
+            );
+            g.starved = Some(Instant::now() + crate::listener::FD_RETRY);
+            self.notifier.wake();
+        }
         let conn = match g.cfg.protocol {
             Protocol::Tcp => Conn::Tcp(std::net::TcpStream::from(fd)),
             _ => Conn::Unix(std::os::unix::net::UnixStream::from(fd)),

@@ -314,6 +314,19 @@ impl Slot {
             + self.door.as_ref().map_or(0, |d| d.started())
     }
 
+    /// When the fork servers, paused because the daemon ran out of descriptors, may be told
+    /// to accept again (see `forkdoor`).
+    pub fn fork_accept_retry_at(&self) -> Option<Instant> {
+        self.door.as_ref().and_then(|d| d.retry_at())
+    }
+
+    /// Tell them if that time came and descriptors are free.
+    pub fn fork_accept_retry(&self, now: Instant) {
+        if let Some(d) = &self.door {
+            d.retry(now);
+        }
+    }
+
     /// Connections the fork servers accepted, when they accept for this listener.
     pub fn accepted_by_fork_servers(&self) -> Option<u64> {
         self.door.as_ref().map(|d| d.accepted())

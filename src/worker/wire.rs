@@ -456,7 +456,7 @@ fn recv_raw(
             // The descriptors did not fit (out of descriptors, most likely): the message is
             // still whole, and every reader copes with a descriptor missing (a job or a
             // knock without its connection is not served).
-            log::warn!(
+            log::debug!(
                 "a descriptor passed between socketd's processes was lost (out of descriptors?)"
             );
         }
