@@ -323,12 +323,40 @@ protocol = "tcp"
 address = "{LO}:9121"
 handler = "echo"
 workers = "event"
+[[listener]]
+name = "fk-echo-handoff"
+protocol = "tcp"
+address = "{LO}:9122"
+handler = "echo"
+workers = "forked"
+[[listener]]
+name = "fk-cat-handoff"
+protocol = "tcp"
+address = "{LO}:9123"
+handler = "exec"
+workers = "forked"
+exec = {{ argv = ["/bin/cat"] }}
 """
 HANDOFF = ("socketd event, hand-off accept", "tcp:127.0.0.1:9121")
-# And with every loop accepting from the start (SOCKETD_EVENT_ACCEPT=every) instead of the
-# first loop alone until it is saturated: the A/B of the accepting spread.
-EVERY_CONF = HANDOFF_CONF.replace("ev-echo-handoff", "ev-echo-every").replace(":9121", ":9122")
-EVERY = ("socketd event, every loop accepts", "tcp:127.0.0.1:9122")
+# The forked listeners in that daemon: the main loop accepts and hands each connection to a
+# fork server (SOCKETD_FORKED_ACCEPT=handoff), against the fork servers accepting themselves.
+FK_HANDOFF = [("socketd forked echo, hand-off accept", "tcp:127.0.0.1:9122"),
+              ("socketd forked exec /bin/cat, hand-off accept", "tcp:127.0.0.1:9123")]
+# And the event echo listener with every loop accepting from the start
+# (SOCKETD_EVENT_ACCEPT=every) instead of the first loop alone until it is saturated: the A/B
+# of the accepting spread.
+EVERY_CONF = f"""
+[daemon]
+shutdown_timeout = "2s"
+log_level = "warn"
+[[listener]]
+name = "ev-echo-every"
+protocol = "tcp"
+address = "{LO}:9124"
+handler = "echo"
+workers = "event"
+"""
+EVERY = ("socketd event, every loop accepts", "tcp:127.0.0.1:9124")
 
 
 def write(name, text):
@@ -345,7 +373,7 @@ def start_everything():
     start("socketd", [SOCKETD, "--config", write("socketd.toml", SOCKETD_CONF)])
     start("socketd-idle", [SOCKETD, "--config", write("idle.toml", IDLE_CONF)])
     start("socketd-handoff", [SOCKETD, "--config", write("handoff.toml", HANDOFF_CONF)],
-          env=dict(os.environ, SOCKETD_EVENT_ACCEPT="handoff"))
+          env=dict(os.environ, SOCKETD_EVENT_ACCEPT="handoff", SOCKETD_FORKED_ACCEPT="handoff"))
     start("socketd-every", [SOCKETD, "--config", write("every.toml", EVERY_CONF)],
           env=dict(os.environ, SOCKETD_EVENT_ACCEPT="every"))
     xconf = write("xinetd.conf", XINETD_CONF.format(work=WORK))
@@ -360,7 +388,7 @@ def start_everything():
     start("py-threading", [sys.executable, py, "threading-tcp", LO, "9501"])
     start("py-forking", [sys.executable, py, "forking-tcp", LO, "9502"])
     start("py-udp", [sys.executable, py, "udp", LO, "9503"])
-    for port in (9000, 9001, 9002, 9101, 9121, 9122, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
+    for port in (9000, 9001, 9002, 9101, 9121, 9122, 9123, 9124, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
                  9401, 9402, 9501, 9502, 9700, 9711, 9712, 9713):
         wait_tcp(port)
     for port in (9000, 9101, 9102, 9201, 9211, 9503):
@@ -399,6 +427,7 @@ LOADS = [
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
+      *FK_HANDOFF,
       ("fork_echo (process per connection)", "tcp:127.0.0.1:9001"),
       ("fork_echo --exec /bin/cat", "tcp:127.0.0.1:9002"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
@@ -428,6 +457,7 @@ LOADS = [
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
+      *FK_HANDOFF,
       ("fork_echo (process per connection)", "tcp:127.0.0.1:9001"),
       ("fork_echo --exec /bin/cat", "tcp:127.0.0.1:9002"),
       ("xinetd internal echo, cps limit lifted", "tcp:127.0.0.1:9211"),
@@ -455,7 +485,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_OF_PORT = {9000: "epoll_echo", 9201: "xinetd", 9202: "xinetd", 9211: "xinetd",
                   9212: "xinetd", 9301: "socat", 9401: "haproxy", 9402: "haproxy",
                   9501: "py-threading", 9502: "py-forking", 9503: "py-udp", 9700: "nginx",
-                  9121: "socketd-handoff", 9122: "socketd-every", 9001: "fork_echo", 9002: "fork_echo-exec"}
+                  9121: "socketd-handoff", 9122: "socketd-handoff", 9123: "socketd-handoff",
+                  9124: "socketd-every", 9001: "fork_echo", 9002: "fork_echo-exec"}
 for _port in (9101, 9102, 9103, 9104, 9105, 9106, 9711, 9712, 9713):
     SERVER_OF_PORT[_port] = "socketd"
 

@@ -131,7 +131,7 @@ pub fn forwards() -> bool {
 }
 
 /// One ended connection, as a worker process sends it to the daemon.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Ended {
     pub listener: String,
     pub micros: u64,
@@ -141,6 +141,51 @@ pub struct Ended {
     pub line: Option<String>,
 }
 
+impl Ended {
+    /// A fixed little-endian layout (micros, which counters are known, received, sent, the
+    /// listener's name with its length, then the line), cut to `MAX_FORWARD`. Hand-written
+    /// rather than JSON: a forked child sends one per connection, and every code page it runs
+    /// for the first time is a page fault in that child (see `worker::forkserver`).
+    fn encode(&self) -> Vec<u8> {
+        let line = self.line.as_deref().unwrap_or("");
+        let mut b = Vec::with_capacity(30 + self.listener.len() + line.len());
+        b.extend_from_slice(&self.micros.to_le_bytes());
+        let known = u8::from(self.received.is_some())
+            | u8::from(self.sent.is_some()) << 1
+            | u8::from(self.line.is_some()) << 2;
+        b.push(known);
+        b.extend_from_slice(&self.received.unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&self.sent.unwrap_or(0).to_le_bytes());
+        let name = &self.listener.as_bytes()[..self.listener.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(line.as_bytes());
+        b.truncate(MAX_FORWARD);
+        b
+    }
+
+    /// The record `encode` made (a line cut mid-character loses that character); `None` if
+    /// it is too short to be one.
+    fn decode(b: &[u8]) -> Option<Ended> {
+        let u64_at = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+        };
+        let micros = u64_at(0)?;
+        let known = *b.get(8)?;
+        let (received, sent) = (u64_at(9)?, u64_at(17)?);
+        let len = u16::from_le_bytes(b.get(25..27)?.try_into().ok()?) as usize;
+        let listener = String::from_utf8_lossy(b.get(27..27 + len)?).into_owned();
+        let line = b.get(27 + len..)?;
+        Some(Ended {
+            listener,
+            micros,
+            received: (known & 1 != 0).then_some(received),
+            sent: (known & 2 != 0).then_some(sent),
+            line: (known & 4 != 0).then(|| String::from_utf8_lossy(line).into_owned()),
+        })
+    }
+}
+
 /// From a worker process: hand an ended connection to the daemon (never blocks; a full
 /// socket loses the record).
 pub fn forward(ended: &Ended) {
@@ -148,10 +193,7 @@ pub fn forward(ended: &Ended) {
     if fd < 0 {
         return;
     }
-    let Ok(mut bytes) = serde_json::to_vec(ended) else {
-        return;
-    };
-    bytes.truncate(MAX_FORWARD);
+    let bytes = ended.encode();
     // SAFETY: `fd` is the forwarding socket, open for the life of the process (kept by the
     // descriptor sweeps); send(2) reads `bytes` only.
     unsafe {
@@ -173,7 +215,7 @@ fn forward_loop(rx: &UnixDatagram) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
-        let Ok(e) = serde_json::from_slice::<Ended>(&buf[..n]) else {
+        let Some(e) = Ended::decode(&buf[..n]) else {
             continue;
         };
         crate::stats::listener(&e.listener).connection_ended(
@@ -512,4 +554,42 @@ pub fn report_drops(now: Instant) {
     r.reported = dropped;
     r.last_error.clear();
     r.at = now + REPORT_EVERY;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_records_round_trip_and_are_cut_to_the_limit() {
+        let full = Ended {
+            listener: "fk-echo".into(),
+            micros: 1_234_567,
+            received: Some(64),
+            sent: Some(0),
+            line: Some("access: listener `fk-echo` peer 127.0.0.1:5 …".into()),
+        };
+        assert_eq!(Ended::decode(&full.encode()), Some(full));
+        let bare = Ended {
+            listener: String::new(),
+            micros: 0,
+            received: None,
+            sent: None,
+            line: None,
+        };
+        assert_eq!(Ended::decode(&bare.encode()), Some(bare));
+        let long = Ended {
+            listener: "l".into(),
+            micros: 1,
+            received: None,
+            sent: Some(u64::MAX),
+            line: Some("x".repeat(3 * MAX_FORWARD)),
+        };
+        let bytes = long.encode();
+        assert_eq!(bytes.len(), MAX_FORWARD);
+        let back = Ended::decode(&bytes).expect("a cut record still decodes");
+        assert_eq!((back.sent, back.received), (Some(u64::MAX), None));
+        assert_eq!(back.line.map(|l| l.len()), Some(MAX_FORWARD - 28));
+        assert_eq!(Ended::decode(&bytes[..20]), None, "too short");
+    }
 }

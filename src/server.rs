@@ -271,6 +271,7 @@ impl Server {
         .map_err(io_err("cannot set up a datagram reply socket"))?;
         let mut slot = slot;
         slot.loops_may_accept = self.daemon && crate::event::accept::loops_accept();
+        slot.forks_may_accept = self.daemon && crate::worker::doorway::fork_servers_accept();
         if self.started {
             // Loop threads start only after the fork servers (see `start`).
             slot.setup_accept(self.poll.registry(), &self.shared);
@@ -535,6 +536,7 @@ impl Server {
             if slot.guard.next_wakeup().is_some_and(|t| t <= now) {
                 slot.guard.tick(&slot.cfg, &self.shared.tracker, now);
             }
+            slot.fork_accept_retry(now);
         }
     }
 
@@ -546,6 +548,10 @@ impl Server {
         let mut next: Option<Instant> = self.retry.iter().map(|(t, _)| *t).min();
         // Protection timers: max_duration deadlines and refusal summaries.
         for t in self.slots.values().filter_map(|s| s.guard.next_wakeup()) {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        // Fork servers told to stop accepting while the daemon was out of descriptors.
+        for t in self.slots.values().filter_map(|s| s.fork_accept_retry_at()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         for t in [

@@ -32,8 +32,12 @@ impl Server {
                     )
                 })
                 .unwrap_or_default();
+            let forks = s
+                .accepted_by_fork_servers()
+                .map(|n| format!(", accepted by fork servers {n}"))
+                .unwrap_or_default();
             log::info!(
-                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}{loops}",
+                "status: listener `{}` {addr}: {} {open}, {} served, {} workers busy of {} ({} threads), {}{loops}{forks}",
                 s.cfg.name,
                 s.in_flight(),
                 s.served,

@@ -5,7 +5,7 @@
 //! listener that a reload removed can never be booked to a newer listener.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +18,7 @@ use crate::listener::{Incoming, Listener};
 use crate::worker::threaded::Pool;
 use crate::worker::{serve_datagram, serve_stream, Done, Tracker};
 
+mod forkdoor;
 mod link;
 mod tls;
 mod wait;
@@ -113,6 +114,12 @@ pub struct Slot {
     pub loops_may_accept: bool,
     /// Set while (or since) the event loops accept for themselves.
     accepting: Option<Arc<crate::event::accept::LoopAccept>>,
+    /// Whether the fork servers may accept for this listener when it is a `forked` stream
+    /// one (a daemon's listeners, unless `SOCKETD_FORKED_ACCEPT=handoff`; see
+    /// `worker::doorway`).
+    pub forks_may_accept: bool,
+    /// Set while (or since) the fork servers accept for this listener.
+    door: Option<Arc<forkdoor::ForkDoor>>,
     /// `tls = {...}`: handshakes at the TLS front and finished ones waiting for a worker.
     tls: tls::Handshakes,
 }
@@ -161,6 +168,8 @@ impl Slot {
             paused: false,
             loops_may_accept: false,
             accepting: None,
+            forks_may_accept: false,
+            door: None,
         })
     }
 
@@ -168,6 +177,7 @@ impl Slot {
     /// `workers = "event"` listener of the daemon), or go back to accepting here when it no
     /// longer does (a reload changed its model). Call after `new` and `reconfigure`.
     pub fn setup_accept(&mut self, poll: &PollRegistry, shared: &Shared) {
+        self.setup_fork_accept(poll, shared);
         let qualifies = self.loops_may_accept
             && matches!(self.route, Route::Event)
             && !self.cfg.protocol.is_datagram()
@@ -209,6 +219,73 @@ impl Slot {
         }
     }
 
+    /// Let the fork servers accept for this listener when it qualifies (a daemon's `forked`
+    /// stream listener without TLS), or take accepting back (a reload changed it).
+    fn setup_fork_accept(&mut self, poll: &PollRegistry, shared: &Shared) {
+        let qualifies = self.forks_may_accept
+            && matches!(self.route, Route::Forked)
+            && !self.cfg.protocol.is_datagram()
+            && self.cfg.tls.is_none() // the TLS front is the main loop's (see `crate::tls`)
+            && self.verify.is_none()
+            && shared.budget.is_none();
+        let forks = shared.forks.as_ref().filter(|_| qualifies);
+        let Some(forks) = forks.filter(|_| self.listener.is_some()) else {
+            self.stop_fork_accept();
+            return;
+        };
+        let was_watching = self.watching;
+        if self.door.is_none() {
+            self.unwatch(poll); // the main loop's own watch, handed over below
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let link = self
+            .fork
+            .get_or_insert_with(|| link::Link::new(Arc::clone(forks), self.id));
+        if let Err(e) = link.sync(&self.cfg, Some(listener.as_fd())) {
+            log::error!(
+                "listener `{}`: cannot hand the socket to the fork servers: {e}; the main loop                  accepts instead",
+                self.cfg.name
+            );
+            self.stop_fork_accept();
+            if was_watching {
+                self.watch(poll);
+            }
+            return;
+        }
+        match &self.door {
+            Some(d) => d.reconfigure(Arc::clone(&self.cfg)),
+            None => {
+                let door = Arc::new(forkdoor::ForkDoor::new(
+                    self.id,
+                    Arc::clone(&self.cfg),
+                    self.guard.clone(),
+                    shared,
+                    Arc::clone(forks),
+                    Arc::clone(&self.stats),
+                ));
+                forks.open_door(self.id, Arc::clone(&door) as _);
+                self.door = Some(door);
+                if was_watching {
+                    self.watch(poll);
+                }
+            }
+        }
+    }
+
+    /// The fork servers stop accepting; their count joins `busy`. The listener is left
+    /// unwatched, and its config goes to the fork servers again (without the socket) before
+    /// the next hand-off.
+    fn stop_fork_accept(&mut self) {
+        if let Some(d) = self.door.take() {
+            d.close();
+            self.busy += d.take_started();
+            self.watching = false;
+            self.fork = None;
+        }
+    }
+
     /// The loops stop accepting; their count joins `busy`. The listener is left unwatched:
     /// the caller watches it again (on the main loop's poll) if it should be.
     fn stop_loop_accept(&mut self) {
@@ -225,11 +302,34 @@ impl Slot {
         if let Some(a) = &self.accepting {
             self.busy += a.take_started();
         }
+        if let Some(d) = &self.door {
+            self.busy += d.take_started();
+        }
     }
 
     /// Connections open now (jobs in flight), counting what the loops just accepted.
     pub fn in_flight(&self) -> usize {
-        self.busy + self.accepting.as_ref().map_or(0, |a| a.started())
+        self.busy
+            + self.accepting.as_ref().map_or(0, |a| a.started())
+            + self.door.as_ref().map_or(0, |d| d.started())
+    }
+
+    /// When the fork servers, paused because the daemon ran out of descriptors, may be told
+    /// to accept again (see `forkdoor`).
+    pub fn fork_accept_retry_at(&self) -> Option<Instant> {
+        self.door.as_ref().and_then(|d| d.retry_at())
+    }
+
+    /// Tell them if that time came and descriptors are free.
+    pub fn fork_accept_retry(&self, now: Instant) {
+        if let Some(d) = &self.door {
+            d.retry(now);
+        }
+    }
+
+    /// Connections the fork servers accepted, when they accept for this listener.
+    pub fn accepted_by_fork_servers(&self) -> Option<u64> {
+        self.door.as_ref().map(|d| d.accepted())
     }
 
     /// Connections accepted by each event loop and open on each, when the loops accept for
@@ -273,6 +373,13 @@ impl Slot {
         if self.paused {
             return;
         }
+        if let Some(d) = &self.door {
+            if self.listener.is_some() {
+                d.set_wanted(true);
+                self.watching = true;
+            }
+            return;
+        }
         if let Some(a) = &self.accepting {
             if self.listener.is_some() {
                 a.set_wanted(true);
@@ -290,6 +397,11 @@ impl Slot {
 
     /// Stop watching: the kernel queues new connections in the backlog meanwhile.
     pub fn unwatch(&mut self, poll: &PollRegistry) {
+        if let Some(d) = &self.door {
+            d.set_wanted(false);
+            self.watching = false;
+            return;
+        }
         if let Some(a) = &self.accepting {
             a.set_wanted(false);
             self.watching = false;
@@ -308,13 +420,16 @@ impl Slot {
             a.close(); // no loop accepts once this returns
             self.events.stop_accepting();
         }
+        if let Some(d) = &self.door {
+            d.close(); // the fork servers close their copies; later knocks are refused
+        }
         self.listener.take()
     }
 
     /// Whether another job may start.
     pub fn has_capacity(&self) -> bool {
-        // Loops that accept for themselves hold back at `max_workers` on their own.
-        self.accepting.is_some() || self.busy < self.cfg.max_workers
+        // Loops and fork servers that accept hold back at `max_workers` on their own.
+        self.accepting.is_some() || self.door.is_some() || self.busy < self.cfg.max_workers
     }
 
     /// Whether to accept another connection: a worker place, or for a TLS listener a
@@ -358,8 +473,9 @@ impl Slot {
             self.unwatch(poll);
             return Drained::Empty;
         }
-        if self.accepting.is_some() {
-            return Drained::Empty; // the event loops accept (see `event::accept`)
+        if self.accepting.is_some() || self.door.is_some() {
+            // The event loops or the fork servers accept (`event::accept`, `worker::doorway`).
+            return Drained::Empty;
         }
         if let Route::Wait(program) = &self.route {
             let program = program.clone();

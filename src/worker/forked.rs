@@ -71,7 +71,148 @@ struct Inner {
     /// Every listener's config as last sent, with a copy of its datagram socket: what a
     /// replacement fork server is given. Held while sending, so a replacement never misses
     /// a config sent meanwhile.
-    configs: Mutex<HashMap<u64, (String, Option<OwnedFd>)>>,
+    configs: Mutex<HashMap<u64, Sent>>,
+    /// Stream listeners the fork servers accept for, by slot: who judges their knocks.
+    doors: RwLock<HashMap<u64, Arc<dyn Door>>>,
+}
+
+/// A listener as the fork servers were last told: its config, a copy of the socket that went
+/// with it, and (a stream listener they accept for) whether they watch it.
+#[derive(Debug)]
+struct Sent {
+    config: String,
+    socket: Option<OwnedFd>,
+    watch: bool,
+}
+
+/// The daemon's side of a listener the fork servers accept for (`worker::doorway`): the slot
+/// implements it with the listener's `Guard`. Called from the fork servers' reader threads.
+pub trait Door: Send + Sync + std::fmt::Debug {
+    /// A fork server accepted a connection (`conn`: the daemon's copy, `None` if it was lost
+    /// on the way): admit it through `answer`, or drop `answer` to refuse it.
+    fn knock(&self, peer: PeerAddr, conn: Option<OwnedFd>, answer: Answer);
+    /// A connection this door admitted ended (its job's exit was reported). Returns whether
+    /// the main loop must see its `Done` at once (otherwise it is collected on the loop's
+    /// next turn, without a wake-up of its own).
+    fn left(&self) -> bool;
+}
+
+/// The answer owed to a fork server for one accepted connection: `admit` it as a new job, or
+/// drop this to refuse it (the fork server closes it unserved).
+pub struct Answer {
+    inner: Arc<Inner>,
+    process: Arc<Process>,
+    index: usize,
+    knock: u64,
+    slot: usize,
+    door: Arc<dyn Door>,
+    answered: bool,
+    peer: PeerAddr,
+    local: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("knock", &self.knock)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl Answer {
+    /// Serve the connection in a new child; `hold` is kept until the child's exit is reported
+    /// (then `Door::left` is called). False if the fork server could not be told (nothing
+    /// is in flight then, and `left` is not called).
+    ///
+    /// The kernel wakes whichever fork server waits, so connections that come one at a time
+    /// would all be served by one of them: when the accepting fork server has clearly more
+    /// jobs than the least loaded one (more than one plus an eighth), the connection (the
+    /// daemon's copy, `conn`) is handed to that one as in the hand-off path, and the
+    /// accepting one closes its copy.
+    pub fn admit(mut self, hold: Box<dyn Send>, conn: BorrowedFd<'_>) -> bool {
+        self.answered = true;
+        let inner = Arc::clone(&self.inner);
+        let mine = self.process.load.load(Ordering::Relaxed);
+        let to = match inner.least_loaded() {
+            Ok((i, p))
+                if p.pid != self.process.pid
+                    && mine > p.load.load(Ordering::Relaxed) * 9 / 8 + 1 =>
+            {
+                Some((i, p))
+            }
+            _ => None,
+        };
+        let (index, process) = to
+            .clone()
+            .unwrap_or((self.index, Arc::clone(&self.process)));
+        let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = inner.pending.lock() {
+            p.insert(
+                id,
+                Pending {
+                    slot: self.slot,
+                    server: index,
+                    pid: process.pid,
+                    hold: Some(hold),
+                    door: Some(Arc::clone(&self.door)),
+                },
+            );
+        }
+        process.load.fetch_add(1, Ordering::Relaxed);
+        let sent = match to {
+            None => {
+                let msg = ToServer::Verdict {
+                    knock: self.knock,
+                    job: Some(id),
+                };
+                send_to(&process, &msg, None)
+            }
+            Some(_) => {
+                let msg = ToServer::Job {
+                    job: id,
+                    slot: self.slot as u64,
+                    kind: JobKind::Stream,
+                    peer: self.peer.clone(),
+                    local: self.local,
+                    data: Vec::new(),
+                };
+                let sent = send_to(&process, &msg, Some(conn));
+                // The accepting fork server closes its copy either way.
+                let close = ToServer::Verdict {
+                    knock: self.knock,
+                    job: None,
+                };
+                let _ = send_to(&self.process, &close, None);
+                sent
+            }
+        };
+        if sent.is_ok() {
+            return true;
+        }
+        // Booked as failed already if the fork server's loss was seen meanwhile (with `left`).
+        let removed = inner.pending.lock().ok().and_then(|mut p| p.remove(&id));
+        match removed {
+            Some(p) => {
+                process.load.fetch_sub(1, Ordering::Relaxed);
+                drop(p);
+                false
+            }
+            None => true,
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if !self.answered {
+            let msg = ToServer::Verdict {
+                knock: self.knock,
+                job: None,
+            };
+            let _ = send_to(&self.process, &msg, None);
+        }
+    }
 }
 
 /// One fork server process.
@@ -213,6 +354,7 @@ impl ForkServer {
             closing: AtomicBool::new(false),
             notifier,
             configs: Mutex::new(HashMap::new()),
+            doors: RwLock::new(HashMap::new()),
         });
         for index in 0..n {
             Inner::spawn_reader(&inner, index)?;
@@ -260,8 +402,57 @@ impl ForkServer {
         let ToServer::Listener { config, .. } = msg else {
             unreachable!("built just above")
         };
-        configs.insert(slot as u64, (config, kept));
+        let watch = configs.get(&(slot as u64)).is_some_and(|s| s.watch) && kept.is_some();
+        configs.insert(
+            slot as u64,
+            Sent {
+                config,
+                socket: kept,
+                watch,
+            },
+        );
         sent
+    }
+
+    /// The fork servers accept for stream listener `slot` (its socket went with its config),
+    /// judged by `door`.
+    pub fn open_door(&self, slot: usize, door: Arc<dyn Door>) {
+        let mut doors = self.0.doors.write().unwrap_or_else(|e| e.into_inner());
+        doors.insert(slot as u64, door);
+    }
+
+    /// Tell the fork servers to watch listener `slot`'s socket or not.
+    pub fn watch(&self, slot: usize, on: bool) {
+        let mut configs = self.0.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = configs.get_mut(&(slot as u64)) {
+            s.watch = on;
+        }
+        let msg = ToServer::Watch {
+            slot: slot as u64,
+            on,
+        };
+        if let Err(e) = self.0.broadcast(&msg, None) {
+            log::error!("cannot tell the fork servers to watch a listener or not: {e}");
+        }
+    }
+
+    /// The fork servers stop accepting for listener `slot` and close their copies of its
+    /// socket (so is the daemon's kept copy); knocks still on the way are refused.
+    pub fn close_door(&self, slot: usize) {
+        let door = {
+            let mut doors = self.0.doors.write().unwrap_or_else(|e| e.into_inner());
+            doors.remove(&(slot as u64))
+        };
+        let mut configs = self.0.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = configs.get_mut(&(slot as u64)) {
+            s.watch = false;
+            s.socket = None;
+        }
+        let _ = self
+            .0
+            .broadcast(&ToServer::Unlisten { slot: slot as u64 }, None);
+        drop(configs);
+        drop(door);
     }
 
     /// Hand one job to a new child; returns its id. On error nothing is in flight.
@@ -277,6 +468,7 @@ impl ForkServer {
                     server: index,
                     pid: process.pid,
                     hold: None,
+                    door: None,
                 },
             );
         }
@@ -408,17 +600,57 @@ impl Inner {
                         ))) => {
                             // Dropping the entry releases what the slot held for the job.
                             let known = inner.pending.lock().ok().and_then(|mut p| p.remove(&job));
-                            if known.is_some() {
+                            if let Some(mut known) = known {
+                                let door = known.door.take();
                                 drop(known);
                                 process.load.fetch_sub(1, Ordering::Relaxed);
-                                inner.notifier.done(Done {
+                                let urgent = door.is_none_or(|d| d.left());
+                                let done = Done {
                                     listener: slot as usize,
                                     outcome: outcome(pid, &ending),
-                                });
+                                };
+                                if urgent {
+                                    inner.notifier.done(done);
+                                } else {
+                                    inner.notifier.done_quiet(done);
+                                }
                             }
                         }
                         Ok(Some((FromServer::Spawned { index, started }, fd))) => {
                             Inner::install(&inner, index as usize, started, fd);
+                        }
+                        Ok(Some((
+                            FromServer::Knock {
+                                knock,
+                                slot,
+                                peer,
+                                local,
+                            },
+                            fd,
+                        ))) => {
+                            let door = inner.doors.read().ok().and_then(|d| d.get(&slot).cloned());
+                            match door {
+                                Some(door) => {
+                                    let answer = Answer {
+                                        inner: Arc::clone(&inner),
+                                        process: Arc::clone(&process),
+                                        index,
+                                        knock,
+                                        slot: slot as usize,
+                                        door: Arc::clone(&door),
+                                        answered: false,
+                                        peer: peer.clone(),
+                                        local,
+                                    };
+                                    door.knock(peer, fd, answer);
+                                }
+                                None => {
+                                    // The listener closed meanwhile: close the connection,
+                                    // as a close would reset one left in the backlog.
+                                    let msg = ToServer::Verdict { knock, job: None };
+                                    let _ = send_to(&process, &msg, None);
+                                }
+                            }
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -456,9 +688,13 @@ impl Inner {
                 ids.into_iter().filter_map(|id| p.remove(&id)).collect()
             })
             .unwrap_or_default();
-        for p in lost {
+        for mut p in lost {
             let slot = p.slot;
+            let door = p.door.take();
             drop(p);
+            if let Some(door) = door {
+                door.left(); // this `Done` wakes the main loop anyway
+            }
             self.notifier.done(Done {
                 listener: slot,
                 outcome: Outcome::Error("the fork server exited".into()),
@@ -527,13 +763,22 @@ impl Inner {
             }
         };
         let configs = inner.configs.lock().unwrap_or_else(|e| e.into_inner());
-        for (slot, (config, socket)) in configs.iter() {
+        for (slot, sent) in configs.iter() {
             let msg = ToServer::Listener {
                 slot: *slot,
-                config: config.clone(),
+                config: sent.config.clone(),
             };
-            if let Err(e) = send_to(&process, &msg, socket.as_ref().map(|s| s.as_fd())) {
+            if let Err(e) = send_to(&process, &msg, sent.socket.as_ref().map(|s| s.as_fd())) {
                 log::error!("new fork server (pid {pid}): cannot send slot {slot}'s config: {e}");
+            }
+            if sent.watch {
+                let msg = ToServer::Watch {
+                    slot: *slot,
+                    on: true,
+                };
+                if let Err(e) = send_to(&process, &msg, None) {
+                    log::error!("new fork server (pid {pid}): cannot watch slot {slot}: {e}");
+                }
             }
         }
         let old = {
@@ -618,6 +863,8 @@ struct Pending {
     server: usize,
     pid: Pid,
     hold: Option<Box<dyn Send>>,
+    /// A connection a fork server accepted: its door hears when it ends.
+    door: Option<Arc<dyn Door>>,
 }
 
 impl std::fmt::Debug for Pending {

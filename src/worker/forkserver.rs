@@ -38,6 +38,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::doorway::{self, Doorway};
 use super::programs::Programs;
 use super::start::{prepare_exec, Job};
 use super::wire::{self, Ending, FromServer, ToServer};
@@ -79,6 +80,8 @@ pub(super) struct State {
     /// Process groups of finished children that still have members (a program that outlived
     /// its worker): signalled with the children at stop, and killed when the daemon is done.
     lingering: HashSet<i32>,
+    /// The wait set, and the listeners this fork server accepts for (`doorway`).
+    doorway: Doorway,
 }
 
 /// The fork server's whole life; never returns.
@@ -92,6 +95,7 @@ pub(super) fn run(sock: OwnedFd, registry: Registry, parent: Option<Pid>) -> ! {
                 children: HashMap::new(),
                 programs: Programs::new()?,
                 lingering: HashSet::new(),
+                doorway: Doorway::new()?,
             },
             sigfd,
         )
@@ -122,6 +126,7 @@ fn setup(sock: &OwnedFd, parent: Option<Pid>) -> std::io::Result<SignalFd> {
         }
     }
     reset_signals();
+    lean_heap();
     // Programs orphaned when a worker dies (killed at stop) come here to be reaped, not to init.
     nix::sys::prctl::set_child_subreaper(true)?;
     for sig in IGNORED {
@@ -137,6 +142,19 @@ fn setup(sock: &OwnedFd, parent: Option<Pid>) -> std::io::Result<SignalFd> {
         &mask,
         SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
     )?)
+}
+
+/// Fewer heap pages written by each child (after a fork every first write to a page is a
+/// copy-on-write fault, a large part of a forked connection's cost here): no fastbins, so a
+/// child's first larger allocation does not consolidate free chunks all over the heap (writing
+/// to each of their pages), and the heap inherited from the daemon trimmed.
+fn lean_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc tuning calls; this process is single-threaded.
+    unsafe {
+        libc::mallopt(libc::M_MXFAST, 0);
+        libc::malloc_trim(0);
+    }
 }
 
 /// Every signal back to its default, except SIGPIPE, which Rust code expects ignored (writes
@@ -234,32 +252,37 @@ fn close_listed(from: libc::c_uint, to: libc::c_uint) {
 fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
     let mut buf = vec![0u8; wire::MAX_MESSAGE];
     let mut pipes_ready = Vec::new();
+    let mut ready = Vec::new();
+    st.doorway.add(st.sock.as_raw_fd(), doorway::SOCK)?;
+    st.doorway.add(sigfd.as_raw_fd(), doorway::SIGNALS)?;
+    st.doorway
+        .add(st.programs.watch_fd().as_raw_fd(), doorway::PIPES)?;
     loop {
-        let (sock_ready, sig_ready) = {
-            let mut fds = vec![
-                PollFd::new(st.sock.as_fd(), PollFlags::POLLIN),
-                PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-            ];
-            fds.extend(
-                st.programs
-                    .fds()
-                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
-            );
-            match poll(&mut fds, timeout(st.programs.next_deadline())) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            pipes_ready.clear();
-            pipes_ready.extend(fds[2..].iter().map(ready));
-            (ready(&fds[0]), ready(&fds[1]))
-        };
+        // One epoll set for everything, so `EPOLLEXCLUSIVE` on the listeners' sockets wakes
+        // one fork server per connection (a `poll` on the set would wake them all).
+        st.doorway.wait(st.programs.next_deadline(), &mut ready)?;
+        let sock_ready = ready.contains(&doorway::SOCK);
+        let sig_ready = ready.contains(&doorway::SIGNALS);
         // Pipes before reaping, so a program's last stderr lines come before its exit line.
-        if pipes_ready.contains(&true) {
-            st.programs.readable(&pipes_ready);
+        if ready.contains(&doorway::PIPES) {
+            let mut fds: Vec<PollFd> = st
+                .programs
+                .fds()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
+            if poll(&mut fds, PollTimeout::ZERO).is_ok() {
+                let is_ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                pipes_ready.clear();
+                pipes_ready.extend(fds.iter().map(is_ready));
+                drop(fds);
+                if pipes_ready.contains(&true) {
+                    st.programs.readable(&pipes_ready);
+                }
+            }
         }
-        st.programs.expire(Instant::now());
+        let now = Instant::now();
+        st.programs.expire(now);
+        st.doorway.retry(now);
         if sig_ready {
             // Drain, then reap: a child that exits after the drain is reaped now or leaves
             // SIGCHLD pending for the next poll, so none waits; a pass for a job alone costs no
@@ -284,19 +307,11 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
                 }
             }
         }
-    }
-}
-
-/// Sleep until `deadline` (rounded up to the next millisecond), or for ever.
-fn timeout(deadline: Option<Instant>) -> PollTimeout {
-    match deadline {
-        None => PollTimeout::NONE,
-        Some(t) => {
-            let ms = t
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000);
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        // Last, so a `Watch` or `Unlisten` just read applies first.
+        for token in &ready {
+            if let Some(slot) = Doorway::slot_of(*token) {
+                st.accept(slot);
+            }
         }
     }
 }
@@ -364,6 +379,27 @@ impl State {
         }
     }
 
+    /// A listener's socket is readable: accept, and ask the daemon about each connection.
+    fn accept(&mut self, slot: u64) {
+        let sock = self.sock.as_fd();
+        self.doorway
+            .accept(slot, &mut |knock, slot, peer, local, conn| {
+                let msg = FromServer::Knock {
+                    knock,
+                    slot,
+                    peer: peer.clone(),
+                    local,
+                };
+                match wire::send_to_main(sock, &msg, Some(conn.as_fd())) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("fork server: cannot ask the daemon about a connection: {e}");
+                        false
+                    }
+                }
+            });
+    }
+
     /// Fork a new fork server for the daemon, which cannot fork safely itself (it has
     /// threads by now), and send it its socket. This process is single-threaded, so the copy
     /// starts from a consistent state, as the first fork servers did; `CLONE_PARENT` makes it
@@ -429,12 +465,22 @@ impl State {
         match msg {
             ToServer::Listener { slot, config } => {
                 let entry = match toml::from_str::<ListenerConfig>(&config) {
-                    Ok(cfg) => Entry {
-                        factory: self.registry.build_for(&cfg).map_err(|e| e.to_string()),
-                        exec: prepare_exec(&cfg),
-                        cfg: Arc::new(cfg),
-                        socket: fds.pop(),
-                    },
+                    Ok(cfg) => {
+                        let mut socket = fds.pop();
+                        // A stream listener's socket comes only for the fork servers to
+                        // accept on (`doorway`); a datagram one's is for replies and `wait`.
+                        if !cfg.protocol.is_datagram() {
+                            if let Some(s) = socket.take() {
+                                self.doorway.open(slot, s, &cfg);
+                            }
+                        }
+                        Entry {
+                            factory: self.registry.build_for(&cfg).map_err(|e| e.to_string()),
+                            exec: prepare_exec(&cfg),
+                            cfg: Arc::new(cfg),
+                            socket,
+                        }
+                    }
                     Err(e) => {
                         log::error!("fork server: listener config for slot {slot} unreadable: {e}");
                         return;
@@ -443,7 +489,29 @@ impl State {
                 self.listeners.insert(slot, entry);
             }
             ToServer::Forget { slot } => {
+                self.doorway.close(slot);
                 self.listeners.remove(&slot);
+            }
+            ToServer::Unlisten { slot } => {
+                self.doorway.close(slot);
+            }
+            ToServer::Watch { slot, on } => self.doorway.watch(slot, on),
+            ToServer::Verdict { knock, job } => {
+                let Some(p) = self.doorway.unpark(knock) else {
+                    return;
+                };
+                // Refused: the connection closes here, before any byte is sent.
+                if let Some(job) = job {
+                    self.start(Job {
+                        job,
+                        slot: p.slot,
+                        kind: wire::JobKind::Stream,
+                        conn: Some(p.conn),
+                        peer: p.peer,
+                        local: p.local,
+                        data: Vec::new(),
+                    });
+                }
             }
             ToServer::Signal { signo } => {
                 let Ok(sig) = Signal::try_from(signo) else {

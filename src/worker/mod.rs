@@ -5,6 +5,7 @@
 //! full listener pauses (the kernel backlog holds the queue) and resumes as soon as one frees.
 
 mod child;
+pub mod doorway;
 pub mod forked;
 mod forkserver;
 mod programs;

@@ -107,6 +107,9 @@ pub(super) struct Programs {
     running: HashMap<i32, Started>,
     pipes: Vec<Pipe>,
     null: OwnedFd,
+    /// An epoll set of the pipes, readable when one is: the fork server waits on it with its
+    /// other descriptors (a pipe leaves it when closed; nothing else holds our read ends).
+    watch: OwnedFd,
 }
 
 /// A new pipe for a program's stderr: (our non-blocking read end, the program's write end).
@@ -123,11 +126,23 @@ impl Programs {
             .read(true)
             .write(true)
             .open("/dev/null")?;
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let watch = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if watch < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Programs {
             running: HashMap::new(),
             pipes: Vec::new(),
             null: null.into(),
+            // SAFETY: a descriptor just created, owned by nothing else.
+            watch: unsafe { std::os::fd::FromRawFd::from_raw_fd(watch) },
         })
+    }
+
+    /// Readable when a pipe is (see `watch`).
+    pub fn watch_fd(&self) -> BorrowedFd<'_> {
+        self.watch.as_fd()
     }
 
     /// `/dev/null`, for `stderr = "null"`.
@@ -138,6 +153,26 @@ impl Programs {
     /// Book a program just forked, with the read end of its stderr pipe if it has one.
     pub fn started(&mut self, pid: i32, program: Started, stderr: Option<OwnedFd>) {
         if let Some(fd) = stderr {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 0,
+            };
+            // SAFETY: both descriptors are open and ours; `ev` outlives the call.
+            let r = unsafe {
+                libc::epoll_ctl(
+                    self.watch.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    &mut ev,
+                )
+            };
+            if r != 0 {
+                log::warn!(
+                    "listener `{}` pid {pid}: cannot watch its stderr: {}",
+                    program.listener,
+                    io::Error::last_os_error()
+                );
+            }
             self.pipes.push(Pipe {
                 fd,
                 listener: Arc::clone(&program.listener),

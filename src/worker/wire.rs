@@ -51,6 +51,14 @@ pub enum ToServer {
     /// Fork a new fork server to take the place `index` of one that died, as the daemon's
     /// child (`CLONE_PARENT`); answered by `FromServer::Spawned`.
     Spawn { index: u64 },
+    /// A stream listener whose socket came with its config (`Listener`): accept on it
+    /// (`true`) or stop (`false`: paused, full, stopping). See `worker::doorway`.
+    Watch { slot: u64, on: bool },
+    /// Close the listener's socket (stop, reload); its config stays for jobs in flight.
+    Unlisten { slot: u64 },
+    /// The daemon's answer to `FromServer::Knock` number `knock`: serve the connection as
+    /// job `job`, or (`None`) close it unserved.
+    Verdict { knock: u64, job: Option<u64> },
 }
 
 /// How a job's child ended, as the fork server saw it.
@@ -79,6 +87,15 @@ pub enum FromServer {
     Spawned {
         index: u64,
         started: Result<i32, String>,
+    },
+    /// A connection this fork server accepted on slot `slot`'s socket: may it be served?
+    /// The connection rides along (the daemon keeps a copy while it is served, for stop and
+    /// `max_duration`); the fork server keeps it parked until `ToServer::Verdict`.
+    Knock {
+        knock: u64,
+        slot: u64,
+        peer: PeerAddr,
+        local: Option<SocketAddr>,
     },
 }
 
@@ -197,6 +214,13 @@ fn get_peer(r: &mut Reader<'_>) -> io::Result<PeerAddr> {
     }
 }
 
+fn get_local(r: &mut Reader<'_>) -> io::Result<Option<SocketAddr>> {
+    Ok(match r.string()?.as_str() {
+        "" => None,
+        s => Some(s.parse().map_err(|_| garbled("local address"))?),
+    })
+}
+
 impl ToServer {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -231,6 +255,19 @@ impl ToServer {
             ToServer::Spawn { index } => {
                 w.u8(b'N').u64(*index);
             }
+            ToServer::Watch { slot, on } => {
+                w.u8(b'W').u64(*slot).u8(u8::from(*on));
+            }
+            ToServer::Unlisten { slot } => {
+                w.u8(b'U').u64(*slot);
+            }
+            ToServer::Verdict { knock, job } => {
+                w.u8(b'V').u64(*knock);
+                match job {
+                    Some(j) => w.u8(1).u64(*j),
+                    None => w.u8(0),
+                };
+            }
         }
         w.0
     }
@@ -251,11 +288,7 @@ impl ToServer {
                     _ => return Err(garbled("job kind")),
                 };
                 let peer = get_peer(&mut r)?;
-                let local = r.string()?;
-                let local = match local.as_str() {
-                    "" => None,
-                    s => Some(s.parse().map_err(|_| garbled("local address"))?),
-                };
+                let local = get_local(&mut r)?;
                 let data = r.bytes()?.to_vec();
                 ToServer::Job {
                     job,
@@ -269,6 +302,19 @@ impl ToServer {
             b'F' => ToServer::Forget { slot: r.u64()? },
             b'S' => ToServer::Signal { signo: r.i32()? },
             b'N' => ToServer::Spawn { index: r.u64()? },
+            b'W' => ToServer::Watch {
+                slot: r.u64()?,
+                on: r.u8()? != 0,
+            },
+            b'U' => ToServer::Unlisten { slot: r.u64()? },
+            b'V' => {
+                let knock = r.u64()?;
+                let job = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.u64()?),
+                };
+                ToServer::Verdict { knock, job }
+            }
             _ => return Err(garbled("message kind")),
         })
     }
@@ -299,6 +345,17 @@ impl FromServer {
                     Err(why) => w.u8(1).bytes(why.as_bytes()),
                 };
             }
+            FromServer::Knock {
+                knock,
+                slot,
+                peer,
+                local,
+            } => {
+                w.u8(b'K').u64(*knock).u64(*slot);
+                put_peer(&mut w, peer);
+                let local = local.map(|a| a.to_string()).unwrap_or_default();
+                w.bytes(local.as_bytes());
+            }
         }
         w.0
     }
@@ -314,6 +371,17 @@ impl FromServer {
                     _ => Err(r.string()?),
                 };
                 return Ok(FromServer::Spawned { index, started });
+            }
+            b'K' => {
+                let (knock, slot) = (r.u64()?, r.u64()?);
+                let peer = get_peer(&mut r)?;
+                let local = get_local(&mut r)?;
+                return Ok(FromServer::Knock {
+                    knock,
+                    slot,
+                    peer,
+                    local,
+                });
             }
             _ => return Err(garbled("message kind")),
         }
@@ -381,8 +449,16 @@ fn recv_raw(
                 }
             }
         }
-        if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
             return Err(garbled("too long"));
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            // The descriptors did not fit (out of descriptors, most likely): the message is
+            // still whole, and every reader copes with a descriptor missing (a job or a
+            // knock without its connection is not served).
+            log::debug!(
+                "a descriptor passed between socketd's processes was lost (out of descriptors?)"
+            );
         }
         if msg.bytes == 0 {
             return Ok(None);

@@ -71,6 +71,13 @@ fn fd_exhaustion_pauses_without_spinning_and_recovers_event() {
     fd_exhaustion("event");
 }
 
+/// The same with `workers = "forked"`: the fork servers accept, and the daemon, out of
+/// descriptors for its copies of the connections, tells them to pause.
+#[test]
+fn fd_exhaustion_pauses_without_spinning_and_recovers_forked() {
+    fd_exhaustion("forked");
+}
+
 fn fd_exhaustion(workers: &str) {
     let d = Daemon::start(&format!(
         "{ECHO}max_workers = 200\nworkers = \"{workers}\"\n"

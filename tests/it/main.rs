@@ -18,6 +18,7 @@ mod event;
 mod exec;
 mod file;
 mod forked;
+mod forked_accept;
 mod forked_exec;
 mod handlers;
 mod hostile;

@@ -67,6 +67,12 @@ fn deny_and_allow_by_source_address_event() {
     deny_and_allow_by_source_address_in("event");
 }
 
+/// The same with `workers = "forked"`: the fork servers accept (`forked_accept.rs`).
+#[test]
+fn deny_and_allow_by_source_address_forked() {
+    deny_and_allow_by_source_address_in("forked");
+}
+
 fn deny_and_allow_by_source_address_in(workers: &str) {
     let d = Daemon::start(
         &(echo_tcp_in(workers, "deny", "127.0.0.1:0", "deny = [\"127.0.0.2\"]")
@@ -232,6 +238,12 @@ fn connection_caps_refuse_at_once_and_free_on_close_event() {
     connection_caps_refuse_at_once_and_free_on_close_in("event");
 }
 
+/// The same with `workers = "forked"`: the fork servers accept (`forked_accept.rs`).
+#[test]
+fn connection_caps_refuse_at_once_and_free_on_close_forked() {
+    connection_caps_refuse_at_once_and_free_on_close_in("forked");
+}
+
 fn connection_caps_refuse_at_once_and_free_on_close_in(workers: &str) {
     let d = Daemon::start(&echo_tcp_in(
         workers,
@@ -274,6 +286,12 @@ fn rate_refuses_a_burst_and_recovers_by_itself() {
 #[test]
 fn rate_refuses_a_burst_and_recovers_by_itself_event() {
     rate_refuses_a_burst_and_recovers_by_itself_in("event");
+}
+
+/// The same with `workers = "forked"`: the fork servers accept (`forked_accept.rs`).
+#[test]
+fn rate_refuses_a_burst_and_recovers_by_itself_forked() {
+    rate_refuses_a_burst_and_recovers_by_itself_in("forked");
 }
 
 fn rate_refuses_a_burst_and_recovers_by_itself_in(workers: &str) {
@@ -336,6 +354,12 @@ fn idle_timeout_frees_workers_held_by_silent_clients() {
 #[test]
 fn idle_timeout_frees_workers_held_by_silent_clients_event() {
     idle_timeout_frees_workers_held_by_silent_clients_in("event");
+}
+
+/// The same with `workers = "forked"`: the fork servers accept (`forked_accept.rs`).
+#[test]
+fn idle_timeout_frees_workers_held_by_silent_clients_forked() {
+    idle_timeout_frees_workers_held_by_silent_clients_in("forked");
 }
 
 fn idle_timeout_frees_workers_held_by_silent_clients_in(workers: &str) {
@@ -418,6 +442,12 @@ fn max_duration_cuts_even_a_busy_connection() {
 #[test]
 fn max_duration_cuts_even_a_busy_connection_event() {
     max_duration_cuts_even_a_busy_connection_in("event");
+}
+
+/// The same with `workers = "forked"`: the fork servers accept (`forked_accept.rs`).
+#[test]
+fn max_duration_cuts_even_a_busy_connection_forked() {
+    max_duration_cuts_even_a_busy_connection_in("forked");
 }
 
 fn max_duration_cuts_even_a_busy_connection_in(workers: &str) {
