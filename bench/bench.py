@@ -342,20 +342,10 @@ HANDOFF = ("socketd event, hand-off accept", "tcp:127.0.0.1:9121")
 # fork server (SOCKETD_FORKED_ACCEPT=handoff), against the fork servers accepting themselves.
 FK_HANDOFF = [("socketd forked echo, hand-off accept", "tcp:127.0.0.1:9122"),
               ("socketd forked exec /bin/cat, hand-off accept", "tcp:127.0.0.1:9123")]
-# And the event echo listener with every loop accepting from the start
-# (SOCKETD_EVENT_ACCEPT=every) instead of the first loop alone until it is saturated: the A/B
-# of the accepting spread.
-EVERY_CONF = f"""
-[daemon]
-shutdown_timeout = "2s"
-log_level = "warn"
-[[listener]]
-name = "ev-echo-every"
-protocol = "tcp"
-address = "{LO}:9124"
-handler = "echo"
-workers = "event"
-"""
+# And with every loop accepting from the start (SOCKETD_EVENT_ACCEPT=every) instead of the
+# first loop alone until it is saturated: the A/B of the accepting spread.
+EVERY_CONF = HANDOFF_CONF.split("[[listener]]")[0] + "[[listener]]" + HANDOFF_CONF.split(
+    "[[listener]]")[1].replace("ev-echo-handoff", "ev-echo-every").replace(":9121", ":9124")
 EVERY = ("socketd event, every loop accepts", "tcp:127.0.0.1:9124")
 
 
