@@ -98,10 +98,6 @@ const TCP_CLOSE_WAIT: u32 = 8;
 const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
 
-fn count(n: Option<u64>) -> String {
-    n.map_or_else(|| "-".to_string(), |n| n.to_string())
-}
-
 fn outcome_word(o: &Outcome) -> &'static str {
     match o {
         Outcome::Ok => "ok",
@@ -120,9 +116,21 @@ pub fn log_stream(
     outcome: &Outcome,
     tls: Option<&crate::tls::TlsInfo>,
 ) {
-    // A worker process always sends the line: the daemon's access log may have been turned on
-    // by a reload since this process was forked, and the daemon decides.
-    let forwards = crate::access_log::forwards();
+    if crate::access_log::forwards() {
+        // A worker process: the daemon counts it and writes the line (formatted there: the
+        // daemon's access log may have been turned on by a reload since this process was
+        // forked, and a child that formats nothing runs less code, so faults fewer pages).
+        crate::access_log::forward(&crate::access_log::Ended {
+            listener: listener.to_string(),
+            took,
+            received: bytes.received,
+            sent: bytes.sent,
+            peer: peer.clone(),
+            outcome: outcome_word(outcome),
+            tls: tls.map(|t| t.log_fields()).unwrap_or_default(),
+        });
+        return;
+    }
     // A library server has no sink: its access lines go through the `log` facade (info).
     let sink = crate::access_log::started();
     let wanted = if sink {
@@ -130,27 +138,17 @@ pub fn log_stream(
     } else {
         log::log_enabled!(log::Level::Info)
     };
-    let line = (forwards || wanted).then(|| {
-        format!(
-            "access: listener `{listener}` peer {peer} duration {:?} in {} out {} outcome {}{}",
+    let line = wanted.then(|| {
+        crate::access_log::access_line(
+            listener,
+            peer,
             took,
-            count(bytes.received),
-            count(bytes.sent),
+            bytes.received,
+            bytes.sent,
             outcome_word(outcome),
-            tls.map(|t| t.log_fields()).unwrap_or_default()
+            &tls.map(|t| t.log_fields()).unwrap_or_default(),
         )
     });
-    if forwards {
-        // A worker process: the daemon counts it and writes the line.
-        crate::access_log::forward(&crate::access_log::Ended {
-            listener: listener.to_string(),
-            micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            received: bytes.received,
-            sent: bytes.sent,
-            line,
-        });
-        return;
-    }
     crate::stats::listener(listener).connection_ended(took, bytes.received, bytes.sent);
     match line {
         Some(line) if sink => crate::access_log::line(line),

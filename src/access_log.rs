@@ -11,7 +11,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -20,6 +22,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{AccessLogTarget, SyslogConfig};
+use crate::conn::{PeerAddr, PeerCred};
 
 /// Lines that may wait for the writer; past this they are dropped (and counted).
 pub const QUEUE_LINES: usize = 8192;
@@ -130,60 +133,176 @@ pub fn forwards() -> bool {
     daemon != 0 && daemon != std::process::id() && forward_fd() >= 0
 }
 
-/// One ended connection, as a worker process sends it to the daemon.
+/// One ended connection, as a worker process sends it to the daemon, which counts it and
+/// writes its access line (formatted there, not in the worker: see `encode`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Ended {
     pub listener: String,
-    pub micros: u64,
+    pub took: Duration,
     pub received: Option<u64>,
     pub sent: Option<u64>,
-    /// The access line, when the daemon's access log is on.
-    pub line: Option<String>,
+    pub peer: PeerAddr,
+    /// `ok`, `error` or `panic`.
+    pub outcome: &'static str,
+    /// The TLS session's fields for the line (empty without TLS).
+    pub tls: String,
 }
 
+/// The access line of an ended connection (one format for the daemon's own connections and
+/// those forwarded by worker processes).
+pub fn access_line(
+    listener: &str,
+    peer: &PeerAddr,
+    took: Duration,
+    received: Option<u64>,
+    sent: Option<u64>,
+    outcome: &str,
+    tls: &str,
+) -> String {
+    let count = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+    format!(
+        "access: listener `{listener}` peer {peer} duration {took:?} in {} out {} outcome {outcome}{tls}",
+        count(received),
+        count(sent),
+    )
+}
+
+const OUTCOMES: [&str; 3] = ["ok", "error", "panic"];
+
 impl Ended {
-    /// A fixed little-endian layout (micros, which counters are known, received, sent, the
-    /// listener's name with its length, then the line), cut to `MAX_FORWARD`. Hand-written
-    /// rather than JSON: a forked child sends one per connection, and every code page it runs
-    /// for the first time is a page fault in that child (see `worker::forkserver`).
+    /// A fixed little-endian layout: nanoseconds, which counters are known, received, sent,
+    /// the outcome, the listener's name and the TLS fields with their lengths, then the peer.
+    /// Hand-written rather than JSON, and the line formatted by the daemon: a forked child
+    /// sends one per connection, and every code page it runs for the first time is a page
+    /// fault in that child (see `worker::forkserver`).
     fn encode(&self) -> Vec<u8> {
-        let line = self.line.as_deref().unwrap_or("");
-        let mut b = Vec::with_capacity(30 + self.listener.len() + line.len());
-        b.extend_from_slice(&self.micros.to_le_bytes());
-        let known = u8::from(self.received.is_some())
-            | u8::from(self.sent.is_some()) << 1
-            | u8::from(self.line.is_some()) << 2;
-        b.push(known);
+        let name = &self.listener.as_bytes()[..self.listener.len().min(1024)];
+        let tls = &self.tls.as_bytes()[..self.tls.len().min(4096)];
+        let mut b = Vec::with_capacity(64 + name.len() + tls.len());
+        let nanos = u64::try_from(self.took.as_nanos()).unwrap_or(u64::MAX);
+        b.extend_from_slice(&nanos.to_le_bytes());
+        b.push(u8::from(self.received.is_some()) | u8::from(self.sent.is_some()) << 1);
         b.extend_from_slice(&self.received.unwrap_or(0).to_le_bytes());
         b.extend_from_slice(&self.sent.unwrap_or(0).to_le_bytes());
-        let name = &self.listener.as_bytes()[..self.listener.len().min(u16::MAX as usize)];
-        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        b.extend_from_slice(name);
-        b.extend_from_slice(line.as_bytes());
-        b.truncate(MAX_FORWARD);
+        b.push(
+            OUTCOMES
+                .iter()
+                .position(|o| *o == self.outcome)
+                .unwrap_or(1) as u8,
+        );
+        for field in [name, tls] {
+            b.extend_from_slice(&(field.len() as u16).to_le_bytes());
+            b.extend_from_slice(field);
+        }
+        put_peer(&mut b, &self.peer);
         b
     }
 
-    /// The record `encode` made (a line cut mid-character loses that character); `None` if
-    /// it is too short to be one.
+    /// The record `encode` made; `None` if it is not one.
     fn decode(b: &[u8]) -> Option<Ended> {
-        let u64_at = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+        let mut r = b;
+        let nanos = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+        let known = take(&mut r, 1)?[0];
+        let received = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+        let sent = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+        let outcome = *OUTCOMES.get(usize::from(take(&mut r, 1)?[0]))?;
+        let mut text = || -> Option<String> {
+            let len = u16::from_le_bytes(take(&mut r, 2)?.try_into().ok()?);
+            Some(String::from_utf8_lossy(take(&mut r, usize::from(len))?).into_owned())
         };
-        let micros = u64_at(0)?;
-        let known = *b.get(8)?;
-        let (received, sent) = (u64_at(9)?, u64_at(17)?);
-        let len = u16::from_le_bytes(b.get(25..27)?.try_into().ok()?) as usize;
-        let listener = String::from_utf8_lossy(b.get(27..27 + len)?).into_owned();
-        let line = b.get(27 + len..)?;
+        let (listener, tls) = (text()?, text()?);
+        let peer = get_peer(&mut r)?;
         Some(Ended {
             listener,
-            micros,
+            took: Duration::from_nanos(nanos),
             received: (known & 1 != 0).then_some(received),
             sent: (known & 2 != 0).then_some(sent),
-            line: (known & 4 != 0).then(|| String::from_utf8_lossy(line).into_owned()),
+            peer,
+            outcome,
+            tls,
         })
     }
+}
+
+fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if r.len() < n {
+        return None;
+    }
+    let (head, rest) = r.split_at(n);
+    *r = rest;
+    Some(head)
+}
+
+fn put_peer(b: &mut Vec<u8>, peer: &PeerAddr) {
+    match peer {
+        PeerAddr::Inet(SocketAddr::V4(a)) => {
+            b.push(4);
+            b.extend_from_slice(&a.ip().octets());
+            b.extend_from_slice(&a.port().to_le_bytes());
+        }
+        PeerAddr::Inet(SocketAddr::V6(a)) => {
+            b.push(6);
+            b.extend_from_slice(&a.ip().octets());
+            b.extend_from_slice(&a.port().to_le_bytes());
+            b.extend_from_slice(&a.flowinfo().to_le_bytes());
+            b.extend_from_slice(&a.scope_id().to_le_bytes());
+        }
+        PeerAddr::Unix { path, cred } => {
+            b.push(b'u');
+            let path = path.as_deref().map(|p| p.as_os_str().as_bytes());
+            let path = path.map(|p| &p[..p.len().min(1024)]);
+            b.push(u8::from(path.is_some()) | u8::from(cred.is_some()) << 1);
+            let path = path.unwrap_or_default();
+            b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+            b.extend_from_slice(path);
+            let c = cred.unwrap_or(PeerCred {
+                pid: 0,
+                uid: 0,
+                gid: 0,
+            });
+            b.extend_from_slice(&c.pid.to_le_bytes());
+            b.extend_from_slice(&c.uid.to_le_bytes());
+            b.extend_from_slice(&c.gid.to_le_bytes());
+        }
+    }
+}
+
+fn get_peer(r: &mut &[u8]) -> Option<PeerAddr> {
+    let u16_of = |s: &[u8]| u16::from_le_bytes([s[0], s[1]]);
+    let u32_of = |s: &[u8]| u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    Some(match take(r, 1)?[0] {
+        4 => {
+            let ip: [u8; 4] = take(r, 4)?.try_into().ok()?;
+            let port = u16_of(take(r, 2)?);
+            PeerAddr::Inet(SocketAddr::from((ip, port)))
+        }
+        6 => {
+            let ip: [u8; 16] = take(r, 16)?.try_into().ok()?;
+            let port = u16_of(take(r, 2)?);
+            let (flow, scope) = (u32_of(take(r, 4)?), u32_of(take(r, 4)?));
+            PeerAddr::Inet(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip.into(),
+                port,
+                flow,
+                scope,
+            )))
+        }
+        b'u' => {
+            let has = take(r, 1)?[0];
+            let len = u16_of(take(r, 2)?);
+            let path = take(r, usize::from(len))?;
+            let path =
+                (has & 1 != 0).then(|| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)));
+            let (pid, uid, gid) = (
+                u32_of(take(r, 4)?) as i32,
+                u32_of(take(r, 4)?),
+                u32_of(take(r, 4)?),
+            );
+            let cred = (has & 2 != 0).then_some(PeerCred { pid, uid, gid });
+            PeerAddr::Unix { path, cred }
+        }
+        _ => return None,
+    })
 }
 
 /// From a worker process: hand an ended connection to the daemon (never blocks; a full
@@ -218,13 +337,17 @@ fn forward_loop(rx: &UnixDatagram) {
         let Some(e) = Ended::decode(&buf[..n]) else {
             continue;
         };
-        crate::stats::listener(&e.listener).connection_ended(
-            Duration::from_micros(e.micros),
-            e.received,
-            e.sent,
-        );
-        if let Some(l) = e.line {
-            line(l);
+        crate::stats::listener(&e.listener).connection_ended(e.took, e.received, e.sent);
+        if enabled() {
+            line(access_line(
+                &e.listener,
+                &e.peer,
+                e.took,
+                e.received,
+                e.sent,
+                e.outcome,
+                &e.tls,
+            ));
         }
     }
 }
@@ -561,35 +684,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn forwarded_records_round_trip_and_are_cut_to_the_limit() {
-        let full = Ended {
-            listener: "fk-echo".into(),
-            micros: 1_234_567,
-            received: Some(64),
-            sent: Some(0),
-            line: Some("access: listener `fk-echo` peer 127.0.0.1:5 …".into()),
-        };
-        assert_eq!(Ended::decode(&full.encode()), Some(full));
-        let bare = Ended {
-            listener: String::new(),
-            micros: 0,
-            received: None,
-            sent: None,
-            line: None,
-        };
-        assert_eq!(Ended::decode(&bare.encode()), Some(bare));
-        let long = Ended {
-            listener: "l".into(),
-            micros: 1,
-            received: None,
-            sent: Some(u64::MAX),
-            line: Some("x".repeat(3 * MAX_FORWARD)),
-        };
-        let bytes = long.encode();
-        assert_eq!(bytes.len(), MAX_FORWARD);
-        let back = Ended::decode(&bytes).expect("a cut record still decodes");
-        assert_eq!((back.sent, back.received), (Some(u64::MAX), None));
-        assert_eq!(back.line.map(|l| l.len()), Some(MAX_FORWARD - 28));
-        assert_eq!(Ended::decode(&bytes[..20]), None, "too short");
+    fn forwarded_records_round_trip() {
+        let peers = [
+            PeerAddr::Inet("127.0.0.1:5".parse().unwrap()),
+            PeerAddr::Inet("[fe80::1%3]:443".parse().unwrap()),
+            PeerAddr::Unix {
+                path: Some("/tmp/x.sock".into()),
+                cred: Some(PeerCred {
+                    pid: -1,
+                    uid: 1000,
+                    gid: 100,
+                }),
+            },
+            PeerAddr::Unix {
+                path: None,
+                cred: None,
+            },
+        ];
+        for (i, peer) in peers.into_iter().enumerate() {
+            let e = Ended {
+                listener: "fk-echo".into(),
+                took: Duration::new(1, 234_567_891),
+                received: Some(64),
+                sent: (i % 2 == 0).then_some(u64::MAX),
+                peer,
+                outcome: OUTCOMES[i % 3],
+                tls: if i == 1 {
+                    " tls TLSv1.3".into()
+                } else {
+                    String::new()
+                },
+            };
+            let bytes = e.encode();
+            assert_eq!(Ended::decode(&bytes).as_ref(), Some(&e));
+            assert_eq!(Ended::decode(&bytes[..bytes.len() - 1]), None, "cut short");
+        }
+        assert_eq!(Ended::decode(b""), None);
+    }
+
+    #[test]
+    fn the_access_line_shape() {
+        let peer = PeerAddr::Inet("127.0.0.1:51034".parse().unwrap());
+        let took = Duration::from_nanos(1_204_000);
+        assert_eq!(
+            access_line("echo", &peer, took, Some(5), None, "ok", ""),
+            "access: listener `echo` peer 127.0.0.1:51034 duration 1.204ms in 5 out - outcome ok"
+        );
     }
 }

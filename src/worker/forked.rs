@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -74,7 +74,15 @@ struct Inner {
     configs: Mutex<HashMap<u64, Sent>>,
     /// Stream listeners the fork servers accept for, by slot: who judges their knocks.
     doors: RwLock<HashMap<u64, Arc<dyn Door>>>,
+    /// Fork servers that confirmed closing a listener's socket, by slot (see `close_door`),
+    /// and the condition `close_door` waits on (also signalled when a fork server is lost).
+    closed: Mutex<HashMap<u64, Vec<Pid>>>,
+    closed_cv: Condvar,
 }
+
+/// How long `close_door` waits for the fork servers to confirm: a stuck one does not hold
+/// the daemon's loop longer (its copy then closes when it handles the message, or dies).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A listener as the fork servers were last told: its config, a copy of the socket that went
 /// with it, and (a stream listener they accept for) whether they watch it.
@@ -355,6 +363,8 @@ impl ForkServer {
             notifier,
             configs: Mutex::new(HashMap::new()),
             doors: RwLock::new(HashMap::new()),
+            closed: Mutex::new(HashMap::new()),
+            closed_cv: Condvar::new(),
         });
         for index in 0..n {
             Inner::spawn_reader(&inner, index)?;
@@ -437,22 +447,51 @@ impl ForkServer {
     }
 
     /// The fork servers stop accepting for listener `slot` and close their copies of its
-    /// socket (so is the daemon's kept copy); knocks still on the way are refused.
+    /// socket (so is the daemon's kept copy); knocks still on the way are refused. Returns
+    /// once every running fork server confirmed (or after `CLOSE_WAIT`), so the caller may
+    /// take the socket as closed everywhere but in the daemon.
     pub fn close_door(&self, slot: usize) {
+        let slot = slot as u64;
+        let inner = &self.0;
         let door = {
-            let mut doors = self.0.doors.write().unwrap_or_else(|e| e.into_inner());
-            doors.remove(&(slot as u64))
+            let mut doors = inner.doors.write().unwrap_or_else(|e| e.into_inner());
+            doors.remove(&slot)
         };
-        let mut configs = self.0.configs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = configs.get_mut(&(slot as u64)) {
+        inner.closed().insert(slot, Vec::new());
+        let mut configs = inner.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = configs.get_mut(&slot) {
             s.watch = false;
             s.socket = None;
         }
-        let _ = self
-            .0
-            .broadcast(&ToServer::Unlisten { slot: slot as u64 }, None);
+        let _ = inner.broadcast(&ToServer::Unlisten { slot }, None);
         drop(configs);
         drop(door);
+        let deadline = Instant::now() + CLOSE_WAIT;
+        let mut closed = inner.closed();
+        loop {
+            let confirmed = closed.get(&slot).cloned().unwrap_or_default();
+            let pending = inner
+                .servers()
+                .iter()
+                .filter(|p| p.alive.load(Ordering::Relaxed) && !confirmed.contains(&p.pid))
+                .count();
+            let now = Instant::now();
+            if pending == 0 || now >= deadline {
+                if pending > 0 {
+                    log::warn!(
+                        "{pending} fork servers did not confirm closing a listener's socket \
+                         within {CLOSE_WAIT:?}"
+                    );
+                }
+                break;
+            }
+            closed = inner
+                .closed_cv
+                .wait_timeout(closed, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        closed.remove(&slot);
     }
 
     /// Hand one job to a new child; returns its id. On error nothing is in flight.
@@ -539,6 +578,10 @@ fn send_to(process: &Process, msg: &ToServer, fd: Option<BorrowedFd<'_>>) -> io:
 }
 
 impl Inner {
+    fn closed(&self) -> MutexGuard<'_, HashMap<u64, Vec<Pid>>> {
+        self.closed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A snapshot of the places' processes.
     fn servers(&self) -> Vec<Arc<Process>> {
         self.servers
@@ -616,6 +659,12 @@ impl Inner {
                                 }
                             }
                         }
+                        Ok(Some((FromServer::Unlistened { slot }, _))) => {
+                            if let Some(pids) = inner.closed().get_mut(&slot) {
+                                pids.push(process.pid);
+                            }
+                            inner.closed_cv.notify_all();
+                        }
                         Ok(Some((FromServer::Spawned { index, started }, fd))) => {
                             Inner::install(&inner, index as usize, started, fd);
                         }
@@ -668,6 +717,9 @@ impl Inner {
     /// stopping, ask a surviving fork server for a replacement.
     fn lost(self: &Arc<Inner>, index: usize, process: &Process) {
         process.alive.store(false, Ordering::Relaxed);
+        // A `close_door` waiting for this one's confirmation need not wait any more.
+        drop(self.closed());
+        self.closed_cv.notify_all();
         let pid = process.pid;
         let closing = self.closing.load(Ordering::Relaxed);
         if !closing {

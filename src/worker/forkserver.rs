@@ -494,6 +494,10 @@ impl State {
             }
             ToServer::Unlisten { slot } => {
                 self.doorway.close(slot);
+                let msg = FromServer::Unlistened { slot };
+                if let Err(e) = wire::send_to_main(self.sock.as_fd(), &msg, None) {
+                    log::error!("fork server: cannot confirm a closed listener: {e}");
+                }
             }
             ToServer::Watch { slot, on } => self.doorway.watch(slot, on),
             ToServer::Verdict { knock, job } => {

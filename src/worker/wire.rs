@@ -97,6 +97,9 @@ pub enum FromServer {
         peer: PeerAddr,
         local: Option<SocketAddr>,
     },
+    /// The answer to `ToServer::Unlisten` (and `Forget`): this fork server closed its copy of
+    /// the listener's socket.
+    Unlistened { slot: u64 },
 }
 
 #[derive(Default)]
@@ -356,6 +359,9 @@ impl FromServer {
                 let local = local.map(|a| a.to_string()).unwrap_or_default();
                 w.bytes(local.as_bytes());
             }
+            FromServer::Unlistened { slot } => {
+                w.u8(b'C').u64(*slot);
+            }
         }
         w.0
     }
@@ -372,6 +378,7 @@ impl FromServer {
                 };
                 return Ok(FromServer::Spawned { index, started });
             }
+            b'C' => return Ok(FromServer::Unlistened { slot: r.u64()? }),
             b'K' => {
                 let (knock, slot) = (r.u64()?, r.u64()?);
                 let peer = get_peer(&mut r)?;

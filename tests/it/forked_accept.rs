@@ -228,3 +228,40 @@ fn replaced_fork_servers_watch_the_listener() {
     }
     stop_cleanly(d);
 }
+
+/// Pause keeps the socket open and the fork servers stop accepting; resume serves what
+/// queued. Drain closes the socket in every fork server before it returns, and the open
+/// connection finishes.
+#[test]
+fn pause_resume_and_drain_reach_the_fork_servers() {
+    use crate::control::{ctl, listener, status, CONTROL};
+    let d = Daemon::start(&format!(
+        "{CONTROL}{}",
+        forked("fe", "tcp", "127.0.0.1:0", "echo", "")
+    ));
+    let addr = d.addr("fe");
+    let out = ctl(&d, &["pause", "fe"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(listener(&status(&d), "fe")["state"], "paused");
+    let mut queued = Stream::tcp(addr);
+    queued.write_all(b"waiting\n").expect("send");
+    assert!(
+        queued.silent_for(Duration::from_millis(300)),
+        "served while paused"
+    );
+    let out = ctl(&d, &["resume", "fe"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(queued.read_line(), "waiting\n");
+    let mut open = Stream::tcp(addr);
+    assert!(echoes(&mut open));
+    let out = ctl(&d, &["drain", "fe"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_err(),
+        "the socket is closed in every process once drain returns"
+    );
+    assert!(echoes(&mut open), "the open connection still works");
+    drop((queued, open));
+    d.wait_log("listener `fe`: drained", READY_TIMEOUT);
+    stop_cleanly(d);
+}
