@@ -342,6 +342,11 @@ HANDOFF = ("socketd event, hand-off accept", "tcp:127.0.0.1:9121")
 # fork server (SOCKETD_FORKED_ACCEPT=handoff), against the fork servers accepting themselves.
 FK_HANDOFF = [("socketd forked echo, hand-off accept", "tcp:127.0.0.1:9122"),
               ("socketd forked exec /bin/cat, hand-off accept", "tcp:127.0.0.1:9123")]
+# And with every loop accepting from the start (SOCKETD_EVENT_ACCEPT=every) instead of the
+# first loop alone until it is saturated: the A/B of the accepting spread.
+EVERY_CONF = HANDOFF_CONF.split("[[listener]]")[0] + "[[listener]]" + HANDOFF_CONF.split(
+    "[[listener]]")[1].replace("ev-echo-handoff", "ev-echo-every").replace(":9121", ":9124")
+EVERY = ("socketd event, every loop accepts", "tcp:127.0.0.1:9124")
 
 
 def write(name, text):
@@ -359,6 +364,8 @@ def start_everything():
     start("socketd-idle", [SOCKETD, "--config", write("idle.toml", IDLE_CONF)])
     start("socketd-handoff", [SOCKETD, "--config", write("handoff.toml", HANDOFF_CONF)],
           env=dict(os.environ, SOCKETD_EVENT_ACCEPT="handoff", SOCKETD_FORKED_ACCEPT="handoff"))
+    start("socketd-every", [SOCKETD, "--config", write("every.toml", EVERY_CONF)],
+          env=dict(os.environ, SOCKETD_EVENT_ACCEPT="every"))
     xconf = write("xinetd.conf", XINETD_CONF.format(work=WORK))
     start("xinetd", ["xinetd", "-dontfork", "-f", xconf, "-pidfile", os.path.join(WORK, "xinetd.pid")])
     start("socat", ["socat", f"TCP-LISTEN:9301,bind={LO},fork,reuseaddr,backlog=1024", "PIPE"])
@@ -371,7 +378,7 @@ def start_everything():
     start("py-threading", [sys.executable, py, "threading-tcp", LO, "9501"])
     start("py-forking", [sys.executable, py, "forking-tcp", LO, "9502"])
     start("py-udp", [sys.executable, py, "udp", LO, "9503"])
-    for port in (9000, 9001, 9002, 9101, 9121, 9122, 9123, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
+    for port in (9000, 9001, 9002, 9101, 9121, 9122, 9123, 9124, 9102, 9103, 9104, 9105, 9106, 9601, 9201, 9202, 9211, 9212, 9301,
                  9401, 9402, 9501, 9502, 9700, 9711, 9712, 9713):
         wait_tcp(port)
     for port in (9000, 9101, 9102, 9201, 9211, 9503):
@@ -385,6 +392,7 @@ LOADS = [
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       HANDOFF,
+      EVERY,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("socat fork PIPE", "tcp:127.0.0.1:9301"),
@@ -395,6 +403,7 @@ LOADS = [
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       HANDOFF,
+      EVERY,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201"),
       ("socat fork PIPE", "tcp:127.0.0.1:9301"),
@@ -404,6 +413,7 @@ LOADS = [
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       HANDOFF,
+      EVERY,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
@@ -424,6 +434,7 @@ LOADS = [
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       HANDOFF,
+      EVERY,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("xinetd internal echo", "tcp:127.0.0.1:9201")]),
     ("cps16mux1", "connect, send 64 B, receive, close; 16 clients on ONE epoll client thread "
@@ -432,6 +443,7 @@ LOADS = [
      [("epoll_echo (kernel limit)", "tcp:127.0.0.1:9000"),
       ("socketd event", "tcp:127.0.0.1:9101"),
       HANDOFF,
+      EVERY,
       ("socketd threaded", "tcp:127.0.0.1:9102"),
       ("socketd forked echo", "tcp:127.0.0.1:9103"),
       ("socketd forked exec /bin/cat", "tcp:127.0.0.1:9104"),
@@ -464,7 +476,7 @@ SERVER_OF_PORT = {9000: "epoll_echo", 9201: "xinetd", 9202: "xinetd", 9211: "xin
                   9212: "xinetd", 9301: "socat", 9401: "haproxy", 9402: "haproxy",
                   9501: "py-threading", 9502: "py-forking", 9503: "py-udp", 9700: "nginx",
                   9121: "socketd-handoff", 9122: "socketd-handoff", 9123: "socketd-handoff",
-                  9001: "fork_echo", 9002: "fork_echo-exec"}
+                  9124: "socketd-every", 9001: "fork_echo", 9002: "fork_echo-exec"}
 for _port in (9101, 9102, 9103, 9104, 9105, 9106, 9711, 9712, 9713):
     SERVER_OF_PORT[_port] = "socketd"
 

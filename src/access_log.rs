@@ -113,8 +113,22 @@ pub fn forward_fd() -> RawFd {
     FORWARD_FD.load(Relaxed)
 }
 
+thread_local! {
+    /// Set on threads that only ever run in the daemon (see `mark_daemon_thread`).
+    static DAEMON_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Mark the calling thread as one that lives only in the daemon and never forks (an event
+/// loop), so `forwards` answers without a `getpid` per connection.
+pub fn mark_daemon_thread() {
+    DAEMON_THREAD.with(|c| c.set(true));
+}
+
 /// Whether this process is a worker process that forwards to the daemon.
 pub fn forwards() -> bool {
+    if DAEMON_THREAD.with(std::cell::Cell::get) {
+        return false;
+    }
     let daemon = DAEMON_PID.load(Relaxed);
     daemon != 0 && daemon != std::process::id() && forward_fd() >= 0
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -323,6 +323,36 @@ pub enum Acceptor {
 }
 
 impl Acceptor {
+    /// Accept one connection for an event loop: TCP connections come non-blocking already
+    /// (`accept4(SOCK_NONBLOCK)`, saving an `ioctl` per connection; the flag says so).
+    pub fn accept_for_loop(&self) -> io::Result<(Conn, PeerAddr, bool)> {
+        let Acceptor::Tcp(l) = self else {
+            let (c, p) = self.accept()?;
+            return Ok((c, p, false));
+        };
+        let fd = l.as_raw_fd();
+        // SAFETY: `try_init` hands a zeroed storage and its length; accept4 fills at most
+        // that much and returns a new descriptor we own (or -1).
+        let (conn, addr) = unsafe {
+            socket2::SockAddr::try_init(|storage, len| {
+                let r = libc::accept4(
+                    fd,
+                    storage.cast(),
+                    len,
+                    libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                );
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(std::net::TcpStream::from_raw_fd(r))
+            })?
+        };
+        let peer = addr
+            .as_socket()
+            .ok_or_else(|| io::Error::other("accepted a connection with no inet address"))?;
+        Ok((Conn::Tcp(conn), PeerAddr::Inet(peer), true))
+    }
+
     /// Accept one connection (the socket is non-blocking: `WouldBlock` when none waits).
     pub fn accept(&self) -> io::Result<(Conn, PeerAddr)> {
         match self {

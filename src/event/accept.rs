@@ -1,7 +1,16 @@
 //! Accept where the work is: a `workers = "event"` stream listener's socket is registered in
-//! every one of its event loops (`EPOLLEXCLUSIVE`, so one connection wakes one loop), and the
+//! its event loops' epoll sets (`EPOLLEXCLUSIVE`, so one connection wakes one loop), and the
 //! loop that wakes accepts, admits and serves the connection itself. The main loop is not
 //! involved per connection: no hand-off channel, no wake-up of a second thread.
+//!
+//! Which loops: the first one, plus one more each time the last accepting loop is saturated
+//! (busy at least `SPREAD_BUSY` of a `LOAD_WINDOW`), one fewer when the last one is mostly
+//! idle (`LoopAccept::load`). The kernel wakes the first waiting loop in the socket's wait
+//! queue, so a loop beyond the first takes only the connections the ones before it had no
+//! time for. With every loop accepting, a light or single-client load wakes a half-asleep loop
+//! per connection on every core and pays a sleep and a wake-up for each, which costs more
+//! CPU per connection than one loop that keeps up (on a 2-core machine whose other core runs
+//! the client, 1.25× against 1.0× the single-threaded epoll echo's CPU per connection).
 //!
 //! What stays exactly as in the hand-off path: admission runs the listener's one `Guard`
 //! (shared, not copied: ACL, `max_connections`, `max_per_source`, `rate`, refusal log,
@@ -10,18 +19,22 @@
 //! `Done` when it closes, so the main loop's `busy` count, drain on stop, and drain of a
 //! listener a reload removed work unchanged. The main loop decides when the listener is
 //! watched (start, pause, stop, reload): `Gate::set_wanted` and `Gate::close` register or
-//! remove the socket in every loop's epoll set under the gate's lock, and a loop accepts only
-//! while holding that lock and seeing the socket registered, so after `close` returns no loop
-//! accepts again. Back-pressure at `max_workers` and descriptor exhaustion are handled here,
-//! by the loops: the socket is taken out of every set until a connection closes (or the retry
-//! time comes), and the kernel's backlog holds newcomers meanwhile.
+//! remove the socket in the loops' epoll sets under the gate's lock, and a loop accepts only
+//! while holding that lock and seeing the socket registered in its set, so after `close`
+//! returns no loop accepts again. Back-pressure at `max_workers` and descriptor exhaustion
+//! are handled here, by the loops: the socket is taken out of every set until a connection
+//! closes (or the retry time comes), and the kernel's backlog holds newcomers meanwhile.
 //!
-//! The kernel wakes whichever loop waits, so connections arriving one at a time would all land
-//! on the first loop: a loop clearly busier than the least busy one passes a connection on to
-//! it (`Gate::pass_on`), which costs what the old hand-off cost, for those connections only.
+//! Long-lived connections that arrive one at a time would all stay on the first accepting
+//! loop: a loop clearly busier than the least busy accepting one (by open connections, more
+//! than one plus an eighth) passes a connection on to it (`Gate::pass_on`), which costs what
+//! the old hand-off cost, for those connections only. Loops that do not accept get none: a
+//! load the first loop keeps up with stays on it, and connections opened before the load
+//! grew stay where they are.
 //!
-//! `SOCKETD_EVENT_ACCEPT=handoff` in the daemon's environment selects the old path (the main
-//! loop accepts and hands off); the bench uses it to compare both in one run.
+//! `SOCKETD_EVENT_ACCEPT` in the daemon's environment selects another path for the bench's
+//! A/B: `handoff` (the main loop accepts and hands off) or `every` (every loop accepts from
+//! the start, never narrowed).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -49,6 +62,15 @@ pub fn loops_accept() -> bool {
     !matches!(
         std::env::var("SOCKETD_EVENT_ACCEPT").as_deref(),
         Ok("handoff")
+    )
+}
+
+/// Whether every loop accepts from the start (`SOCKETD_EVENT_ACCEPT=every`) instead of the
+/// first, widening under load.
+fn every_loop() -> bool {
+    matches!(
+        std::env::var("SOCKETD_EVENT_ACCEPT").as_deref(),
+        Ok("every")
     )
 }
 
@@ -84,8 +106,13 @@ struct Gate {
     starved: bool,
     /// Out of descriptors: out of the loops' sets until this time.
     starved_until: Option<Instant>,
-    /// The socket is in the loops' epoll sets now.
-    registered: bool,
+    /// How many loops (the first ones) accept now: 1 while the first loop keeps up, one
+    /// more each time the last accepting loop is saturated (see `LoopAccept::load`).
+    spread: usize,
+    /// Every loop accepts, always (`SOCKETD_EVENT_ACCEPT=every`).
+    every: bool,
+    /// In how many loops' epoll sets (the first ones) the socket is now.
+    registered: usize,
     /// A duplicate of each loop's epoll descriptor (same epoll instance).
     epolls: Vec<OwnedFd>,
     /// Connections accepted by each loop since its start (status).
@@ -93,6 +120,11 @@ struct Gate {
     /// The loops, for passing a connection on to a less loaded one.
     siblings: Vec<LoopHandle>,
 }
+
+/// A loop busier than this share of its time makes one more loop accept (see `load`).
+pub(super) const SPREAD_BUSY: f64 = 0.9;
+/// The last accepting loop busy less than this: it stops accepting.
+const NARROW_BUSY: f64 = 0.25;
 
 /// Quiet `Done`s after which a loop wakes the main loop anyway, so its channel stays short.
 const QUIET_BATCH: usize = 64;
@@ -115,7 +147,9 @@ impl LoopAccept {
                 full: false,
                 starved: false,
                 starved_until: None,
-                registered: false,
+                spread: 1,
+                every: every_loop(),
+                registered: 0,
                 epolls: Vec::new(),
                 accepted: Vec::new(),
                 siblings: Vec::new(),
@@ -163,6 +197,7 @@ impl LoopAccept {
         g.wanted = false;
         g.sync();
         g.accepted = vec![0; epolls.len()];
+        g.spread = if g.every { epolls.len() } else { 1 };
         g.epolls = epolls;
         g.siblings = siblings;
         // The loop that owned a retry timer may be among the old ones: the new set tries now.
@@ -204,8 +239,8 @@ impl LoopAccept {
     ) -> AcceptOutcome {
         let mut g = self.gate();
         let mut outcome = AcceptOutcome::default();
-        if !g.registered {
-            return outcome; // paused or closed since the event
+        if me >= g.registered {
+            return outcome; // paused, closed or spread narrowed since the event
         }
         for _ in 0..crate::listener::FAIR_BATCH {
             let g = &mut *g;
@@ -226,8 +261,8 @@ impl LoopAccept {
                 }
                 break;
             }
-            match acceptor.accept() {
-                Ok((conn, peer)) => {
+            match acceptor.accept_for_loop() {
+                Ok((conn, peer, nonblocking)) => {
                     let low = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut g.starved) {
                         log::info!("listener `{}`: accepting again", g.cfg.name);
@@ -256,6 +291,7 @@ impl LoopAccept {
                             },
                             service: Arc::clone(&g.service),
                             idle: g.cfg.protect.idle_timeout,
+                            nonblocking,
                         };
                         if let Some(h) = g.pass_on(me, live, h) {
                             live.fetch_add(1, Ordering::Relaxed);
@@ -304,6 +340,25 @@ impl LoopAccept {
         None
     }
 
+    /// A loop's share of busy time (not waiting in `poll`) over its last window. The socket is
+    /// in the first `spread` loops' sets: the kernel wakes the first of them that waits, so
+    /// a second loop only takes connections the first had no time for, and the loops do not
+    /// wake each other per connection when one could serve them all (on a machine whose
+    /// other cores run the clients, a second loop half asleep costs more than it serves).
+    /// The last accepting loop saturated: one more loop accepts. It was mostly idle: it stops
+    /// accepting (its open connections go on).
+    pub(super) fn load(&self, me: usize, busy: f64) {
+        let mut g = self.gate();
+        if g.every {
+            return;
+        }
+        let spread = next_spread(g.spread, g.epolls.len(), me, busy);
+        if spread != g.spread {
+            g.spread = spread;
+            g.sync();
+        }
+    }
+
     /// A loop closed a connection it accepted. Returns whether the main loop must see its
     /// `Done` at once (otherwise it is collected on the main loop's next turn).
     pub(super) fn closed(&self) -> bool {
@@ -324,6 +379,20 @@ impl LoopAccept {
     }
 }
 
+/// How many loops accept after loop `me` reported its busy share: one more when the last
+/// accepting loop is saturated, one fewer when it is mostly idle (never fewer than one).
+fn next_spread(spread: usize, loops: usize, me: usize, busy: f64) -> usize {
+    if me + 1 != spread {
+        spread // only the last accepting loop decides
+    } else if busy >= SPREAD_BUSY && spread < loops {
+        spread + 1
+    } else if busy < NARROW_BUSY && spread > 1 {
+        spread - 1
+    } else {
+        spread
+    }
+}
+
 /// What a loop must do after a batch.
 #[derive(Debug, Default)]
 pub(super) struct AcceptOutcome {
@@ -334,15 +403,17 @@ pub(super) struct AcceptOutcome {
 }
 
 impl Gate {
-    /// Balance: the kernel wakes whichever loop is waiting, so connections that arrive one at
-    /// a time all land on the first loop. A loop clearly busier than the least busy one (by
-    /// open connections, more than one plus an eighth) passes the connection on through that
-    /// loop's channel, as the main loop's hand-off does. `None`: passed on; otherwise ours.
+    /// Balance: the kernel wakes whichever accepting loop is waiting, so connections that
+    /// arrive one at a time all land on the first. A loop clearly busier than the least busy
+    /// accepting one (by open connections, more than one plus an eighth) passes the connection
+    /// on through that loop's channel, as the main loop's hand-off does. `None`: passed on;
+    /// otherwise ours.
     fn pass_on(&self, me: usize, live: &AtomicUsize, h: Handoff) -> Option<Handoff> {
         let mine = live.load(Ordering::Relaxed);
         let (i, least) = self
             .siblings
             .iter()
+            .take(self.registered)
             .enumerate()
             .map(|(i, l)| (i, l.live.load(Ordering::Relaxed)))
             .min_by_key(|&(_, n)| n)?;
@@ -382,26 +453,34 @@ impl Gate {
         self.sync();
     }
 
-    /// Put the socket in every loop's epoll set, or take it out, as the state says.
+    /// Put the socket in the first `spread` loops' epoll sets, or take it out, as the state
+    /// says.
     fn sync(&mut self) {
-        let on = self.acceptor.is_some()
-            && self.wanted
-            && !self.full
-            && self.starved_until.is_none()
-            && !self.epolls.is_empty();
-        if on == self.registered {
+        let on =
+            self.acceptor.is_some() && self.wanted && !self.full && self.starved_until.is_none();
+        let want = if on {
+            self.spread.min(self.epolls.len())
+        } else {
+            0
+        };
+        if want == self.registered {
             return;
         }
         let Some(fd) = self.acceptor.as_ref().map(AsRawFd::as_raw_fd) else {
-            self.registered = false;
+            self.registered = 0;
             return;
         };
-        for ep in &self.epolls {
-            if let Err(e) = epoll_ctl(ep.as_raw_fd(), fd, on) {
+        let (add, range) = if want > self.registered {
+            (true, self.registered..want)
+        } else {
+            (false, want..self.registered)
+        };
+        for ep in &self.epolls[range] {
+            if let Err(e) = epoll_ctl(ep.as_raw_fd(), fd, add) {
                 log::error!(
                     "listener `{}`: cannot {} an event loop: {e}",
                     self.cfg.name,
-                    if on {
+                    if add {
                         "watch the socket in"
                     } else {
                         "take the socket out of"
@@ -409,7 +488,7 @@ impl Gate {
                 );
             }
         }
-        self.registered = on;
+        self.registered = want;
     }
 }
 
@@ -434,5 +513,31 @@ fn epoll_ctl(epfd: RawFd, fd: RawFd, add: bool) -> io::Result<()> {
     match (add, e.raw_os_error()) {
         (true, Some(libc::EEXIST)) | (false, Some(libc::ENOENT)) => Ok(()),
         _ => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_spread;
+
+    #[test]
+    fn a_saturated_last_loop_widens_the_spread_and_an_idle_one_narrows_it() {
+        // One of three accepts; it is saturated: two accept.
+        assert_eq!(next_spread(1, 3, 0, 0.95), 2);
+        // The second, now last, is saturated too: three; no fourth loop to add.
+        assert_eq!(next_spread(2, 3, 1, 0.99), 3);
+        assert_eq!(next_spread(3, 3, 2, 1.0), 3);
+        // Busy but not saturated: unchanged.
+        assert_eq!(next_spread(2, 3, 1, 0.5), 2);
+        // Only the last accepting loop decides: the first, idle or saturated, does not.
+        assert_eq!(next_spread(2, 3, 0, 0.0), 2);
+        assert_eq!(next_spread(2, 3, 0, 1.0), 2);
+        // A loop that no longer accepts does not either.
+        assert_eq!(next_spread(1, 3, 2, 1.0), 1);
+        // The last one mostly idle: it stops accepting, but the first never does.
+        assert_eq!(next_spread(3, 3, 2, 0.1), 2);
+        assert_eq!(next_spread(1, 3, 0, 0.0), 1);
+        // A single loop stays one.
+        assert_eq!(next_spread(1, 1, 0, 1.0), 1);
     }
 }

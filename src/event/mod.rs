@@ -93,6 +93,8 @@ struct Handoff {
     service: Arc<Service>,
     /// `idle_timeout`: no byte either way for this long closes the connection.
     idle: Option<std::time::Duration>,
+    /// The socket is non-blocking already (accepted so by a loop).
+    nonblocking: bool,
 }
 
 /// A UDP client's datagram for the proxy's associations.
@@ -295,6 +297,7 @@ impl SlotEvents {
             accepted,
             service,
             idle: cfg.protect.idle_timeout,
+            nonblocking: false,
         })) {
             Ok(())
         } else {

@@ -26,8 +26,11 @@ pub enum EvStream {
 
 impl EvStream {
     /// Take over an accepted blocking connection.
-    pub fn from_conn(conn: Conn) -> io::Result<EvStream> {
-        conn.set_nonblocking(true)?;
+    /// An accepted connection for a loop (`nonblocking`: it is already, no `ioctl` needed).
+    pub fn from_conn(conn: Conn, nonblocking: bool) -> io::Result<EvStream> {
+        if !nonblocking {
+            conn.set_nonblocking(true)?;
+        }
         Ok(match conn {
             Conn::Tcp(s) => {
                 let _ = s.set_nodelay(true);

@@ -25,6 +25,8 @@ use crate::worker::{Done, Notifier, Outcome, Tracker};
 const WAKE: Token = Token(usize::MAX);
 /// Shared read buffer: the most any machine reads per call.
 const SCRATCH: usize = 64 * 1024;
+/// The window over which a loop measures how busy it is (see `LoopAccept::load`).
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
 /// How often idle UDP associations are looked for while any exist.
 const SWEEP: Duration = Duration::from_secs(1);
 
@@ -78,6 +80,8 @@ pub(super) fn spawn(
     let own_waker = Arc::clone(&waker);
     std::thread::Builder::new().name(name).spawn(move || {
         let _waker = own_waker;
+        // A loop runs in the daemon and never forks: its access lines need no pid check.
+        crate::access_log::mark_daemon_thread();
         let mut l = Loop {
             poll,
             rx,
@@ -124,6 +128,9 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
+        // Busy share over windows, for the accepting spread (see `LoopAccept::load`).
+        let mut window = Instant::now();
+        let mut waited = Duration::ZERO;
         loop {
             // Announce the sleep, then take what was queued before it (see `LoopHandle`).
             self.ctx.sleeping.store(true, Ordering::SeqCst);
@@ -132,8 +139,20 @@ impl Loop {
                 return;
             }
             let timeout = self.next_timeout();
+            let before = Instant::now();
             let polled = self.poll.poll(&mut events, timeout);
             self.ctx.sleeping.store(false, Ordering::SeqCst);
+            if let Some((acc, me)) = &self.ctx.accept {
+                let now = Instant::now();
+                waited += now - before;
+                let span = now - window;
+                if span >= LOAD_WINDOW {
+                    let busy = 1.0 - waited.as_secs_f64() / span.as_secs_f64();
+                    acc.load(*me, busy);
+                    window = now;
+                    waited = Duration::ZERO;
+                }
+            }
             if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -232,6 +251,7 @@ impl Loop {
             accepted,
             service,
             idle,
+            nonblocking,
         } = h;
         let crate::event::Accepted {
             conn,
@@ -249,7 +269,7 @@ impl Loop {
             _ => None,
         };
         let started = Instant::now();
-        let client = match EvStream::from_conn(conn) {
+        let client = match EvStream::from_conn(conn, nonblocking) {
             Ok(c) => c,
             Err(e) => return self.finish_early(conn_id, &peer, Outcome::Error(e.to_string())),
         };

@@ -13,6 +13,7 @@ pub mod echo;
 pub mod exec;
 pub mod file;
 pub mod proxy;
+mod relay;
 pub mod time;
 pub mod util;
 

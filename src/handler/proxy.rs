@@ -3,12 +3,12 @@
 //!
 //! This file holds what every worker model shares: the settings (`proxy = { upstream,
 //! connect_timeout, proxy_protocol, udp_idle }`), the header encoder, and the blocking handler
-//! for threaded and forked workers (one extra thread per connection copies upstream->client).
+//! for threaded and forked workers (the bytes move on the process's relay thread, `relay`).
 //! The event-loop state machine is `event::proxy`. Upstreams are addresses, never host names:
 //! socketd does not resolve names.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -307,7 +307,7 @@ pub fn build(ctx: &BuildContext) -> Result<Factory, SettingsError> {
     }))
 }
 
-/// Relays with blocking copies: this thread client->upstream, a helper thread the other way.
+/// Connects upstream, then waits while the process's relay thread copies both ways.
 struct ProxyHandler(Arc<ProxySettings>);
 
 impl Handler for ProxyHandler {
@@ -366,7 +366,10 @@ impl Handler for ProxyHandler {
                 if !early.is_empty() {
                     up.try_clone()?.write_all(&early)?;
                 }
-                relay_blocking(client, up)
+                let r = relay_blocking(client, up);
+                // The relay made the shared socket non-blocking; the worker may use it still.
+                let _ = s.conn().set_nonblocking(false);
+                r
             }
             Request::Datagram(d) => {
                 // One blocking exchange per datagram: send, wait up to the idle time for one
@@ -401,70 +404,16 @@ impl Handler for ProxyHandler {
     }
 }
 
-/// Copy both ways until both sides have finished; each EOF becomes a half-close of the other.
+/// Copy both ways until both sides have finished, on this process's relay thread (see
+/// `relay`); each EOF becomes a half-close of the other.
 fn relay_blocking(client: Conn, up: Conn) -> io::Result<()> {
-    let (mut c_read, mut u_write) = (client.try_clone()?, up.try_clone()?);
-    let (mut u_read, mut c_write) = (up, client);
-    let back = std::thread::Builder::new()
-        .name("socketd:proxy".into())
-        .spawn(move || -> io::Result<u64> {
-            let n = copy(&mut u_read, &mut c_write);
-            let _ = c_write.shutdown(Shutdown::Write);
-            n
-        })?;
-    let forward = copy(&mut c_read, &mut u_write);
-    let _ = u_write.shutdown(Shutdown::Write);
-    // The client may be gone for good (reset, or shut down both ways by `max_duration` or a
-    // stop's deadline) while the upstream stays silent and open: then the upstream is cut
-    // too, or the other thread, and this worker, would wait for it forever.
-    while !back.is_finished() {
-        if hung_up(&c_read, HANGUP_POLL) {
-            let _ = u_write.shutdown(Shutdown::Both);
-            break;
-        }
-    }
-    let backward = back
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("proxy thread panicked")));
-    forward.and(backward).map(|_| ())
-}
-
-/// How often a relay whose client side has ended checks whether its upstream copy is done.
-const HANGUP_POLL: Duration = Duration::from_millis(250);
-
-/// Whether `conn` is closed in both directions (POLLHUP) or failed (POLLERR), waiting up to
-/// `wait` for that to happen.
-fn hung_up(conn: &Conn, wait: Duration) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
-    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, timeout) {
-        Ok(n) if n > 0 => fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
-        _ => false,
-    }
-}
-
-fn copy(from: &mut Conn, to: &mut Conn) -> io::Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
+    super::relay::relay(client, up)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Shutdown;
 
     #[test]
     fn v1_header_bytes() {

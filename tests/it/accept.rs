@@ -1,7 +1,8 @@
 //! Accept where the work is (issue 12): a `workers = "event"` stream listener's event loops
-//! accept for themselves, every loop on the one socket. Shown through SIGUSR1's per-loop
-//! accept counts; the old hand-off path stays selectable (`SOCKETD_EVENT_ACCEPT=handoff`, for
-//! the bench's A/B). Limits, stop and reload under this path are also covered by the `_event`
+//! accept for themselves on the one socket (the first loop, more as it saturates; every loop
+//! with `SOCKETD_EVENT_ACCEPT=every`). Shown through SIGUSR1's per-loop accept counts; the
+//! old hand-off path stays selectable (`SOCKETD_EVENT_ACCEPT=handoff`, for the bench's A/B).
+//! When further loops join is a matter of load, unit-tested in `event::accept`. Limits, stop and reload under this path are also covered by the `_event`
 //! variants in `protection.rs` and `stop.rs`.
 
 use std::io::Write;
@@ -46,9 +47,22 @@ fn one_echo(addr: std::net::SocketAddr) {
     assert_eq!(s.read_line(), "ping\n");
 }
 
+/// A daemon whose event loops accept in `mode` (`SOCKETD_EVENT_ACCEPT`).
+fn start_mode(config: &str, mode: &str) -> Daemon {
+    let d = Daemon::spawn_with(config, |_, path| {
+        let mut cmd = command(std::path::Path::new(SOCKETD));
+        cmd.arg("--config")
+            .arg(path)
+            .env("SOCKETD_EVENT_ACCEPT", mode);
+        cmd
+    });
+    d.wait_ready();
+    d
+}
+
 #[test]
 fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
-    let d = Daemon::start(&echo_event("e", "threads = 2"));
+    let d = start_mode(&echo_event("e", "threads = 2"), "every");
     let addr = d.addr("e");
     let deadline = Instant::now() + OP_DEADLINE;
     let mut served = 0u64;
@@ -81,11 +95,27 @@ fn every_event_loop_accepts_and_the_main_loop_accepts_none() {
     assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
 }
 
+/// The default (the first loop accepts, others join under load): every connection is still a
+/// loop's, none the main loop's.
+#[test]
+fn by_default_the_loops_accept_and_the_main_loop_none() {
+    let mut d = Daemon::start(&echo_event("d", "threads = 2"));
+    for _ in 0..16 {
+        one_echo(d.addr("d"));
+    }
+    let counts = accepted_per_loop(&d, "d", 1);
+    assert_eq!(counts.len(), 2, "one count per loop: {counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), 16, "{counts:?}");
+    d.signal(libc::SIGTERM);
+    assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+}
+
 /// Connections that come one at a time wake the same waiting loop; the busier loop passes
-/// them on, so long-lived connections still spread over the loops.
+/// them on, so long-lived connections still spread over the accepting loops (here every loop;
+/// by default the loops beyond the first accept only under load).
 #[test]
 fn connections_arriving_one_by_one_spread_over_the_loops() {
-    let mut d = Daemon::start(&echo_event("s", "threads = 2"));
+    let mut d = start_mode(&echo_event("s", "threads = 2"), "every");
     let mut held = Vec::new();
     for i in 0..8 {
         let mut s = Stream::tcp(d.addr("s"));
@@ -104,14 +134,7 @@ fn connections_arriving_one_by_one_spread_over_the_loops() {
 
 #[test]
 fn the_hand_off_path_stays_selectable() {
-    let mut d = Daemon::spawn_with(&echo_event("h", "threads = 2"), |_, config| {
-        let mut cmd = command(std::path::Path::new(SOCKETD));
-        cmd.arg("--config")
-            .arg(config)
-            .env("SOCKETD_EVENT_ACCEPT", "handoff");
-        cmd
-    });
-    d.wait_ready();
+    let mut d = start_mode(&echo_event("h", "threads = 2"), "handoff");
     for _ in 0..4 {
         one_echo(d.addr("h"));
     }

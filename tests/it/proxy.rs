@@ -351,3 +351,89 @@ fn proxy_upstream_connect_timeout_closes_the_client_and_logs() {
     }
     drop((l, held));
 }
+
+/// An upstream that accepts and then neither reads, writes nor closes, until the test drops
+/// the returned sender; each connection it accepts is announced on the receiver.
+fn silent_upstream() -> (
+    SocketAddr,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let up = l.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        l.set_nonblocking(true).expect("nonblocking");
+        let mut held = Vec::new();
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            rx.recv_timeout(Duration::from_millis(20))
+        {
+            if let Ok((s, _)) = l.accept() {
+                held.push(s);
+                let _ = seen_tx.send(());
+            }
+        }
+    });
+    (up, tx, seen)
+}
+
+/// Everything that ends a proxied connection still ends it when the upstream stays silent
+/// and open: `idle_timeout` (no byte either way), `max_duration`, and a stop's
+/// `shutdown_timeout`, in every model (the blocking models relay on a shared relay thread).
+#[test]
+fn idle_timeout_max_duration_and_stop_end_a_relay_to_a_silent_upstream() {
+    for workers in MODELS {
+        let (up, _hold, upstream_accepted) = silent_upstream();
+        for limit in ["idle_timeout = \"300ms\"", "max_duration = \"300ms\""] {
+            let mut d = Daemon::start(&format!(
+                "{}{limit}\n",
+                proxy_config(
+                    "tcp",
+                    "127.0.0.1:0",
+                    workers,
+                    &format!("upstream = \"{up}\"")
+                )
+            ));
+            let mut s = d.connect("p");
+            s.write_all(b"to a silent upstream\n").expect("send");
+            assert!(
+                s.closed_within(IO_TIMEOUT),
+                "{workers} {limit}: the connection was never closed\n{}",
+                d.log_dump()
+            );
+            // The worker's place came back: a second client is served (and cut) the same way.
+            let mut s = d.connect("p");
+            assert!(
+                s.closed_within(IO_TIMEOUT),
+                "{workers} {limit}: second client"
+            );
+            d.signal(libc::SIGTERM);
+            assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+        }
+        // No limit: the stop's deadline (2 s here) cuts the connection and the daemon exits.
+        let mut d = Daemon::start(&proxy_config(
+            "tcp",
+            "127.0.0.1:0",
+            workers,
+            &format!("upstream = \"{up}\""),
+        ));
+        let mut s = d.connect("p");
+        s.write_all(b"to a silent upstream\n").expect("send");
+        // Stop only once this connection is relayed, not still in the backlog: the upstream
+        // has accepted it, the fifth (two clients under each limit above).
+        for n in 1..=5 {
+            upstream_accepted
+                .recv_timeout(IO_TIMEOUT)
+                .unwrap_or_else(|_| panic!("{workers}: upstream connection {n} never came"));
+        }
+        d.signal(libc::SIGTERM);
+        assert!(
+            s.closed_within(IO_TIMEOUT),
+            "{workers}: the stop never closed the connection\n{}",
+            d.log_dump()
+        );
+        assert_exit_code(d.wait_exit(STOP_BUDGET), 0, &d);
+        assert_contains(&d.log(), &["shutdown_timeout reached"]);
+    }
+}
