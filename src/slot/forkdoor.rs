@@ -227,22 +227,9 @@ impl Door for ForkDoor {
             return; // `answer` dropped: refused
         }
         let Some(fd) = conn else {
-            // Out of descriptors here: the fork servers stop accepting (the backlog holds
-            // newcomers) until the retry time; one log line per episode, as `Slot::drain`.
-            if g.starved.is_none() {
-                log::error!(
-                    "listener `{}`: accept failed: the daemon is out of descriptors \
-                     (RLIMIT_NOFILE), a connection from {peer} was closed; pausing, retrying \
-                     every {}ms",
-                    g.cfg.name,
-                    crate::listener::FD_RETRY.as_millis()
-                );
-            }
-            g.starved = Some(Instant::now() + crate::listener::FD_RETRY);
-            self.sync(&mut g);
             drop(g);
-            self.notifier.wake(); // the main loop's timer for `retry`
-            return;
+            self.out_of_descriptors();
+            return; // `answer` dropped: this one is closed
         };
         if crate::protect::near_fd_limit(fd.as_raw_fd()) && g.starved.is_none() {
             // Serve this one, accept no more until there is room (as `Slot::pause_low_fds`).
@@ -289,6 +276,28 @@ impl Door for ForkDoor {
         if timers {
             self.notifier.wake();
         }
+    }
+
+    /// Out of descriptors here: the fork servers stop accepting (the backlog holds
+    /// newcomers) until the retry time; one log line per episode, as `Slot::drain`.
+    fn out_of_descriptors(&self) {
+        let mut g = self.gate();
+        if g.closed {
+            return;
+        }
+        if g.starved.is_none() {
+            log::error!(
+                "listener `{}`: accept failed: the daemon is out of descriptors \
+                 (RLIMIT_NOFILE) for the connections the fork servers accept; pausing, \
+                 retrying every {}ms",
+                g.cfg.name,
+                crate::listener::FD_RETRY.as_millis()
+            );
+        }
+        g.starved = Some(Instant::now() + crate::listener::FD_RETRY);
+        self.sync(&mut g);
+        drop(g);
+        self.notifier.wake(); // the main loop's timer for `retry`
     }
 
     fn left(&self) -> bool {

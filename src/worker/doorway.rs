@@ -67,7 +67,14 @@ pub(super) struct Parked {
     pub conn: OwnedFd,
     pub peer: PeerAddr,
     pub local: Option<std::net::SocketAddr>,
+    /// When it was accepted: one with no answer after `ANSWER_WAIT` is closed.
+    at: Instant,
 }
+
+/// How long a parked connection waits for the daemon's answer. Answers come in microseconds;
+/// one lost (the daemon out of descriptors could not receive the knock) must not hold the
+/// connection, or a parking place, for ever.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The fork server's wait set and the listeners it accepts for.
 pub(super) struct Doorway {
@@ -112,10 +119,10 @@ impl Doorway {
 
     /// Wait for events until `deadline` (or for ever); the tokens that are ready.
     pub fn wait(&self, deadline: Option<Instant>, ready: &mut Vec<u64>) -> io::Result<()> {
-        let deadline = match (deadline, self.starved_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = [deadline, self.starved_until, self.answer_due()]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = match deadline {
             None => -1,
             Some(t) => t
@@ -193,6 +200,32 @@ impl Doorway {
         self.sync(slot);
     }
 
+    /// Close parked connections that got no answer within `ANSWER_WAIT`.
+    pub fn expire(&mut self, now: Instant) {
+        let Some(t) = self.answer_due() else { return };
+        if t > now {
+            return;
+        }
+        let full = self.parked.len() >= MAX_PARKED;
+        let before = self.parked.len();
+        self.parked
+            .retain(|_, p| now.duration_since(p.at) < ANSWER_WAIT);
+        let dropped = before - self.parked.len();
+        log::warn!(
+            "fork server {}: {dropped} accepted connections got no answer from the daemon \
+             within {ANSWER_WAIT:?}; closed",
+            std::process::id()
+        );
+        if full && self.parked.len() < MAX_PARKED {
+            self.sync_all();
+        }
+    }
+
+    /// When the oldest parked connection's wait runs out.
+    fn answer_due(&self) -> Option<Instant> {
+        self.parked.values().map(|p| p.at + ANSWER_WAIT).min()
+    }
+
     /// The retry time after descriptor exhaustion came: watch again if there is room.
     pub fn retry(&mut self, now: Instant) {
         match self.starved_until {
@@ -253,6 +286,7 @@ impl Doorway {
                                 conn,
                                 peer,
                                 local,
+                                at: Instant::now(),
                             },
                         );
                     }

@@ -99,6 +99,9 @@ pub trait Door: Send + Sync + std::fmt::Debug {
     /// A fork server accepted a connection (`conn`: the daemon's copy, `None` if it was lost
     /// on the way): admit it through `answer`, or drop `answer` to refuse it.
     fn knock(&self, peer: PeerAddr, conn: Option<OwnedFd>, answer: Answer);
+    /// The daemon could not receive a fork server's message for want of descriptors (a
+    /// knock lost): stop the fork servers accepting until there is room again.
+    fn out_of_descriptors(&self);
     /// A connection this door admitted ended (its job's exit was reported). Returns whether
     /// the main loop must see its `Done` at once (otherwise it is collected on the loop's
     /// next turn, without a wake-up of its own).
@@ -630,8 +633,13 @@ impl Inner {
         std::thread::Builder::new()
             .name("socketd:forkserver".into())
             .spawn(move || {
+                let mut starved = false;
                 loop {
-                    match wire::recv_in_main(sock.as_fd()) {
+                    let received = wire::recv_in_main(sock.as_fd());
+                    if starved && received.is_ok() {
+                        starved = false;
+                    }
+                    match received {
                         Ok(Some((
                             FromServer::Done {
                                 job,
@@ -702,6 +710,30 @@ impl Inner {
                             }
                         }
                         Ok(None) => break,
+                        Err(e) if out_of_room(&e) => {
+                            // The daemon is out of descriptors (or memory) for what a message
+                            // carried: that message is lost (a fork server closes a knocked
+                            // connection that gets no answer, see `doorway`), the fork server
+                            // is not. Wait a little, as an accept loop would.
+                            if !starved {
+                                log::error!(
+                                    "fork server (pid {}): a message could not be received: \
+                                     {e}; retrying",
+                                    process.pid
+                                );
+                            }
+                            starved = true;
+                            let doors: Vec<Arc<dyn Door>> = inner
+                                .doors
+                                .read()
+                                .map(|d| d.values().cloned().collect())
+                                .unwrap_or_default();
+                            for door in doors {
+                                door.out_of_descriptors();
+                            }
+                            std::thread::sleep(crate::listener::FD_RETRY / 20);
+                            continue;
+                        }
                         Err(e) => {
                             log::error!("fork server: {e}");
                             break;
@@ -859,6 +891,15 @@ impl Inner {
             }
         }
     }
+}
+
+/// A receive that failed for want of descriptors or memory in the daemon, not because the
+/// fork server's socket broke.
+fn out_of_room(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOBUFS | libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// Wait for a fork server whose socket closed until `deadline`, then SIGKILL it; how it ended,

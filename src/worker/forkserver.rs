@@ -283,6 +283,7 @@ fn serve(mut st: State, sigfd: SignalFd) -> std::io::Result<()> {
         let now = Instant::now();
         st.programs.expire(now);
         st.doorway.retry(now);
+        st.doorway.expire(now);
         if sig_ready {
             // Drain, then reap: a child that exits after the drain is reaped now or leaves
             // SIGCHLD pending for the next poll, so none waits; a pass for a job alone costs no

@@ -83,6 +83,9 @@ fn fd_exhaustion(workers: &str) {
         "{ECHO}max_workers = 200\nworkers = \"{workers}\"\n"
     ));
     let addr = d.addr("echo");
+    // Admitted with descriptors to spare: it must be served all along.
+    let mut early = Stream::tcp(addr);
+    assert!(echoes(&mut early), "served before the limit");
     // Soft and hard both, as if started under `prlimit --nofile=64:64`.
     let limit = run_with_timeout(
         {
@@ -117,9 +120,15 @@ fn fd_exhaustion(workers: &str) {
     // Not asserted: at the very margin a burst can still leave an accepted connection's
     // handler without the second descriptor it needs (it is closed and logged); see
     // `protect::near_fd_limit`.
-    // Clients that got in are served all along.
-    assert!(echoes(&mut held[0]), "an accepted client is still served");
+    // Clients that got in are served all along. (With fork servers accepting, the margin
+    // can be any connection: the daemon may lose the knock of one accepted in the burst, and
+    // the fork server closes it after its wait; see `worker::doorway`.)
+    assert!(echoes(&mut early), "an accepted client is still served");
+    if workers != "forked" {
+        assert!(echoes(&mut held[0]), "an accepted client is still served");
+    }
     held.clear();
+    drop(early);
     let mut fresh = Stream::tcp(addr);
     fresh.set_read_timeout(Duration::from_secs(20));
     assert!(
@@ -127,6 +136,13 @@ fn fd_exhaustion(workers: &str) {
         "service returns once descriptors free up"
     );
     d.wait_log("accepting again", READY_TIMEOUT);
+    // The daemon short of descriptors for what fork servers send it loses a message, not the
+    // fork server.
+    assert!(
+        !d.log().contains("is gone"),
+        "a fork server was lost:\n{}",
+        d.log_dump()
+    );
 }
 
 #[test]
