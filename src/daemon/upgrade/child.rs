@@ -16,25 +16,15 @@ use std::os::fd::RawFd;
 ///
 /// # Safety
 /// Call only in a freshly forked child; see `child` for the rest.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn helper(
-    release: (RawFd, RawFd),
-    plan: &[(RawFd, RawFd)],
-    report: (RawFd, RawFd),
-    base: RawFd,
-    path: *const libc::c_char,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    pid_slot: *mut u8,
-) -> ! {
+pub(super) unsafe fn helper(release: (RawFd, RawFd), launch: &Launch<'_>) -> ! {
     // Only the old process may hold the release pipe's write end, or it never closes.
     libc::close(release.1);
     let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
     if pid < 0 {
-        fail(report.0, "clone");
+        fail(launch.report.0, "clone");
     }
     if pid == 0 {
-        child(plan, report, base, path, argv, envp, pid_slot);
+        child(launch);
     }
     let pid = pid as libc::pid_t;
     let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) as RawFd;
@@ -60,28 +50,44 @@ pub(super) unsafe fn helper(
         // The new process ended before the release: say how.
         let mut status = 0;
         if libc::waitpid(pid, &mut status, 0) == pid {
-            write_line(report.0, b"exit-status ", status as u32 as u64);
+            write_line(launch.report.0, b"exit-status ", status as u32 as u64);
         }
     }
     libc::_exit(0)
+}
+
+/// What the new process is started with, prepared by the old process before the fork (no
+/// allocation after it): `path`, `argv`, `envp` NUL-terminated as execve wants; `pid_slot`
+/// (or null) has room for a pid and a NUL.
+pub(super) struct Launch<'a> {
+    /// Descriptor moves (`dup2(from, to)`) into the new process's places.
+    pub plan: &'a [(RawFd, RawFd)],
+    /// The readiness pipe before and after the moves, for a failure word.
+    pub report: (RawFd, RawFd),
+    /// Every descriptor at or above this is closed before `execve`.
+    pub base: RawFd,
+    pub path: *const libc::c_char,
+    pub argv: &'a [*const libc::c_char],
+    pub envp: &'a [*const libc::c_char],
+    /// Where `LISTEN_PID`'s value goes in `envp`.
+    pub pid_slot: *mut u8,
 }
 
 /// The new process: its pid first on the readiness pipe, descriptors into place, the rest
 /// closed, signals as a fresh process has them, `LISTEN_PID` filled in, then `execve`.
 ///
 /// # Safety
-/// Call only in a freshly forked child; `path`, `argv`, `envp` are NUL-terminated as execve
-/// wants, `pid_slot` has room for a pid and a NUL. `report` is the readiness pipe before and
-/// after the moves, for a failure word.
-unsafe fn child(
-    plan: &[(RawFd, RawFd)],
-    report: (RawFd, RawFd),
-    base: RawFd,
-    path: *const libc::c_char,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    pid_slot: *mut u8,
-) -> ! {
+/// Call only in a freshly forked child, with `launch` as its doc says.
+unsafe fn child(launch: &Launch<'_>) -> ! {
+    let Launch {
+        plan,
+        report,
+        base,
+        path,
+        argv,
+        envp,
+        pid_slot,
+    } = *launch;
     let pid = libc::getpid() as u64;
     write_line(report.0, b"pid ", pid);
     for &(from, to) in plan {

@@ -217,13 +217,15 @@ pub fn spawn(
         unsafe {
             child::helper(
                 release,
-                &plan,
-                report,
-                base,
-                path.as_ptr(),
-                &argv_ptrs,
-                &env_ptrs,
-                pid_slot,
+                &child::Launch {
+                    plan: &plan,
+                    report,
+                    base,
+                    path: path.as_ptr(),
+                    argv: &argv_ptrs,
+                    envp: &env_ptrs,
+                    pid_slot,
+                },
             )
         }
     }
