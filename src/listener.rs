@@ -478,6 +478,22 @@ pub const FAIR_BATCH: usize = 64;
 /// How long to wait before accepting again after the process ran out of file descriptors.
 pub const FD_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// The line an out-of-descriptors episode starts with, the same from every place that
+/// accepts (main loop, event loops, fork servers, the daemon's fork-server door); logged once
+/// per episode, so a long exhaustion cannot flood the log. `who` names the listener (and the
+/// fork server).
+pub fn log_accept_paused(who: std::fmt::Arguments<'_>, why: &dyn std::fmt::Display) {
+    log::error!(
+        "{who}: accept failed: {why}; pausing, retrying every {}ms",
+        FD_RETRY.as_millis()
+    );
+}
+
+/// The line an out-of-descriptors episode ends with.
+pub fn log_accept_resumed(listener: &str) {
+    log::info!("listener `{listener}`: accepting again");
+}
+
 /// EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or system is out of resources for now.
 pub fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(

@@ -265,7 +265,7 @@ impl LoopAccept {
                 Ok((conn, peer, nonblocking)) => {
                     let low = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut g.starved) {
-                        log::info!("listener `{}`: accepting again", g.cfg.name);
+                        crate::listener::log_accept_resumed(&g.cfg.name);
                     }
                     let now = Instant::now();
                     if let Some(ticket) = g.guard.admit_stream(&g.cfg, &peer, now) {
@@ -443,11 +443,7 @@ impl Gate {
     /// line per episode.
     fn starve(&mut self, why: &dyn std::fmt::Display, now: Instant) {
         if !std::mem::replace(&mut self.starved, true) {
-            log::error!(
-                "listener `{}`: accept failed: {why}; pausing, retrying every {}ms",
-                self.cfg.name,
-                crate::listener::FD_RETRY.as_millis()
-            );
+            crate::listener::log_accept_paused(format_args!("listener `{}`", self.cfg.name), why);
         }
         self.starved_until = Some(now + crate::listener::FD_RETRY);
         self.sync();

@@ -185,7 +185,7 @@ impl ForkDoor {
             return;
         }
         g.starved = None;
-        log::info!("listener `{}`: accepting again", g.cfg.name);
+        crate::listener::log_accept_resumed(&g.cfg.name);
         self.sync(&mut g);
     }
 
@@ -233,11 +233,9 @@ impl Door for ForkDoor {
         };
         if crate::protect::near_fd_limit(fd.as_raw_fd()) && g.starved.is_none() {
             // Serve this one, accept no more until there is room (as `Slot::pause_low_fds`).
-            log::error!(
-                "listener `{}`: accept failed: descriptors nearly exhausted (RLIMIT_NOFILE); \
-                 pausing, retrying every {}ms",
-                g.cfg.name,
-                crate::listener::FD_RETRY.as_millis()
+            crate::listener::log_accept_paused(
+                format_args!("listener `{}`", g.cfg.name),
+                &"descriptors nearly exhausted (RLIMIT_NOFILE)",
             );
             g.starved = Some(Instant::now() + crate::listener::FD_RETRY);
             self.notifier.wake();
@@ -286,12 +284,10 @@ impl Door for ForkDoor {
             return;
         }
         if g.starved.is_none() {
-            log::error!(
-                "listener `{}`: accept failed: the daemon is out of descriptors \
-                 (RLIMIT_NOFILE) for the connections the fork servers accept; pausing, \
-                 retrying every {}ms",
-                g.cfg.name,
-                crate::listener::FD_RETRY.as_millis()
+            crate::listener::log_accept_paused(
+                format_args!("listener `{}`", g.cfg.name),
+                &"the daemon is out of descriptors (RLIMIT_NOFILE) for the connections the \
+                  fork servers accept",
             );
         }
         g.starved = Some(Instant::now() + crate::listener::FD_RETRY);

@@ -513,7 +513,7 @@ impl Slot {
                 Ok(Incoming::Stream(conn, peer)) => {
                     low_fds = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut self.fd_starved) {
-                        log::info!("listener `{}`: accepting again", self.cfg.name);
+                        crate::listener::log_accept_resumed(&self.cfg.name);
                     }
                     let local = listener.local_inet();
                     // Refused: `conn` is dropped here, closed before any byte is sent.
@@ -577,11 +577,7 @@ impl Slot {
     /// episode, so a long exhaustion cannot flood the log.
     fn pause_starved(&mut self, poll: &PollRegistry, why: &dyn std::fmt::Display) -> Drained {
         if !self.fd_starved {
-            log::error!(
-                "listener `{}`: accept failed: {why}; pausing, retrying every {}ms",
-                self.cfg.name,
-                FD_RETRY.as_millis()
-            );
+            crate::listener::log_accept_paused(format_args!("listener `{}`", self.cfg.name), why);
             self.fd_starved = true;
         }
         self.unwatch(poll);

@@ -272,7 +272,7 @@ impl Doorway {
                     };
                     let low = crate::protect::near_fd_limit(conn.as_raw_fd());
                     if std::mem::take(&mut self.starved) {
-                        log::info!("listener `{}`: accepting again", door.name);
+                        crate::listener::log_accept_resumed(&door.name);
                     }
                     let local = door.local;
                     let knock = self.next_knock;
@@ -311,10 +311,10 @@ impl Doorway {
     fn starve(&mut self, slot: u64, why: &dyn std::fmt::Display) {
         if !std::mem::replace(&mut self.starved, true) {
             let name = self.doors.get(&slot).map_or("?", |d| d.name.as_str());
-            log::error!(
-                "listener `{name}`: fork server {}: accept failed: {why}; pausing, retrying every {}ms",
-                std::process::id(),
-                crate::listener::FD_RETRY.as_millis()
+            let pid = std::process::id();
+            crate::listener::log_accept_paused(
+                format_args!("listener `{name}`: fork server {pid}"),
+                why,
             );
         }
         self.starved_until = Some(Instant::now() + crate::listener::FD_RETRY);
